@@ -1,0 +1,1 @@
+"""jlora: LoRA for JAX as a pure transform on the parameter tree."""
