@@ -1,0 +1,127 @@
+"""Which leaves of a params tree get adapters, and which leaves train fully."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora.config import LoraConfig
+
+__all__ = ["WEIGHT_NAMES", "path_str", "select_targets", "select_trainable"]
+
+KeyPath = tuple[Any, ...]
+
+#: Leaf names that hold a module's weight matrix (Flax ``kernel`` / ``embedding``, or ``weight``).
+WEIGHT_NAMES = ("kernel", "embedding", "weight")
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_str(path: KeyPath) -> str:
+    """The slash-joined form of a JAX key path, as matched by `LoraConfig` regexes.
+
+    Example:
+      >>> import jax
+      >>> tree = {"params": {"Dense_0": {"kernel": 0}}}
+      >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+      ['params/Dense_0/kernel']
+    """
+    return "/".join(_key_name(k) for k in path)
+
+
+def _matches(config: LoraConfig, path: KeyPath, s: str, leaf: Any) -> bool:
+    parts = s.split("/")
+    name = parts[-1]
+    targets = config.targets
+    if callable(targets):
+        return bool(targets(path, leaf))
+    if targets == "all-linear":
+        return (
+            name == "kernel"
+            and len(getattr(leaf, "shape", ())) >= 2
+            and "lm_head" not in parts
+            and jnp.issubdtype(leaf.dtype, jnp.floating)
+        )
+    if isinstance(targets, str):
+        targets = (targets,)
+    for t in targets:
+        if _NAME.match(t):
+            if name == t or (name in WEIGHT_NAMES and len(parts) >= 2 and parts[-2] == t):
+                return True
+        elif name != "bias" and re.search(t, s):
+            return True
+    return False
+
+
+def _available(params: Any, limit: int = 8) -> str:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    shown = [f"{path_str(p)} {tuple(getattr(x, 'shape', ()))}" for p, x in leaves[:limit]]
+    more = f", ... ({len(leaves) - limit} more)" if len(leaves) > limit else ""
+    return ", ".join(shown) + more
+
+
+def select_trainable(params: Any, config: LoraConfig) -> set[str]:
+    """Paths of leaves that train fully: ``config.trainable`` regexes and biases per ``config.bias``.
+
+    Biases with ``bias="lora_only"`` are resolved by `jlora.init`, which knows the targets.
+    """
+    out = set()
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        s = path_str(path)
+        if any(re.search(t, s) for t in config.trainable) or (
+            config.bias == "all" and s.split("/")[-1] == "bias"
+        ):
+            out.add(s)
+    return out
+
+
+def select_targets(params: Any, config: LoraConfig) -> dict[str, tuple[KeyPath, Any]]:
+    """The leaves `jlora.init` adapts, as ``{path_str: (key_path, leaf)}`` in tree order.
+
+    Raises:
+      ValueError: no leaf matched, or a matched leaf has ndim < 2 or a non-floating dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jlora
+      >>> params = {"q_proj": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)},
+      ...           "norm": {"weight": jnp.zeros(4)}}
+      >>> list(select_targets(params, jlora.LoraConfig(rank=2, targets=["q_proj"])))
+      ['q_proj/kernel']
+    """
+    trainable = select_trainable(params, config)
+    found: dict[str, tuple[KeyPath, Any]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        s = path_str(path)
+        if s in trainable or any(re.search(e, s) for e in config.exclude):
+            continue
+        if not _matches(config, path, s, leaf):
+            continue
+        shape = tuple(getattr(leaf, "shape", ()))
+        dtype = getattr(leaf, "dtype", None)
+        if len(shape) < 2:
+            raise ValueError(
+                f"target {jax.tree_util.keystr(path)} has shape {shape}: a LoRA target needs "
+                "ndim >= 2 (a kernel, not a bias or a norm scale). Narrow `targets`, or use "
+                "`exclude`."
+            )
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"target {jax.tree_util.keystr(path)} with shape {shape} has dtype {dtype}: a "
+                "LoRA target must be floating point."
+            )
+        found[s] = (path, leaf)
+    if not found:
+        raise ValueError(
+            f"no leaf matched targets={config.targets!r} (exclude={config.exclude!r}). "
+            f"Available leaves: {_available(params)}."
+        )
+    return found
