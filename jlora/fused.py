@@ -290,6 +290,7 @@ _RULES: dict[str, Callable[..., Any]] = {
     "closed_call": _inline("call_jaxpr"),
     "checkpoint": _remat,
     "remat": _remat,
+    "remat2": _remat,
     "cond": _cond,
     "scan": _scan,
 }
@@ -317,8 +318,12 @@ def _eval(jaxpr, consts, args, ctx: _Ctx) -> list[Any]:
                         _warn(eqn.primitive.name, x)
                         invals[i] = materialize(x)
         if outs is None:
-            subfuns, bind_params = eqn.primitive.get_bind_params(eqn.params)
-            outs = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+            bind_params = eqn.primitive.get_bind_params(eqn.params)
+            subfuns: tuple[Any, ...] = ()
+            if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+                subfuns, bind_params = bind_params
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*subfuns, *invals, **bind_params)
         if not eqn.primitive.multiple_results:
             outs = [outs]
         for v, o in zip(eqn.outvars, outs, strict=True):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jlora.config import LoraConfig
 
-__all__ = ["WEIGHT_NAMES", "path_str", "select_targets", "select_trainable"]
+__all__ = ["WEIGHT_NAMES", "leaf_name", "path_str", "select_targets", "select_trainable"]
 
 KeyPath = tuple[Any, ...]
 
@@ -38,8 +38,31 @@ def path_str(path: KeyPath) -> str:
     return "/".join(_key_name(k) for k in path)
 
 
+def leaf_name(path: str) -> str:
+    """The name of a leaf from its path string; an NNX Variable's ``value`` is named by its owner.
+
+    Example:
+      >>> leaf_name("l1/kernel/value"), leaf_name("dense/bias")
+      ('kernel', 'bias')
+    """
+    parts = path.split("/")
+    if len(parts) > 1 and parts[-1] == "value":
+        return parts[-2]
+    return parts[-1]
+
+
+def _module(path: str) -> str:
+    """The path of the module that owns a leaf (the path without the leaf name)."""
+    parts = path.split("/")
+    if len(parts) > 1 and parts[-1] == "value":
+        parts = parts[:-1]
+    return "/".join(parts[:-1])
+
+
 def _matches(config: LoraConfig, path: KeyPath, s: str, leaf: Any) -> bool:
     parts = s.split("/")
+    if len(parts) > 1 and parts[-1] == "value":  # an NNX Variable's payload: name it by its owner
+        parts = parts[:-1]
     name = parts[-1]
     targets = config.targets
     if callable(targets):
@@ -57,7 +80,7 @@ def _matches(config: LoraConfig, path: KeyPath, s: str, leaf: Any) -> bool:
         if _NAME.match(t):
             if name == t or (name in WEIGHT_NAMES and len(parts) >= 2 and parts[-2] == t):
                 return True
-        elif name != "bias" and re.search(t, s):
+        elif name != "bias" and re.search(t, s):  # biases are governed by `bias`
             return True
     return False
 
@@ -78,7 +101,7 @@ def select_trainable(params: Any, config: LoraConfig) -> set[str]:
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         s = path_str(path)
         if any(re.search(t, s) for t in config.trainable) or (
-            config.bias == "all" and s.split("/")[-1] == "bias"
+            config.bias == "all" and leaf_name(s) == "bias"
         ):
             out.add(s)
     return out

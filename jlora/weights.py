@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import LoraConfig
-from jlora.targets import path_str, select_targets, select_trainable
+from jlora.targets import _module, leaf_name, path_str, select_targets, select_trainable
 
 __all__ = ["LoraWeight", "Summary", "Trainable", "combine", "init", "is_node", "split", "summary"]
 
@@ -145,7 +145,7 @@ def _make(path, s: str, w: jax.Array, config: LoraConfig, key: jax.Array) -> Lor
     b_shape = (*bshape, r, *(shape[i] for i in outs))
     dtype = jnp.dtype(config.dtype)
     fan_in = math.prod(shape[i] for i in inputs)
-    if s.split("/")[-1] == "embedding":  # PEFT: A = 0, B ~ N(0, 1) for embeddings
+    if leaf_name(s) == "embedding":  # PEFT: A = 0, B ~ N(0, 1) for embeddings
         a = jnp.zeros(a_shape, dtype)
         b = jax.random.normal(key, b_shape, dtype)
     elif config.init == "gaussian":
@@ -198,10 +198,10 @@ def init(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
     targets = select_targets(params, config)
     trainable = select_trainable(params, config)
     if config.bias == "lora_only":
-        parents = {s.rsplit("/", 1)[0] for s in targets}
+        owners = {_module(s) for s in targets}
         for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
             s = path_str(path)
-            if s.rsplit("/", 1)[-1] == "bias" and s.rsplit("/", 1)[0] in parents:
+            if leaf_name(s) == "bias" and _module(s) in owners:
                 trainable.add(s)
 
     def convert(path, leaf):

@@ -1,0 +1,282 @@
+"""Loading Hugging Face checkpoints (local ``config.json`` + ``*.safetensors``) into flax params.
+
+Name mapping: HF ``a.layers.3.b.weight`` ↔ flax ``a/layers_3/b/kernel`` (Linear weights are
+transposed, torch ``(out, in)`` → flax ``(in, out)``); embedding ``weight`` ↔ ``embedding``;
+BERT LayerNorm ``weight``/``bias`` (or legacy ``gamma``/``beta``) ↔ ``scale``/``bias``.
+
+Tensors that are read but deliberately ignored: decoder ``*.rotary_emb.inv_freq`` buffers and a
+stored ``lm_head.weight`` when ``tie_word_embeddings`` is set; BERT ``embeddings.position_ids``,
+the ``pooler.*`` (tanh [CLS] pooler, unused since jlora pools by mean), ``cls.*`` (MLM head) and
+``classifier.*`` when no ``num_labels`` is requested. Only safetensors are read (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import linen as nn
+from safetensors import safe_open
+
+from jlora.models.bert import BertConfig, BertModel
+from jlora.models.llama import LlamaConfig, LlamaForCausalLM
+
+DECODER_TYPES = ("llama", "mistral", "qwen2")
+ENCODER_TYPES = ("bert",)
+Config = LlamaConfig | BertConfig
+
+
+def model_type_of(config: Mapping[str, Any]) -> str:
+    """The ``model_type`` of a HF config dict, falling back on ``architectures``.
+
+    Example:
+        >>> model_type_of({"architectures": ["Qwen2ForCausalLM"]})
+        'qwen2'
+    """
+    mt = config.get("model_type")
+    if not mt and config.get("architectures"):
+        mt = re.split(r"For|Model", config["architectures"][0])[0]
+    mt = str(mt or "").lower()
+    if mt not in DECODER_TYPES + ENCODER_TYPES:
+        raise ValueError(
+            f"unsupported model_type {mt!r}; supported: {', '.join(DECODER_TYPES + ENCODER_TYPES)}"
+        )
+    return mt
+
+
+def config_from_hf(config: Mapping[str, Any], *, num_labels: int | None = None) -> Config:
+    """A :class:`LlamaConfig` or :class:`BertConfig` from a HF ``config.json`` dict."""
+    mt = model_type_of(config)
+    if mt in ENCODER_TYPES:
+        return BertConfig.from_hf(dict(config), num_labels=num_labels)
+    if num_labels is not None:
+        raise ValueError(f"num_labels is only supported for {ENCODER_TYPES} models, not {mt!r}")
+    return LlamaConfig.from_hf({**config, "model_type": mt})
+
+
+def build_model(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = None) -> nn.Module:
+    """The flax module for a config (compute ``dtype``; ``param_dtype`` defaults to ``dtype``).
+
+    Example:
+        >>> build_model(LlamaConfig(8, 8, 8, 1, 2)).__class__.__name__
+        'LlamaForCausalLM'
+    """
+    param_dtype = param_dtype or dtype
+    if isinstance(config, LlamaConfig):
+        return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype)
+    if isinstance(config, BertConfig):
+        return BertModel(config, dtype=dtype, param_dtype=param_dtype)
+    raise ValueError(f"expected LlamaConfig or BertConfig, got {type(config).__name__}")
+
+
+def init_params(model_or_config: nn.Module | Config, *, key: jax.Array) -> dict[str, Any]:
+    """Random ``{"params": ...}`` for a module or config (tiny configs, tests, benchmarks).
+
+    Example:
+        >>> cfg = BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1,
+        ...                  num_attention_heads=2, intermediate_size=16)
+        >>> params = init_params(cfg, key=jax.random.key(0))
+        >>> params["params"]["embeddings"]["word_embeddings"]["embedding"].shape
+        (16, 8)
+    """
+    model = model_or_config
+    if not isinstance(model, nn.Module):
+        model = build_model(model)
+    return dict(model.init(key, jnp.zeros((1, 1), jnp.int32)))
+
+
+def _hf_name(path: tuple[str, ...]) -> str:
+    *mods, leaf = path
+    mods = [re.sub(r"^(layers?)_(\d+)$", r"\1.\2", m) for m in mods]
+    return ".".join([*mods, "bias" if leaf == "bias" else "weight"])
+
+
+def _flat(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    params = params.get("params", params)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {tuple(k.key for k in kp): v for kp, v in leaves}
+
+
+def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax params (with or without the ``"params"`` level) → HF-named numpy arrays.
+
+    The inverse of the loader's mapping (Linear kernels transposed back to ``(out, in)``); save it
+    with ``safetensors.numpy.save_file`` next to the original ``config.json``.
+
+    Example:
+        >>> params = init_params(LlamaConfig(8, 8, 8, 1, 2), key=jax.random.key(0))
+        >>> sd = to_hf_state_dict(params)
+        >>> sd["model.layers.0.mlp.down_proj.weight"].shape, "lm_head.weight" in sd
+        ((8, 8), True)
+    """
+    out = {}
+    for path, value in _flat(params).items():
+        arr = np.asarray(value)
+        out[_hf_name(path)] = np.ascontiguousarray(arr.T if path[-1] == "kernel" else arr)
+    return out
+
+
+def _normalize(name: str, mt: str) -> str:
+    if mt in ENCODER_TYPES:
+        name = name.removeprefix("bert.")
+        return re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
+    if not name.startswith(("model.", "lm_head.")):
+        name = "model." + name
+    return name
+
+
+def _ignored(name: str, config: Config) -> bool:
+    if isinstance(config, LlamaConfig):
+        return name.endswith("rotary_emb.inv_freq") or (
+            config.tie_word_embeddings and name.startswith("lm_head.")
+        )
+    return (
+        name.startswith(("pooler.", "cls."))
+        or name.endswith("position_ids")
+        or (config.num_labels is None and name.startswith("classifier."))
+    )
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors checkpoint in {path}")
+    return [os.path.join(path, f) for f in files]
+
+
+def _read_raw(file: str, name: str) -> np.ndarray:
+    """Reads one tensor numpy cannot represent natively (bfloat16) straight from the file."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        info = json.loads(fh.read(n))[name]
+        start, end = info["data_offsets"]
+        fh.seek(8 + n + start)
+        buf = fh.read(end - start)
+    if info["dtype"] != "BF16":
+        raise ValueError(f"{name}: unsupported safetensors dtype {info['dtype']}")
+    return np.frombuffer(buf, ml_dtypes.bfloat16).reshape(info["shape"])
+
+
+def from_pretrained(
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = jnp.float32,
+    num_labels: int | None = None,
+    key: jax.Array | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads a local HF checkpoint directory into ``(model, {"params": ...})``.
+
+    Reads ``config.json`` (``model_type`` llama/mistral/qwen2 → :class:`LlamaForCausalLM`, bert →
+    :class:`BertModel`) and ``model.safetensors`` or the shards listed in
+    ``model.safetensors.index.json``. Names with or without the ``model.``/``bert.`` prefix are
+    accepted. All missing, unexpected and wrong-shape tensors are reported in one ValueError.
+
+    Args:
+        path: Local directory with ``config.json`` and safetensors weights.
+        dtype: Parameter and compute dtype.
+        num_labels: BERT only: add a ``classifier`` head on the mean-pooled embedding. If the
+            checkpoint has no ``classifier.*`` tensors it is initialized with a zero bias and a
+            zero kernel, or a ``N(0, 0.02)`` kernel when ``key`` is given.
+        key: PRNG key for the classifier kernel (see ``num_labels``).
+
+    Returns:
+        The flax module and its variables, ready for ``model.apply(params, input_ids)``.
+
+    Example:
+        >>> import tempfile, safetensors.numpy
+        >>> cfg = {"model_type": "llama", "vocab_size": 16, "hidden_size": 8,
+        ...        "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+        >>> d = tempfile.mkdtemp()
+        >>> with open(os.path.join(d, "config.json"), "w") as f:
+        ...     json.dump(cfg, f)
+        >>> sd = to_hf_state_dict(init_params(LlamaConfig.from_hf(cfg), key=jax.random.key(0)))
+        >>> safetensors.numpy.save_file(sd, os.path.join(d, "model.safetensors"))
+        >>> model, params = from_pretrained(d)
+        >>> model.apply(params, jnp.zeros((1, 3), jnp.int32)).shape
+        (1, 3, 16)
+    """
+    path = os.fspath(path)
+    with open(os.path.join(path, "config.json")) as f:
+        hf_config = json.load(f)
+    config = config_from_hf(hf_config, num_labels=num_labels)
+    mt = model_type_of(hf_config)
+    model = build_model(config, dtype=dtype)
+    shapes = _flat(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    expected = {_hf_name(p): p for p in shapes}
+
+    by_file: dict[str, list[tuple[str, str]]] = {}  # file -> [(name in file, normalized)]
+    found: set[str] = set()
+    unexpected, bad_shape = [], []
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                norm = _normalize(name, mt)
+                if _ignored(norm, config):
+                    continue
+                if norm not in expected or norm in found:
+                    unexpected.append(name)
+                    continue
+                fpath = expected[norm]
+                want = tuple(shapes[fpath].shape)
+                want = want[::-1] if fpath[-1] == "kernel" else want
+                got = tuple(f.get_slice(name).get_shape())
+                if got != want:
+                    bad_shape.append(f"{name}: expected {want}, found {got}")
+                found.add(norm)
+                by_file.setdefault(file, []).append((name, norm))
+    missing = sorted(n for n in expected if n not in found)
+    init_head = num_labels is not None and {"classifier.weight", "classifier.bias"} <= set(missing)
+    if init_head:
+        missing = [n for n in missing if not n.startswith("classifier.")]
+    if missing or unexpected or bad_shape:
+        parts = [f"checkpoint {path} does not match the {mt} model:"]
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(sorted(unexpected))}")
+        if bad_shape:
+            parts.append(
+                f"{len(bad_shape)} wrong-shape tensor(s) (torch layout): {'; '.join(sorted(bad_shape))}"
+            )
+        raise ValueError("\n".join(parts))
+
+    flat: dict[tuple[str, ...], jax.Array] = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="numpy") as f:
+            for name, norm in names:
+                try:
+                    arr = f.get_tensor(name)
+                except TypeError:  # bfloat16: numpy has no native dtype for it
+                    arr = _read_raw(file, name)
+                fpath = expected[norm]
+                flat[fpath] = jnp.asarray(arr.T if fpath[-1] == "kernel" else arr, dtype=dtype)
+    if init_head:
+        shape = shapes[("classifier", "kernel")].shape
+        flat[("classifier", "bias")] = jnp.zeros(shape[-1:], dtype)
+        flat[("classifier", "kernel")] = (
+            jnp.zeros(shape, dtype)
+            if key is None
+            else (0.02 * jax.random.normal(key, shape)).astype(dtype)
+        )
+    params: dict[str, Any] = {}
+    for fpath, value in flat.items():
+        node = params
+        for k in fpath[:-1]:
+            node = node.setdefault(k, {})
+        node[fpath[-1]] = value
+    return model, {"params": params}

@@ -1,0 +1,319 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) in Flax linen.
+
+Parameter paths mirror the Hugging Face module names, so HF tensor ``model.layers.3.mlp.up_proj.weight``
+lives at ``params["model"]["layers_3"]["mlp"]["up_proj"]["kernel"]`` (transposed to ``(in, out)``).
+Every projection is a plain 2-D :class:`flax.linen.Dense` kernel, which is what LoRA targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama-family decoder (HF ``LlamaConfig`` field names).
+
+    ``attention_bias`` adds a bias to q/k/v; ``o_proj_bias`` to the output projection (HF Llama's
+    ``attention_bias`` sets both, Qwen2 has q/k/v bias only). ``layer_types`` holds one entry per
+    layer, ``"full_attention"`` or ``"sliding_attention"`` (the latter uses ``sliding_window``).
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> cfg.num_key_value_heads, cfg.head_dim
+        (2, 8)
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.layer_types is None:
+            object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError("layer_types must have one entry per layer")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding_attention layers need a sliding_window")
+        rope_type = dict(self.rope_scaling or ()).get("rope_type", "default")
+        if rope_type not in _ROPE_TYPES:
+            raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {_ROPE_TYPES}")
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> LlamaConfig:
+        """Builds a config from a HF ``config.json`` dict (llama, mistral or qwen2).
+
+        Reads ``rope_theta``/``rope_scaling`` (transformers 4) or ``rope_parameters`` (5).
+
+        Example:
+            >>> LlamaConfig.from_hf({"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8,
+            ...     "intermediate_size": 8, "num_hidden_layers": 1,
+            ...     "num_attention_heads": 2}).attention_bias
+            True
+        """
+        c = dict(config)
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}; only 'silu'")
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        theta = rope.pop("rope_theta", None) or c.get("rope_theta") or 10000.0
+        if c.get("model_type") == "qwen2":
+            qkv_bias, o_bias = c.get("attention_bias", True), False
+        else:
+            qkv_bias = o_bias = bool(c.get("attention_bias", False))
+        window = c.get("sliding_window")
+        layer_types = c.get("layer_types")
+        if layer_types is None and c.get("model_type") == "qwen2":
+            window = window if c.get("use_sliding_window") else None
+            start = c.get("max_window_layers", 0)
+            layer_types = [
+                "sliding_attention" if window and i >= start else "full_attention"
+                for i in range(c["num_hidden_layers"])
+            ]
+        elif layer_types is None and window:
+            layer_types = ["sliding_attention"] * c["num_hidden_layers"]
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"],
+            num_key_value_heads=c.get("num_key_value_heads"),
+            head_dim=c.get("head_dim"),
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=tuple(sorted(rope.items())) if rope["rope_type"] != "default" else None,
+            max_position_embeddings=c.get("max_position_embeddings", 2048),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+            attention_bias=bool(qkv_bias),
+            o_proj_bias=o_bias,
+            mlp_bias=c.get("mlp_bias", False),
+            sliding_window=window,
+            layer_types=tuple(layer_types) if layer_types else None,
+        )
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse rotary frequencies, shape ``(head_dim // 2,)``, float32 (with rope scaling)."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    s = dict(config.rope_scaling or ())
+    if s.get("rope_type") == "linear":
+        inv = inv / s["factor"]
+    elif s.get("rope_type") == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates ``x`` (batch, seq, heads, head_dim) with HF's ``rotate_half`` convention."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # (b, s, d/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x.astype(jnp.float32) * jnp.cos(emb) + rotated.astype(jnp.float32) * jnp.sin(emb)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization with an HF-named ``weight`` parameter (computed in float32)."""
+
+    eps: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        dtype = self.dtype or x.dtype
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(dtype) * h.astype(dtype)
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        b, s, _ = x.shape
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+        def dense(n: int, name: str, bias: bool) -> nn.Dense:
+            return nn.Dense(
+                n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            )
+
+        q = dense(nh * hd, "q_proj", cfg.attention_bias)(x).reshape(b, s, nh, hd)
+        k = dense(nkv * hd, "k_proj", cfg.attention_bias)(x).reshape(b, s, nkv, hd)
+        v = dense(nkv * hd, "v_proj", cfg.attention_bias)(x).reshape(b, s, nkv, hd)
+        inv_freq = rope_inv_freq(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = q.reshape(b, s, nkv, nh // nkv, hd)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / math.sqrt(hd)
+        scores = scores.astype(jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, nh * hd)
+        return dense(cfg.hidden_size, "o_proj", cfg.o_proj_bias)(out)
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = dict(use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = nn.Dense(cfg.intermediate_size, name="gate_proj", **kw)(x)
+        up = nn.Dense(cfg.intermediate_size, name="up_proj", **kw)(x)
+        return nn.Dense(cfg.hidden_size, name="down_proj", **kw)(nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        eps = self.config.rms_norm_eps
+        h = RMSNorm(eps, name="input_layernorm", **kw)(x)
+        x = x + LlamaAttention(self.config, name="self_attn", **kw)(h, positions, mask)
+        h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x)
+        return x + LlamaMLP(self.config, name="mlp", **kw)(h)
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack without LM head; returns the final normed hidden states."""
+
+    config: LlamaConfig
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    def setup(self) -> None:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        layer_cls = (
+            nn.remat(LlamaDecoderLayer) if self.gradient_checkpointing else LlamaDecoderLayer
+        )
+        self.layers = [
+            layer_cls(cfg, name=f"layers_{i}", **kw) for i in range(cfg.num_hidden_layers)
+        ]
+        self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+        q_idx, k_idx = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
+        causal = (k_idx <= q_idx)[None]
+        pad = jnp.ones((b, 1, s), bool) if attention_mask is None else attention_mask[:, None] > 0
+        full = causal & pad
+        windowed = full
+        if self.config.sliding_window:
+            windowed = full & (q_idx - k_idx < self.config.sliding_window)[None]
+        h = self.embed_tokens(input_ids)
+        for layer, kind in zip(self.layers, self.config.layer_types, strict=True):
+            h = layer(h, position_ids, windowed if kind == "sliding_attention" else full)
+        return self.norm(h)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        return self.embed_tokens.attend(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM returning logits of shape ``(batch, seq, vocab)``.
+
+    Args (call): ``input_ids`` (batch, seq) int; optional ``attention_mask`` (batch, seq) with 1 for
+    tokens to attend to; optional ``position_ids`` (default ``arange(seq)``, as HF).
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+        >>> model = LlamaForCausalLM(cfg)
+        >>> ids = jnp.zeros((1, 4), jnp.int32)
+        >>> params = model.init(jax.random.key(0), ids)
+        >>> params["params"]["model"]["layers_0"]["self_attn"]["k_proj"]["kernel"].shape
+        (16, 8)
+        >>> model.apply(params, ids).shape
+        (1, 4, 32)
+    """
+
+    config: LlamaConfig
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    def setup(self) -> None:
+        self.model = LlamaModel(
+            self.config, self.dtype, self.param_dtype, self.gradient_checkpointing
+        )
+        if not self.config.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                self.config.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        h = self.model(input_ids, attention_mask, position_ids)
+        return self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
