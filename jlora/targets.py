@@ -85,6 +85,10 @@ def _matches(config: LoraConfig, path: KeyPath, s: str, leaf: Any) -> bool:
     return False
 
 
+def _show(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
 def _available(params: Any, limit: int = 8) -> str:
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     shown = [f"{path_str(p)} {tuple(getattr(x, 'shape', ()))}" for p, x in leaves[:limit]]
@@ -144,7 +148,8 @@ def select_targets(params: Any, config: LoraConfig) -> dict[str, tuple[KeyPath, 
         found[s] = (path, leaf)
     if not found:
         raise ValueError(
-            f"no leaf matched targets={config.targets!r} (exclude={config.exclude!r}). "
+            f"no leaf matched targets={_show(config.targets)!r} "
+            f"(exclude={_show(config.exclude)!r}). "
             f"Available leaves: {_available(params)}."
         )
     return found
