@@ -23,6 +23,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jlora import dora
 from jlora.weights import LoraWeight, Trainable, is_node
 
 __all__ = ["lora", "materialize"]
@@ -46,15 +47,23 @@ def dense_w(w: Any) -> jax.Array:
 
 
 def materialize(lw: LoraWeight) -> jax.Array:
-    """``W + s·a@b`` in W's layout and dtype, accumulated in float32."""
+    """``W + s·a@b`` in W's layout and dtype, accumulated in float32 (DoRA: `dora.merged_kernel`)."""
+    if lw.m is not None:
+        return dora.merged_kernel(lw)
     w = dense_w(lw.w)
     return (w.astype(jnp.float32) + lw.delta(jnp.float32)).astype(w.dtype)
 
 
 def _warn(prim: str, lw: LoraWeight) -> None:
+    hint = ""
+    if prim == "dot_general":
+        hint = (
+            f" Its contracting axes match neither the LoRA in_axes {lw.in_axes} nor out_axes "
+            f"{lw.out_axes}: set `LoraConfig.axes_pattern` for this kernel."
+        )
     warnings.warn(
         f"jlora.lora: primitive `{prim}` consumes a LoRA kernel of shape {tuple(lw.shape)} and has "
-        "no fused rule, so W + s*a@b is materialized for it.",
+        f"no fused rule, so W + s*a@b is materialized for it.{hint}",
         stacklevel=4,
     )
 
@@ -85,6 +94,8 @@ def _dot_rhs(prim, x: jax.Array, lw: LoraWeight, params: dict, ctx: _Ctx):
         f_c = tuple(len(rb) + lw.in_axes.index(d) for d in rc)
         s_c = len(rb)  # b's rank axis
     elif set(rc) == set(lw.out_axes) and len(rc) == len(lw.out_axes):  # x @ W.T (e.g. attend)
+        if lw.m is not None:  # DoRA rescales W's output units, which this use contracts
+            return None
         first, second, first_axes, free = lw.b, lw.a, lw.out_axes, lw.in_axes
         f_c = tuple(len(rb) + 1 + lw.out_axes.index(d) for d in rc)
         s_c = lw.a.ndim - 1  # a's rank axis
@@ -96,7 +107,8 @@ def _dot_rhs(prim, x: jax.Array, lw: LoraWeight, params: dict, ctx: _Ctx):
     f_b = tuple(lw.batch_axes.index(d) for d in rb)
     kw = dict(precision=params.get("precision"), preferred_element_type=y.dtype)
     ct = x.dtype
-    t = lax.dot_general(_dropout(x, lw, ctx), first.astype(ct), ((lc, f_c), (lb, f_b)), **kw)
+    xd = _dropout(x, lw, ctx)
+    t = lax.dot_general(xd, first.astype(ct), ((lc, f_c), (lb, f_b)), **kw)
     t = t.astype(ct)
     yl = lax.dot_general(
         t, second.astype(ct), (((t.ndim - 1,), (s_c,)), (tuple(range(nb)), f_b)), **kw
@@ -104,7 +116,19 @@ def _dot_rhs(prim, x: jax.Array, lw: LoraWeight, params: dict, ctx: _Ctx):
     perm = _tail_perm(free, yl.ndim - len(free))
     if perm is not None:
         yl = jnp.transpose(yl, perm)
-    return y + (lw.scale * yl).astype(y.dtype)
+    if lw.m is None:
+        return y + (lw.scale * yl).astype(y.dtype)
+    nx = x.ndim - len(lc) - nb
+    pos = {ax: k for k, ax in enumerate(rb)}
+    pos.update({ax: nb + nx + k for k, ax in enumerate(sorted(lw.out_axes))})
+    base = y if xd is x else prim.bind(xd, dense_w(lw.w), **params)
+    return _dora_out(lw, y, base, lw.scale * yl, pos)
+
+
+def _dora_out(lw: LoraWeight, y, base, low, positions: dict[int, int]) -> jax.Array:
+    """DoRA as PEFT: ``y + (g - 1)·base + g·low``, g = m/‖W + s·a@b‖ laid out by ``positions``."""
+    g = dora.broadcast(lw, dora.magnitude_scale(lw), positions, y.ndim).astype(y.dtype)
+    return y + (g - 1) * base + g * low.astype(y.dtype)
 
 
 def _dot(eqn, invals, ctx):
@@ -149,10 +173,14 @@ def _conv(eqn, invals, ctx):
         return None
     y = eqn.primitive.bind(x, dense_w(lw.w), **p)
     ct = x.dtype
-    t = eqn.primitive.bind(_dropout(x, lw, ctx), _a_in_w_layout(lw).astype(ct), **p)
+    xd = _dropout(x, lw, ctx)
+    t = eqn.primitive.bind(xd, _a_in_w_layout(lw).astype(ct), **p)
     f = dn.out_spec[1]
     yl = jnp.moveaxis(jnp.tensordot(t, lw.b.astype(ct), axes=((f,), (0,))), -1, f)
-    return y + (lw.scale * yl).astype(y.dtype)
+    if lw.m is None:
+        return y + (lw.scale * yl).astype(y.dtype)
+    base = y if xd is x else eqn.primitive.bind(xd, dense_w(lw.w), **p)
+    return _dora_out(lw, y, base, lw.scale * yl, {lw.out_axes[0]: f})
 
 
 def _gather(eqn, invals, ctx):
@@ -177,6 +205,8 @@ def _gather(eqn, invals, ctx):
     kept = [d for d in range(lw.ndim) if d not in dn.collapsed_slice_dims]
     pos = dn.offset_dims[kept.index(o)]
     yl = jnp.moveaxis(jnp.tensordot(t, lw.b, axes=((pos,), (0,))), -1, pos)
+    if lw.m is not None:
+        return _dora_out(lw, y, y, lw.scale * yl, {o: pos})
     return y + (lw.scale * yl).astype(y.dtype)
 
 
@@ -198,8 +228,15 @@ def _convert(eqn, invals, ctx):
     dtype = eqn.params["new_dtype"]
     if not jnp.issubdtype(dtype, jnp.floating):
         return None
-    w = eqn.primitive.bind(dense_w(lw.w), **eqn.params)
+    if hasattr(lw.w, "dequantize"):  # a quantized W only changes its logical dtype
+        w = lw.w.astype(dtype)
+    else:
+        w = eqn.primitive.bind(dense_w(lw.w), **eqn.params)
     return dataclasses.replace(lw, w=w, a=lw.a.astype(dtype), b=lw.b.astype(dtype))
+
+
+def _identity(eqn, invals, ctx):
+    return invals[0]
 
 
 def _inline(key: str):
@@ -255,14 +292,15 @@ def _scan(eqn, invals, ctx):
             in_axes=shift(x.in_axes),
             out_axes=shift(x.out_axes),
         )
-        xs[i] = (x.w, jnp.moveaxis(x.a, j, 0), jnp.moveaxis(x.b, j, 0))
+        m = None if x.m is None else jnp.moveaxis(x.m, j, 0)
+        xs[i] = (x.w, jnp.moveaxis(x.a, j, 0), jnp.moveaxis(x.b, j, 0), m)
     keys = None if ctx.key is None else jax.random.split(ctx.next_key(), p["length"])
     closed = p["jaxpr"]
 
     def body(c, x):
         step_xs, key = x
         step_xs = [
-            dataclasses.replace(metas[i], w=v[0], a=v[1], b=v[2]) if i in metas else v
+            dataclasses.replace(metas[i], w=v[0], a=v[1], b=v[2], m=v[3]) if i in metas else v
             for i, v in enumerate(step_xs)
         ]
         outs = _eval(closed.jaxpr, closed.consts, [*consts, *c, *step_xs], _Ctx(key))
@@ -285,6 +323,8 @@ _RULES: dict[str, Callable[..., Any]] = {
     "gather": _gather,
     "transpose": _transpose,
     "convert_element_type": _convert,
+    "copy": _identity,
+    "copy_p": _identity,
     "jit": _inline("jaxpr"),
     "pjit": _inline("jaxpr"),
     "closed_call": _inline("call_jaxpr"),
@@ -294,6 +334,16 @@ _RULES: dict[str, Callable[..., Any]] = {
     "cond": _cond,
     "scan": _scan,
 }
+
+
+def _rule_for(name: str, invals: list[Any]) -> Callable[..., Any] | None:
+    """The rule for primitive ``name``. A node type plugs in its own rules with a method
+    ``fused_rule(name)`` returning a rule, or None to use the default table (see `jlora.multi`)."""
+    for x in invals:
+        hook = getattr(x, "fused_rule", None)
+        if hook is not None and (rule := hook(name)) is not None:
+            return rule
+    return _RULES.get(name)
 
 
 def _eval(jaxpr, consts, args, ctx: _Ctx) -> list[Any]:
@@ -310,7 +360,7 @@ def _eval(jaxpr, consts, args, ctx: _Ctx) -> list[Any]:
         invals = [read(v) for v in eqn.invars]
         outs = None
         if any(isinstance(x, LoraWeight) for x in invals):
-            rule = _RULES.get(eqn.primitive.name)
+            rule = _rule_for(eqn.primitive.name, invals)
             outs = rule(eqn, invals, ctx) if rule is not None else None
             if outs is None:
                 for i, x in enumerate(invals):

@@ -298,3 +298,27 @@ def test_unsupported_use_materializes_once_with_a_warning():
     ):
         out = jlora.lora(f)(tree, x)
     np.testing.assert_allclose(out, _f64(x) @ np.tanh(_np_merged(tree["w"])), rtol=1e-4, atol=1e-4)
+
+
+def test_dot_with_unexpected_axes_warns_with_the_fix():
+    p = {"k": _x(4, 3, 5)}  # default LoRA axes: in (0, 1), out (2,)
+    tree = _randomize(jlora.init(p, jlora.LoraConfig(rank=2, targets="k"), key=jax.random.key(0)))
+    x = _x(2, 4)
+
+    def f(p, x):
+        return jnp.einsum("bi,ijk->bjk", x, p["k"])  # contracts axis 0 only
+
+    with pytest.warns(UserWarning, match=r"match neither the LoRA in_axes \(0, 1\) nor out_axes"):
+        out = jlora.lora(f)(tree, x)
+    np.testing.assert_allclose(
+        out, np.einsum("bi,ijk->bjk", _f64(x), _np_merged(tree["k"])), rtol=1e-4, atol=1e-4
+    )
+    # With the axes declared, the same use is fused (no warning) and gives the same result.
+    cfg = jlora.LoraConfig(rank=2, targets="k", axes_pattern={"k": ((), (0,))})
+    tree2 = _randomize(jlora.init(p, cfg, key=jax.random.key(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out2 = jax.jit(jlora.lora(f))(tree2, x)
+    np.testing.assert_allclose(
+        out2, np.einsum("bi,ijk->bjk", _f64(x), _np_merged(tree2["k"])), rtol=1e-4, atol=1e-4
+    )
