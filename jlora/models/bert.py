@@ -222,7 +222,8 @@ class BertModel(_Common):
         >>> params = model.init(jax.random.key(0), ids)
         >>> params["params"]["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"].shape
         (16, 16)
-        >>> out = model.apply(params, ids, attention_mask=jnp.array([[1] * 5, [1, 1, 1, 0, 0]]))
+        >>> mask = jnp.array([[1] * 5, [1, 1, 1, 0, 0]])
+        >>> out = jax.jit(model.apply)(params, ids, attention_mask=mask)
         >>> out.last_hidden_state.shape, out.pooled.shape, out.logits.shape
         ((2, 5, 16), (2, 16), (2, 3))
     """

@@ -65,7 +65,7 @@ def build_model(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = 
     """The flax module for a config (compute ``dtype``; ``param_dtype`` defaults to ``dtype``).
 
     Example:
-        >>> build_model(LlamaConfig(8, 8, 8, 1, 2)).__class__.__name__
+        >>> build_model(LlamaConfig(16, 8, 16, 1, 2)).__class__.__name__
         'LlamaForCausalLM'
     """
     param_dtype = param_dtype or dtype
@@ -108,13 +108,14 @@ def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax params (with or without the ``"params"`` level) → HF-named numpy arrays.
 
     The inverse of the loader's mapping (Linear kernels transposed back to ``(out, in)``); save it
-    with ``safetensors.numpy.save_file`` next to the original ``config.json``.
+    with ``safetensors.numpy.save_file`` next to the original ``config.json`` (cast bfloat16 params
+    to float32 first: safetensors' numpy backend has no bfloat16).
 
     Example:
-        >>> params = init_params(LlamaConfig(8, 8, 8, 1, 2), key=jax.random.key(0))
+        >>> params = init_params(LlamaConfig(16, 8, 16, 1, 2), key=jax.random.key(0))
         >>> sd = to_hf_state_dict(params)
         >>> sd["model.layers.0.mlp.down_proj.weight"].shape, "lm_head.weight" in sd
-        ((8, 8), True)
+        ((8, 16), True)
     """
     out = {}
     for path, value in _flat(params).items():
@@ -207,7 +208,7 @@ def from_pretrained(
         >>> sd = to_hf_state_dict(init_params(LlamaConfig.from_hf(cfg), key=jax.random.key(0)))
         >>> safetensors.numpy.save_file(sd, os.path.join(d, "model.safetensors"))
         >>> model, params = from_pretrained(d)
-        >>> model.apply(params, jnp.zeros((1, 3), jnp.int32)).shape
+        >>> jax.jit(model.apply)(params, jnp.zeros((1, 3), jnp.int32)).shape
         (1, 3, 16)
     """
     path = os.fspath(path)

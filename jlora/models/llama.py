@@ -288,7 +288,7 @@ class LlamaForCausalLM(nn.Module):
         >>> params = model.init(jax.random.key(0), ids)
         >>> params["params"]["model"]["layers_0"]["self_attn"]["k_proj"]["kernel"].shape
         (16, 8)
-        >>> model.apply(params, ids).shape
+        >>> jax.jit(model.apply)(params, ids).shape
         (1, 4, 32)
     """
 
@@ -299,7 +299,10 @@ class LlamaForCausalLM(nn.Module):
 
     def setup(self) -> None:
         self.model = LlamaModel(
-            self.config, self.dtype, self.param_dtype, self.gradient_checkpointing
+            self.config,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(
