@@ -8,6 +8,7 @@
 24
 """
 
+from jlora import peft
 from jlora.config import LoraConfig
 from jlora.fused import lora, materialize
 from jlora.merge import merge, unmerge
@@ -28,6 +29,7 @@ __all__ = [
     "materialize",
     "merge",
     "optimizer",
+    "peft",
     "path_str",
     "split",
     "summary",
