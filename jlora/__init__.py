@@ -8,7 +8,7 @@
 24
 """
 
-from jlora import peft
+from jlora import checkpoint, peft
 from jlora.config import LoraConfig
 from jlora.fused import lora, materialize
 from jlora.merge import merge, unmerge

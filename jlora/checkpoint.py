@@ -1,0 +1,528 @@
+"""Orbax checkpoints of the adapters only: ``a``, ``b``, `Trainable` leaves, optimizer state.
+
+A step directory holds three Orbax items: ``adapters`` (the arrays, nested like the tree:
+``.../q_proj/kernel/lora_a``), ``opt_state`` (the optimizer state's leaves, when given) and
+``meta`` (JSON: the `LoraConfig`, every adapter's shapes, dtype, scale and axes, the optimizer
+state's leaf paths). No frozen weight is ever written. `AdapterCheckpointer.restore` fills a
+freshly built tree (``jlora.init`` on a freshly loaded base) after checking every saved shape
+against it, so a checkpoint of another base, other targets or another rank is refused whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from jlora.config import LoraConfig
+from jlora.targets import path_str
+from jlora.weights import LoraWeight, Trainable, is_node
+
+__all__ = ["AdapterCheckpointer", "config_from_json", "config_to_json"]
+
+_FORMAT = "jlora.adapters/1"
+_A, _B, _T = "lora_a", "lora_b", "trainable"
+
+
+def _orbax() -> Any:
+    """``orbax.checkpoint``, imported on first use (it adds ~1 s to ``import jlora``)."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
+
+
+def config_to_json(config: LoraConfig) -> dict[str, Any]:
+    """A JSON-ready dict of ``config`` (a callable ``targets`` is stored by name only).
+
+    Example:
+      >>> cfg = LoraConfig(rank=4, targets=["q_proj"], rank_pattern={"v_proj": 2})
+      >>> d = config_to_json(cfg)
+      >>> d["targets"], d["rank_pattern"]
+      (['q_proj'], [['v_proj', 2]])
+      >>> config_from_json(d) == cfg
+      True
+    """
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, tuple | list):
+            return [plain(v) for v in x]
+        return x
+
+    out = {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if callable(config.targets):
+        out["targets"] = {"callable": getattr(config.targets, "__qualname__", repr(config.targets))}
+    return out
+
+
+def config_from_json(data: dict[str, Any]) -> LoraConfig:
+    """Inverse of `config_to_json`.
+
+    Raises:
+      ValueError: the config had a callable ``targets``, which JSON cannot hold.
+    """
+    if isinstance(data.get("targets"), dict):
+        raise ValueError(
+            f"the saved config has a callable `targets` ({data['targets']['callable']}), which "
+            "JSON cannot hold: rebuild the LoraConfig yourself."
+        )
+    return LoraConfig(**data)
+
+
+def _adapters(tree: Any) -> dict[str, Any]:
+    """``{path: LoraWeight | Trainable}`` of the tree, in order."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]
+    return {path_str(p): x for p, x in leaves if is_node(x)}
+
+
+def _describe(x: Any) -> dict[str, Any]:
+    if isinstance(x, LoraWeight):
+        return {
+            "kind": "lora",
+            "shape": list(x.shape),
+            "a": list(x.a.shape),
+            "b": list(x.b.shape),
+            "dtype": np.dtype(x.a.dtype).name,
+            "b_dtype": np.dtype(x.b.dtype).name,
+            "scale": x.scale,
+            "batch_axes": list(x.batch_axes),
+            "in_axes": list(x.in_axes),
+        }
+    return {"kind": "trainable", "shape": list(np.shape(x.value)), "dtype": _dtype(x.value)}
+
+
+def _dtype(x: Any) -> str:
+    return np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype).name
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return out
+
+
+def _get(nested: dict[str, Any], path: str) -> Any:
+    for k in path.split("/"):
+        nested = nested[k]
+    return nested
+
+
+def _opt_leaves(opt_state: Any) -> tuple[list[str], list[Any]]:
+    leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    return [jax.tree_util.keystr(p) for p, _ in leaves], [x for _, x in leaves]
+
+
+def _du(path: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+    )
+
+
+class AdapterCheckpointer:
+    """Save and restore adapters (and optimizer state) with an Orbax ``CheckpointManager``.
+
+    Args:
+      directory: where the step directories go (created if needed).
+      max_to_keep: keep this many checkpoints (None: all). With ``best_metric``, the best
+        ``max_to_keep`` by that metric are kept, plus always the latest (to resume from).
+      save_interval_steps: `save` writes only steps divisible by this (unless ``force``).
+      async_save: write in a background thread; `save` returns once the arrays are copied to
+        host. Call `wait` (or `close`) before reading the files.
+      best_metric: the ``metrics`` key that ranks checkpoints, for `best_step`.
+      best_mode: ``"min"`` (e.g. a loss) or ``"max"`` (e.g. an accuracy).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora
+      >>> from jlora.checkpoint import AdapterCheckpointer
+      >>> cfg = jlora.LoraConfig(rank=2, targets="k")
+      >>> tree = jlora.init({"k": jnp.ones((8, 8))}, cfg, key=jax.random.key(0))
+      >>> with AdapterCheckpointer(tempfile.mkdtemp()) as ckpt:
+      ...     ckpt.save(10, tree, config=cfg)
+      ...     fresh = jlora.init({"k": jnp.ones((8, 8))}, cfg, key=jax.random.key(1))
+      ...     restored, _, step = ckpt.restore(fresh)
+      True
+      >>> step, bool((restored["k"].a == tree["k"].a).all())
+      (10, True)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = False,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+    ) -> None:
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}.")
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+            raise ValueError(
+                f"`max_to_keep` must be a positive integer or None, got {max_to_keep!r}."
+            )
+        if (
+            isinstance(save_interval_steps, bool)
+            or not isinstance(save_interval_steps, int)
+            or save_interval_steps < 1
+        ):
+            raise ValueError(
+                f"`save_interval_steps` must be a positive integer, got {save_interval_steps!r}."
+            )
+        ocp = _orbax()
+        policies = ocp.checkpoint_managers
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.best_metric = best_metric
+        self._best_mode = best_mode
+        if best_metric is None:
+            keep: Any = policies.LatestN(n=max_to_keep)
+        else:
+            best = policies.BestN(
+                get_metric_fn=lambda m: m[best_metric],
+                reverse=best_mode == "min",
+                n=max_to_keep,
+                keep_checkpoints_without_metrics=True,
+            )
+            keep = policies.AnyPreservationPolicy([best, policies.LatestN(n=1)])
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.FixedIntervalPolicy(save_interval_steps),
+            preservation_policy=keep,
+            best_fn=None if best_metric is None else (lambda m: m[best_metric]),
+            best_mode=best_mode,
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # Saving --------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        tree: Any,
+        *,
+        opt_state: Any = None,
+        config: LoraConfig | None = None,
+        metrics: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save the adapters of ``tree`` (and ``opt_state``) as ``step``.
+
+        Args:
+          step: the training step (a non-negative int).
+          tree: a tree with `LoraWeight` / `Trainable` leaves (full, or the trainable half of
+            `jlora.split`); only ``a``, ``b`` and `Trainable` values are written.
+          opt_state: optional optimizer state (any pytree of arrays).
+          config: the `LoraConfig`, stored as JSON (read back with `config`).
+          metrics: scalars stored with the checkpoint; ``best_metric`` ranks checkpoints.
+          force: save even if ``step`` is not on the save interval.
+
+        Returns:
+          Whether a checkpoint was written (False off the interval, or for an existing step).
+
+        Raises:
+          ValueError: no adapters in ``tree``, or ``metrics`` lacks ``best_metric``.
+          TypeError: ``step`` is not an int.
+        """
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise TypeError(f"`step` must be a non-negative int, got {step!r}.")
+        step = int(step)
+        ocp = _orbax()
+        nodes = _adapters(tree)
+        if not nodes:
+            raise ValueError("`tree` has no LoraWeight or Trainable leaf: nothing to save.")
+        if metrics is not None:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if self.best_metric is not None and self.best_metric not in metrics:
+                raise ValueError(
+                    f"`metrics` has no {self.best_metric!r} (the best_metric); got {sorted(metrics)}."
+                )
+        if step in self.all_steps():
+            return False
+        arrays = {}
+        for path, x in nodes.items():
+            if isinstance(x, LoraWeight):
+                arrays[f"{path}/{_A}"], arrays[f"{path}/{_B}"] = x.a, x.b
+            else:
+                arrays[f"{path}/{_T}"] = x.value
+        meta: dict[str, Any] = {
+            "format": _FORMAT,
+            "step": step,
+            "config": None if config is None else config_to_json(config),
+            "adapters": {path: _describe(x) for path, x in nodes.items()},
+            "metrics": metrics,
+        }
+        items = {
+            "adapters": ocp.args.StandardSave(_nest(arrays)),
+        }
+        if opt_state is not None:
+            names, leaves = _opt_leaves(opt_state)
+            meta["opt_state"] = [
+                {"path": n, "shape": list(np.shape(x)), "dtype": _dtype(x)}
+                for n, x in zip(names, leaves, strict=True)
+            ]
+            items["opt_state"] = ocp.args.StandardSave(
+                {str(i): _array(x) for i, x in enumerate(leaves)}
+            )
+        items["meta"] = ocp.args.JsonSave(meta)
+        return self._manager.save(
+            step, args=ocp.args.Composite(**items), metrics=metrics, force=force
+        )
+
+    # Reading -------------------------------------------------------------------------------
+
+    def _meta(self, step: int | None) -> tuple[int, dict[str, Any]]:
+        steps = self.all_steps()
+        if not steps:
+            raise ValueError(f"no checkpoint in {self.directory}.")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {self.directory}; steps: {steps}.")
+        ocp = _orbax()
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return step, meta["meta"]
+
+    def config(self, step: int | None = None) -> LoraConfig:
+        """The `LoraConfig` saved with ``step`` (default: the latest).
+
+        Raises:
+          ValueError: no such checkpoint, it was saved without ``config``, or the config had a
+            callable ``targets``.
+        """
+        step, meta = self._meta(step)
+        if meta.get("config") is None:
+            raise ValueError(f"the checkpoint for step {step} was saved without a config.")
+        return config_from_json(meta["config"])
+
+    def restore(
+        self,
+        tree: Any,
+        *,
+        step: int | None = None,
+        opt_state: Any = None,
+        shardings: Any = None,
+    ) -> tuple[Any, Any, int]:
+        """Restore the adapters saved at ``step`` into ``tree``.
+
+        Args:
+          tree: a freshly built tree with adapters of the same shapes (``jlora.init(params,
+            config, key=...)`` on a freshly loaded base, or its `jax.eval_shape`); its frozen
+            leaves are kept, its ``a``, ``b`` and `Trainable` values are replaced.
+          step: which step (default: the latest).
+          opt_state: the optimizer state as a template (e.g. ``tx.init(adapters)``); restored
+            when given.
+          shardings: where the restored adapters go: one `jax.sharding.Sharding`, or a tree
+            like ``tree`` (e.g. ``jax.tree.map(lambda x: x.sharding, tree)``) with shardings
+            at ``a`` / ``b`` / `Trainable` positions. Default: the shardings of ``tree``'s
+            arrays (else the default device). The optimizer state follows its template's.
+
+        Returns:
+          ``(tree, opt_state, step)`` with ``opt_state`` None unless a template was given.
+
+        Raises:
+          ValueError: no checkpoint; or the checkpoint does not fit ``tree`` / ``opt_state``
+            (another base, other targets, rank, dtype, scale or optimizer) -- every mismatch is
+            listed, with the path and both shapes, and nothing is restored.
+        """
+        step, meta = self._meta(step)
+        nodes = _adapters(tree)
+        saved = meta["adapters"]
+        errors = [
+            f"{p}: in the checkpoint ({_kind(saved[p])}), but the tree has no adapter there"
+            for p in saved
+            if p not in nodes
+        ]
+        errors += [
+            f"{p}: the tree has {_kind(_describe(x))} there, the checkpoint has none"
+            for p, x in nodes.items()
+            if p not in saved
+        ]
+        for p, x in nodes.items():
+            if p in saved:
+                errors += _compare(p, saved[p], _describe(x))
+        opt_names: list[str] = []
+        opt_leaves: list[Any] = []
+        if opt_state is not None:
+            if "opt_state" not in meta:
+                errors.append("opt_state: a template was given, but the checkpoint has none")
+            else:
+                opt_names, opt_leaves = _opt_leaves(opt_state)
+                errors += _compare_opt(meta["opt_state"], opt_names, opt_leaves)
+        if errors:
+            head = f"checkpoint step {step} in {self.directory} does not fit:"
+            raise ValueError("\n".join([head, *errors]))
+
+        ocp = _orbax()
+        sh = _shardings(shardings, nodes)
+        abstract = {}
+        for p, x in nodes.items():
+            if isinstance(x, LoraWeight):
+                abstract[f"{p}/{_A}"] = _abstract(x.a, sh.get(p, (None, None))[0])
+                abstract[f"{p}/{_B}"] = _abstract(x.b, sh.get(p, (None, None))[1])
+            else:
+                abstract[f"{p}/{_T}"] = _abstract(x.value, sh.get(p, (None,))[0])
+        items = {"adapters": ocp.args.StandardRestore(_nest(abstract))}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(
+                {str(i): _abstract(x, None) for i, x in enumerate(opt_leaves)}
+            )
+        out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        arrays = out["adapters"]
+
+        def fill(path, x):
+            if not is_node(x):
+                return x
+            p = path_str(path)
+            if isinstance(x, LoraWeight):
+                a, b = _get(arrays, f"{p}/{_A}"), _get(arrays, f"{p}/{_B}")
+                return dataclasses.replace(x, a=a, b=b)
+            return Trainable(_get(arrays, f"{p}/{_T}"))
+
+        restored = jax.tree_util.tree_map_with_path(fill, tree, is_leaf=is_node)
+        new_opt = None
+        if opt_state is not None:
+            treedef = jax.tree.structure(opt_state)
+            new_opt = jax.tree.unflatten(
+                treedef, [out["opt_state"][str(i)] for i in range(len(opt_leaves))]
+            )
+        return restored, new_opt, step
+
+    # Bookkeeping ---------------------------------------------------------------------------
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every saved step, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def best_step(self) -> int | None:
+        """The kept step with the best ``best_metric`` (ties: the earliest); None if none."""
+        if self.best_metric is None:
+            return None
+        sign = 1.0 if self._best_mode == "min" else -1.0
+        scored = [
+            (sign * m[self.best_metric], s)
+            for s in self.all_steps()
+            if (m := self.metrics(s)) and self.best_metric in m
+        ]
+        return min(scored)[1] if scored else None
+
+    def metrics(self, step: int | None = None) -> dict[str, float] | None:
+        """The ``metrics`` saved with ``step`` (default: the latest), or None."""
+        return self._meta(step)[1].get("metrics")
+
+    def nbytes(self, step: int | None = None) -> int:
+        """Bytes on disk of one step's directory (default: the latest)."""
+        step = self.latest_step() if step is None else step
+        return _du(os.path.join(self.directory, str(step)))
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are written."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> AdapterCheckpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _array(x: Any) -> Any:
+    return x if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _kind(d: dict[str, Any]) -> str:
+    if d["kind"] == "lora":
+        return (
+            f"LoRA a {tuple(d['a'])}, b {tuple(d['b'])} for a kernel of shape {tuple(d['shape'])}"
+        )
+    return f"trainable leaf of shape {tuple(d['shape'])}"
+
+
+def _compare(path: str, saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    if saved["kind"] != here["kind"]:
+        return [f"{path}: checkpoint has a {_kind(saved)}, the tree a {_kind(here)}"]
+    errors = []
+    names = ("shape", "a", "b") if saved["kind"] == "lora" else ("shape",)
+    for k in names:
+        if tuple(saved[k]) != tuple(here[k]):
+            what = {"shape": "kernel shape" if saved["kind"] == "lora" else "shape"}.get(k, k)
+            what = what if k == "shape" else f"{k} shape"
+            errors.append(
+                f"{path}: {what} {tuple(saved[k])} in the checkpoint, {tuple(here[k])} in the tree"
+            )
+    for k in ("dtype", "b_dtype", "scale", "batch_axes", "in_axes"):
+        if k in saved and saved[k] != here[k]:
+            errors.append(f"{path}: {k} {saved[k]!r} in the checkpoint, {here[k]!r} in the tree")
+    return errors
+
+
+def _compare_opt(saved: list[dict[str, Any]], names: list[str], leaves: list[Any]) -> list[str]:
+    if len(saved) != len(names):
+        return [
+            f"opt_state: {len(saved)} leaves in the checkpoint, {len(names)} in the template "
+            "(another optimizer, or another set of adapters)"
+        ]
+    errors = []
+    for s, n, x in zip(saved, names, leaves, strict=True):
+        here = (n, list(np.shape(x)), _dtype(x))
+        if (s["path"], s["shape"], s["dtype"]) != here:
+            errors.append(
+                f"opt_state{s['path']}: shape {tuple(s['shape'])} {s['dtype']} in the checkpoint, "
+                f"opt_state{n}: shape {tuple(here[1])} {here[2]} in the template"
+            )
+    return errors
+
+
+def _shardings(shardings: Any, nodes: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+    """Per adapter path, the target sharding(s) of (a, b) or (value,)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    if shardings is None:
+        for p, x in nodes.items():
+            if isinstance(x, LoraWeight):
+                out[p] = (_sharding_of(x.a), _sharding_of(x.b))
+            else:
+                out[p] = (_sharding_of(x.value),)
+        return out
+    if isinstance(shardings, jax.sharding.Sharding):
+        return {p: (shardings, shardings) for p in nodes}
+    is_leaf = lambda x: is_node(x) or isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    given = {
+        path_str(p): s
+        for p, s in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_leaf)[0]
+    }
+    for p in nodes:
+        s = given.get(p)
+        if isinstance(s, LoraWeight):
+            out[p] = (s.a, s.b)
+        elif isinstance(s, Trainable):
+            out[p] = (s.value,)
+        elif isinstance(s, jax.sharding.Sharding):
+            out[p] = (s, s)
+        else:
+            raise ValueError(f"`shardings` has no sharding for the adapter at {p}.")
+    return out
+
+
+def _sharding_of(x: Any) -> Any:
+    return getattr(x, "sharding", None)
+
+
+def _abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+    sharding = sharding if sharding is not None else _sharding_of(x)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(np.shape(x), np.dtype(_dtype(x)), sharding=sharding)
