@@ -23,6 +23,7 @@ __all__ = [
     "LoraWeight",
     "Summary",
     "Trainable",
+    "checkpoint",
     "combine",
     "init",
     "lora",
