@@ -94,8 +94,10 @@ def _dot_rhs(prim, x: jax.Array, lw: LoraWeight, params: dict, ctx: _Ctx):
         f_c = tuple(len(rb) + lw.in_axes.index(d) for d in rc)
         s_c = len(rb)  # b's rank axis
     elif set(rc) == set(lw.out_axes) and len(rc) == len(lw.out_axes):  # x @ W.T (e.g. attend)
-        if lw.m is not None:  # DoRA rescales W's output units, which this use contracts
-            return None
+        if lw.m is not None:  # DoRA scales W's output units, contracted here: scale x instead
+            pos = dict(zip(rc, lc, strict=True)) | dict(zip(rb, lb, strict=True))
+            g = dora.broadcast(lw, dora.magnitude_scale(lw), pos, x.ndim).astype(x.dtype)
+            return _dot_rhs(prim, x * g, dataclasses.replace(lw, m=None), params, ctx)
         first, second, first_axes, free = lw.b, lw.a, lw.out_axes, lw.in_axes
         f_c = tuple(len(rb) + 1 + lw.out_axes.index(d) for d in rc)
         s_c = lw.a.ndim - 1  # a's rank axis

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora import dora
 from jlora.fused import dense_w
 from jlora.weights import LoraWeight, Trainable, is_node
 
@@ -27,7 +28,8 @@ def _check_finite(path: Any, x: jax.Array, what: str) -> None:
 def merge(tree: Any) -> Any:
     """Plain params: each `LoraWeight` becomes ``W + s·a@b`` (float32 accumulate, W's dtype).
 
-    A quantized W is dequantized first. `Trainable` wrappers are removed.
+    A quantized W is dequantized first. `Trainable` wrappers are removed. A DoRA weight
+    (``m`` set) becomes ``m ⊙ (W + s·a@b) / ‖W + s·a@b‖`` (see `jlora.dora`).
 
     Raises:
       ValueError: a merged kernel is not finite (checked outside `jax.jit`).
@@ -45,8 +47,11 @@ def merge(tree: Any) -> Any:
             return x.value
         if not isinstance(x, LoraWeight):
             return x
-        w = dense_w(x.w)
-        out = (w.astype(jnp.float32) + x.delta(jnp.float32)).astype(w.dtype)
+        if x.m is not None:
+            out = dora.merged_kernel(x)
+        else:
+            w = dense_w(x.w)
+            out = (w.astype(jnp.float32) + x.delta(jnp.float32)).astype(w.dtype)
         _check_finite(path, out, "merged kernel")
         return out
 
@@ -64,6 +69,10 @@ def unmerge(merged: Any, tree: Any) -> Any:
     Returns:
       A tree like ``tree`` whose kernels are recovered from ``merged`` (to float tolerance).
 
+    Raises:
+      ValueError: shapes differ, a result is not finite, or a target is DoRA (its merge keeps
+        only the direction of ``W + s·a@b``, so W cannot be recovered from the merged kernel).
+
     Example:
       >>> import jax, jax.numpy as jnp, jlora
       >>> tree = jlora.init({"k": jnp.ones((4, 3))}, jlora.LoraConfig(rank=1, targets="k"),
@@ -79,6 +88,12 @@ def unmerge(merged: Any, tree: Any) -> Any:
             return Trainable(m)
         if not isinstance(x, LoraWeight):
             return m
+        if x.m is not None:
+            raise ValueError(
+                f"cannot unmerge the DoRA target {jax.tree_util.keystr(path)} (shape "
+                f"{tuple(x.shape)}): merging kept only the direction of W + s*a@b, so W is not "
+                "recoverable; keep the unmerged tree instead."
+            )
         if tuple(m.shape) != tuple(x.shape):
             raise ValueError(
                 f"merged kernel {jax.tree_util.keystr(path)} has shape {tuple(m.shape)}, but the "

@@ -21,6 +21,7 @@ def _labels(tree: Any, *, a: Any, b: Any, train: Any, frozen: Any) -> Any:
                 w=None if x.w is None else jax.tree.map(lambda _: frozen, x.w),
                 a=None if x.a is None else a,
                 b=None if x.b is None else b,
+                m=None if x.m is None else a,
             )
         if isinstance(x, Trainable):
             return Trainable(jax.tree.map(lambda _: train, x.value))
@@ -30,7 +31,7 @@ def _labels(tree: Any, *, a: Any, b: Any, train: Any, frozen: Any) -> Any:
 
 
 def trainable_mask(tree: Any) -> Any:
-    """A tree of bools like ``tree``: True for ``a``, ``b`` and `Trainable` leaves.
+    """A tree of bools like ``tree``: True for ``a``, ``b``, DoRA's ``m`` and `Trainable` leaves.
 
     Use it with ``optax.masked`` when composing your own chain.
 

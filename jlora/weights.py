@@ -37,6 +37,9 @@ class LoraWeight:
     ``w``, ``a``, ``b`` are pytree children (so ``dataclasses.replace(lw, a=..., b=...)`` works);
     ``scale``, ``batch_axes``, ``in_axes`` and ``dropout`` are static metadata.
 
+    DoRA (`jlora.dora`): the optional trainable child ``m`` (``None`` for plain LoRA) holds the
+    magnitude, one value per output unit, shape ``batch_shape + out_shape``.
+
     Example:
       >>> import dataclasses, jax.numpy as jnp
       >>> lw = LoraWeight(jnp.zeros((3, 4)), jnp.ones((3, 2)), jnp.ones((2, 4)), scale=0.5)
@@ -56,6 +59,7 @@ class LoraWeight:
     in_axes: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
     out_axes: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    m: Any = None
 
     def __post_init__(self) -> None:
         # Defaults: every axis but the last (and the batch axes) is an input axis.
@@ -195,6 +199,11 @@ def init(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
         from jlora import inits
 
         return inits.init_decomposed(params, config, key=key)
+    if config.use_dora:
+        from jlora import dora
+
+        tree = init(params, dataclasses.replace(config, use_dora=False), key=key)
+        return dora.add_magnitudes(tree)
     targets = select_targets(params, config)
     trainable = select_trainable(params, config)
     if config.bias == "lora_only":
@@ -234,7 +243,7 @@ def split(tree: Any) -> tuple[Any, Any]:
 
     def frozen(x):
         if isinstance(x, LoraWeight):
-            return dataclasses.replace(x, a=None, b=None)
+            return dataclasses.replace(x, a=None, b=None, m=None)
         return None if isinstance(x, Trainable) else x
 
     def trainable(x):
@@ -261,6 +270,7 @@ def combine(*trees: Any) -> Any:
                 w=first(*(x.w for x in xs)),
                 a=first(*(x.a for x in xs)),
                 b=first(*(x.b for x in xs)),
+                m=first(*(x.m for x in xs)),
             )
         return next((x for x in xs if x is not None), None)
 
@@ -310,10 +320,10 @@ def summary(tree: Any) -> Summary:
     trainable = base = adapter = nbytes = targets = 0
     for x in jax.tree.leaves(tree, is_leaf=is_node):
         if isinstance(x, LoraWeight):
-            n = _size(x.a) + _size(x.b)
+            n = _size(x.a) + _size(x.b) + _size(x.m)
             adapter += n
             trainable += n
-            nbytes += x.a.dtype.itemsize * _size(x.a) + x.b.dtype.itemsize * _size(x.b)
+            nbytes += sum(v.dtype.itemsize * _size(v) for v in (x.a, x.b, x.m) if v is not None)
             base += math.prod(x.shape)
             targets += 1
         elif isinstance(x, Trainable):
