@@ -8,7 +8,7 @@
 24
 """
 
-from jlora import checkpoint, peft
+from jlora import checkpoint, dora, inits, multi, peft, quant
 from jlora.config import LoraConfig
 from jlora.fused import lora, materialize
 from jlora.merge import merge, unmerge
@@ -25,13 +25,17 @@ __all__ = [
     "Trainable",
     "checkpoint",
     "combine",
+    "dora",
     "init",
+    "inits",
     "lora",
     "materialize",
     "merge",
+    "multi",
     "optimizer",
     "peft",
     "path_str",
+    "quant",
     "split",
     "summary",
     "trainable_mask",
