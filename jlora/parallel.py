@@ -163,7 +163,12 @@ def replicate(
     """
     devices = list(jax.local_devices() if devices is None else devices)
     mesh = Mesh(np.array(devices), (axis_name,))
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    sharding = NamedSharding(mesh, PartitionSpec())
+    # A fresh copy (see jlora.sharding.shard): the step's outputs may be donated later.
+    return jax.tree.map(
+        lambda x: jax.device_put(jax.numpy.copy(x) if isinstance(x, jax.Array) else x, sharding),
+        tree,
+    )
 
 
 def split_batch(batch: Any, n: int | None = None) -> Any:

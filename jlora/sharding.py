@@ -262,8 +262,8 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def _shape(x: Any) -> tuple[int, ...]:
-    if isinstance(x, LoraWeight):
-        return tuple(x.shape)
+    if isinstance(x, LoraWeight):  # W's shape (from a and b when W is absent after split)
+        return tuple(x.w.shape) if x.w is not None else tuple(x.shape)
     return tuple(getattr(x, "shape", ()))
 
 
@@ -519,16 +519,41 @@ def lora_specs(tree: Any, base: Any, *, mesh: Mesh | None = None) -> Any:
             return spec
         full = list(spec) + [None] * (x.ndim - len(spec))
         batch = [full[i] for i in x.batch_axes]
+        out = [full[i] for i in x.out_axes]
         a = PartitionSpec(*batch, *(full[i] for i in x.in_axes), None)
-        b = PartitionSpec(*batch, None, *(full[i] for i in x.out_axes))
+        b = PartitionSpec(*batch, None, *out)
+        kw = {}
+        if getattr(x, "m", None) is not None:  # DoRA magnitude: batch + out axes
+            kw["m"] = PartitionSpec(*batch, *out)
         return dataclasses.replace(
             x,
-            w=None if x.w is None else spec,
+            w=_w_spec(x.w, spec, shape),
             a=None if x.a is None else a,
             b=None if x.b is None else b,
+            **kw,
         )
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_node(x))
+
+
+def _w_spec(w: Any, spec: PartitionSpec, shape: tuple[int, ...]) -> Any:
+    """W's spec; for a quantized W (a pytree node, `jlora.quant`), a spec per child array."""
+    if w is None or isinstance(w, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        return None if w is None else spec
+    if not jax.tree_util.treedef_is_leaf(jax.tree.structure(w)):
+        full = list(spec) + [None] * (len(shape) - len(spec))
+
+        def child(leaf):
+            # Children laid out like W (int8 data, its per-channel scales) keep W's entries where
+            # their sizes agree; other layouts (NF4's packed blocks) are replicated.
+            if len(leaf.shape) != len(shape):
+                return PartitionSpec()
+            return PartitionSpec(
+                *(e if leaf.shape[d] == shape[d] else None for d, e in enumerate(full))
+            )
+
+        return jax.tree.map(child, w)
+    return spec
 
 
 # Placement -------------------------------------------------------------------------------------
@@ -587,7 +612,8 @@ def shard(tree: Any, mesh: Mesh, specs: Any) -> Any:
     ``specs`` is a tree of `PartitionSpec` matching ``tree`` (from `lora_specs`), a list of
     ``(regex, PartitionSpec)`` rules, or a preset name such as ``"fsdp"``. Multi-host: every
     process passes the same full values (e.g. loaded from the same checkpoint, or initialized from
-    the same key) and keeps only its own shards.
+    the same key) and keeps only its own shards. The result never aliases the input's buffers, so
+    donating it to a train step leaves ``tree`` intact.
 
     Raises:
       ValueError: the specs do not match the tree, or a spec does not fit its array (naming the
@@ -604,7 +630,15 @@ def shard(tree: Any, mesh: Mesh, specs: Any) -> Any:
       ValueError: w: spec P('data', None, None) does not fit shape (4, 6): the spec has 3 entries but the array has 2 dimensions.
     """
     shardings = named_shardings(tree, mesh, specs)
-    return jax.device_put(tree, shardings)
+    return jax.tree.map(_put_copy, tree, shardings)
+
+
+def _put_copy(x: Any, sharding: NamedSharding) -> jax.Array:
+    # A fresh buffer: jax.device_put reuses x's buffer for the shard on x's own device (even with
+    # may_alias=False), and a donating train step would then delete the caller's array.
+    if isinstance(x, jax.Array):
+        x = jax.numpy.copy(x)
+    return jax.device_put(x, sharding)
 
 
 def opt_state_specs(tx: Any, opt_state: Any, specs: Any) -> Any:
