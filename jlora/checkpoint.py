@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the adapters only: ``a``, ``b``, `Trainable` leaves, optimizer state.
+"""Orbax checkpoints of the adapters only: ``a``, ``b`` (DoRA ``m``), `Trainable` leaves, opt state.
 
 A step directory holds three Orbax items: ``adapters`` (the arrays, nested like the tree:
 ``.../q_proj/kernel/lora_a``), ``opt_state`` (the optimizer state's leaves, when given) and
@@ -24,7 +24,7 @@ from jlora.weights import LoraWeight, Trainable, is_node
 __all__ = ["AdapterCheckpointer", "config_from_json", "config_to_json"]
 
 _FORMAT = "jlora.adapters/1"
-_A, _B, _T = "lora_a", "lora_b", "trainable"
+_A, _B, _M, _T = "lora_a", "lora_b", "lora_m", "trainable"
 
 
 def _orbax() -> Any:
@@ -89,8 +89,14 @@ def _describe(x: Any) -> dict[str, Any]:
             "scale": x.scale,
             "batch_axes": list(x.batch_axes),
             "in_axes": list(x.in_axes),
+            "m": None if _m(x) is None else list(np.shape(_m(x))),
         }
     return {"kind": "trainable", "shape": list(np.shape(x.value)), "dtype": _dtype(x.value)}
+
+
+def _m(x: LoraWeight) -> Any:
+    """The DoRA magnitude (`jlora.dora`), or None."""
+    return getattr(x, "m", None)
 
 
 def _dtype(x: Any) -> str:
@@ -249,6 +255,8 @@ class AdapterCheckpointer:
         for path, x in nodes.items():
             if isinstance(x, LoraWeight):
                 arrays[f"{path}/{_A}"], arrays[f"{path}/{_B}"] = x.a, x.b
+                if _m(x) is not None:
+                    arrays[f"{path}/{_M}"] = _m(x)
             else:
                 arrays[f"{path}/{_T}"] = x.value
         meta: dict[str, Any] = {
@@ -365,6 +373,8 @@ class AdapterCheckpointer:
             if isinstance(x, LoraWeight):
                 abstract[f"{p}/{_A}"] = _abstract(x.a, sh.get(p, (None, None))[0])
                 abstract[f"{p}/{_B}"] = _abstract(x.b, sh.get(p, (None, None))[1])
+                if _m(x) is not None:
+                    abstract[f"{p}/{_M}"] = _abstract(_m(x), sh.get(p, (None, None, None))[-1])
             else:
                 abstract[f"{p}/{_T}"] = _abstract(x.value, sh.get(p, (None,))[0])
         items = {"adapters": ocp.args.StandardRestore(_nest(abstract))}
@@ -381,7 +391,9 @@ class AdapterCheckpointer:
             p = path_str(path)
             if isinstance(x, LoraWeight):
                 a, b = _get(arrays, f"{p}/{_A}"), _get(arrays, f"{p}/{_B}")
-                return dataclasses.replace(x, a=a, b=b)
+                if _m(x) is None:
+                    return dataclasses.replace(x, a=a, b=b)
+                return dataclasses.replace(x, a=a, b=b, m=_get(arrays, f"{p}/{_M}"))
             return Trainable(_get(arrays, f"{p}/{_T}"))
 
         restored = jax.tree_util.tree_map_with_path(fill, tree, is_leaf=is_node)
@@ -464,9 +476,10 @@ def _compare(path: str, saved: dict[str, Any], here: dict[str, Any]) -> list[str
             errors.append(
                 f"{path}: {what} {tuple(saved[k])} in the checkpoint, {tuple(here[k])} in the tree"
             )
-    for k in ("dtype", "b_dtype", "scale", "batch_axes", "in_axes"):
+    for k in ("dtype", "b_dtype", "scale", "batch_axes", "in_axes", "m"):
         if k in saved and saved[k] != here[k]:
-            errors.append(f"{path}: {k} {saved[k]!r} in the checkpoint, {here[k]!r} in the tree")
+            what = "DoRA magnitude m shape" if k == "m" else k
+            errors.append(f"{path}: {what} {saved[k]!r} in the checkpoint, {here[k]!r} in the tree")
     return errors
 
 
@@ -493,12 +506,12 @@ def _shardings(shardings: Any, nodes: dict[str, Any]) -> dict[str, tuple[Any, ..
     if shardings is None:
         for p, x in nodes.items():
             if isinstance(x, LoraWeight):
-                out[p] = (_sharding_of(x.a), _sharding_of(x.b))
+                out[p] = (_sharding_of(x.a), _sharding_of(x.b), _sharding_of(_m(x)))
             else:
                 out[p] = (_sharding_of(x.value),)
         return out
     if isinstance(shardings, jax.sharding.Sharding):
-        return {p: (shardings, shardings) for p in nodes}
+        return {p: (shardings, shardings, shardings) for p in nodes}
     is_leaf = lambda x: is_node(x) or isinstance(x, jax.sharding.Sharding)  # noqa: E731
     given = {
         path_str(p): s
@@ -507,11 +520,11 @@ def _shardings(shardings: Any, nodes: dict[str, Any]) -> dict[str, tuple[Any, ..
     for p in nodes:
         s = given.get(p)
         if isinstance(s, LoraWeight):
-            out[p] = (s.a, s.b)
+            out[p] = (s.a, s.b, _m(s))
         elif isinstance(s, Trainable):
             out[p] = (s.value,)
         elif isinstance(s, jax.sharding.Sharding):
-            out[p] = (s, s)
+            out[p] = (s, s, s)
         else:
             raise ValueError(f"`shardings` has no sharding for the adapter at {p}.")
     return out

@@ -47,7 +47,7 @@ ModuleMap = Callable[[str], "str | None"]
 _LAYER = re.compile(r"^(layers?)_(\d+)$")
 # Options that would change what the saved tensors mean: must be unset (falsy) to load.
 _UNSUPPORTED = (
-    "use_dora", "lora_bias", "fan_in_fan_out", "layer_replication", "megatron_config",
+    "lora_bias", "fan_in_fan_out", "layer_replication", "megatron_config",
     "target_parameters", "trainable_token_indices", "use_qalora", "use_bdlora", "arrow_config",
     "kasa_config", "monteclora_config", "velora_config", "alora_invocation_tokens",
     "ensure_weight_tying", "modules_to_tie",
@@ -59,8 +59,13 @@ _KNOWN = {
     "layers_pattern", "rank_pattern", "alpha_pattern", "init_lora_weights",
     "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
     "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
-    "lora_ga_config", "runtime_config",
+    "lora_ga_config", "runtime_config", "use_dora",
 }  # fmt: skip
+
+
+def _has_dora() -> bool:
+    """Whether this jlora's `LoraWeight` has a DoRA magnitude ``m`` (see ``jlora.dora``)."""
+    return "m" in {f.name for f in dataclasses.fields(LoraWeight)}
 
 
 def torch_module_name(path: str) -> str:
@@ -190,8 +195,10 @@ def _lora_to_torch(
             f"{where} has stacked (batch) axes {lw.batch_axes} with shape {lw.shape}: PEFT has one "
             "module per layer, so a stacked kernel is not representable. Unstack it first."
         )
+    m = getattr(lw, "m", None)
+    mag = {} if m is None else {"lora_magnitude_vector": jnp.transpose(m, np.argsort(lw.out_axes))}
     if leaf_name(s) == "embedding":
-        return {"lora_embedding_A": a.T, "lora_embedding_B": b.T}
+        return {"lora_embedding_A": a.T, "lora_embedding_B": b.T, **mag}
     # order a's input dims and b's output dims by kernel axis, as torch flattens them
     a = jnp.transpose(a, (*np.argsort(lw.in_axes), a.ndim - 1))
     b = jnp.transpose(b, (0, *(1 + np.argsort(lw.out_axes))))
@@ -204,11 +211,10 @@ def _lora_to_torch(
         nsp = a.ndim - 2  # a: (*spatial, in, r) -> (r, in, *spatial)
         lora_a = jnp.transpose(a, (nsp + 1, nsp, *range(nsp)))
         lora_b = b.T.reshape(b.shape[1], r, *([1] * nsp))
-        return {"lora_A.weight": lora_a, "lora_B.weight": lora_b}
-    return {
-        "lora_A.weight": a.reshape(-1, r).T,
-        "lora_B.weight": b.reshape(r, -1).T,
-    }
+        mag = {k: v.reshape(1, -1, *([1] * nsp)) for k, v in mag.items()}  # PEFT: (1, out, 1, ..)
+        return {"lora_A.weight": lora_a, "lora_B.weight": lora_b, **mag}
+    mag = {k: v.reshape(-1) for k, v in mag.items()}
+    return {"lora_A.weight": a.reshape(-1, r).T, "lora_B.weight": b.reshape(r, -1).T, **mag}
 
 
 def _leaf_to_torch(s: str, x: Any, keypath: Any) -> tuple[str, Any]:
@@ -308,8 +314,10 @@ def save(
       >>> json.load(open(os.path.join(d, "adapter_config.json")))["target_modules"]
       ['q_proj']
     """
-    if config.use_dora:
-        raise ValueError("config.use_dora=True: jlora.peft cannot save DoRA adapters yet.")
+    if config.use_dora and not _has_dora():
+        raise ValueError(
+            "config.use_dora=True, but this jlora has no DoRA (LoraWeight has no `m`)."
+        )
     if config.init in ("pissa", "olora"):
         raise ValueError(
             f"config.init={config.init!r} changes the frozen base weights, so the adapter alone "
@@ -342,6 +350,12 @@ def save(
     if not targets:
         raise ValueError(
             "the tree has no LoraWeight leaf: nothing to save (call jlora.init first)."
+        )
+    dora = {n: getattr(lw, "m", None) is not None for n, (_, lw) in targets.items()}
+    if any(dora.values()) != all(dora.values()) or any(dora.values()) != config.use_dora:
+        raise ValueError(
+            f"config.use_dora={config.use_dora}, but {sum(dora.values())} of {len(dora)} adapters "
+            "have a DoRA magnitude `m`: PEFT applies DoRA to all targets or none."
         )
 
     mts_mods: set[str] = set()
@@ -419,7 +433,7 @@ def save(
         exclude_modules=None,
         layers_to_transform=None,
         layers_pattern=None,
-        use_dora=False,
+        use_dora=config.use_dora,
         lora_bias=False,
         layer_replication=None,
         base_model_name_or_path=base_model_name_or_path,
@@ -452,6 +466,7 @@ class _Lora:
     in_axes: tuple[int, ...]
     shape: tuple[int, ...]
     kind: str  # "linear" | "conv" | "embedding"
+    key_m: str | None = None  # DoRA magnitude
     w_src: tuple[str, Callable] | None = None  # a saved base weight (``.base_layer.weight``)
 
 
@@ -486,6 +501,11 @@ def _read_config(directory: str) -> dict:
         raise ValueError(f"{path}: target_modules is missing.")
     if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
         raise ValueError(f"{path}: unsupported bias={cfg['bias']!r}.")
+    if cfg.get("use_dora") and not _has_dora():
+        raise ValueError(
+            f"{path}: unsupported PEFT option(s) use_dora=True: this jlora has no DoRA "
+            "(LoraWeight has no magnitude `m`)."
+        )
     return cfg
 
 
@@ -508,7 +528,7 @@ def _shapes(directory: str) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
 
 
-def _plan_lora(name, s, kp, shape, r, alpha, rslora, shapes, errors) -> _Lora | None:
+def _plan_lora(name, s, kp, shape, r, alpha, rslora, dora, shapes, errors) -> _Lora | None:
     """Check one target's A and B against the kernel; None (and an error) when they do not fit."""
     where = f"{jax.tree_util.keystr(kp)} with shape {shape} (r={r})"
     kind = "embedding" if leaf_name(s) == "embedding" else "linear"
@@ -517,16 +537,19 @@ def _plan_lora(name, s, kp, shape, r, alpha, rslora, shapes, errors) -> _Lora | 
         if kind == "embedding"
         else (f"{name}.lora_A.weight", f"{name}.lora_B.weight")
     )
-    for k in (ka, kb):
+    km = f"{name}.lora_magnitude_vector" if dora else None
+    for k in (ka, kb, km) if dora else (ka, kb):
         if k not in shapes:
             errors.append(f"{PREFIX}{k} is missing for the PEFT target {where}.")
             return None
     sa, sb, n = shapes[ka], shapes[kb], len(shape)
     if kind == "embedding":
         want_a, want_b, ins = (r, shape[0]), (shape[1], r), (0,)
+        want_m = (shape[1],)
     elif len(sa) > 2:  # PEFT conv: A (r, in, *spatial), B (out, r, 1, ...)
         kind, ins = "conv", tuple(range(n - 1))
         want_a, want_b = (r, shape[-2], *shape[:-2]), (shape[-1], r, *([1] * (n - 2)))
+        want_m = (1, shape[-1], *([1] * (n - 2)))
     else:  # Linear (out, in): find the kernel's in/out split, e.g. (heads, head_dim | d)
         fits = [
             k
@@ -537,13 +560,15 @@ def _plan_lora(name, s, kp, shape, r, alpha, rslora, shapes, errors) -> _Lora | 
         k = fits[0] if len(fits) == 1 else n - 1
         ins = tuple(range(k))
         want_a, want_b = (r, math.prod(shape[:k])), (math.prod(shape[k:]), r)
+        want_m = (math.prod(shape[k:]),)
     ok = True
-    for key, got, want in ((ka, sa, want_a), (kb, sb, want_b)):
+    checks = [(ka, sa, want_a), (kb, sb, want_b)] + ([(km, shapes[km], want_m)] if dora else [])
+    for key, got, want in checks:
         if got != want:
             errors.append(f"{PREFIX}{key} has shape {got}, expected {want} for {where}.")
             ok = False
     scale = alpha / math.sqrt(r) if rslora else alpha / r
-    return _Lora(ka, kb, r, alpha, scale, ins, shape, kind) if ok else None
+    return _Lora(ka, kb, r, alpha, scale, ins, shape, kind, km) if ok else None
 
 
 def _plan_leaf(key, kp, x, shapes, errors) -> tuple[str, Callable] | None:
@@ -622,6 +647,7 @@ def load(
         )}  # fmt: skip
     targets = _targeted(cfg, set(universe))
     rslora, bias = bool(cfg.get("use_rslora")), cfg.get("bias", "none")
+    dora = bool(cfg.get("use_dora"))
     mts = _mts_match(cfg.get("modules_to_save"), set(universe))
 
     errors: list[str] = []
@@ -636,11 +662,11 @@ def load(
         s, kp, w = leaves[weight]
         r = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"])
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"])
-        lora = _plan_lora(name, s, kp, tuple(w.shape), r, alpha, rslora, shapes, errors)
+        lora = _plan_lora(name, s, kp, tuple(w.shape), r, alpha, rslora, dora, shapes, errors)
         if lora is None:
             continue
         plan[s] = lora
-        used |= {lora.key_a, lora.key_b}
+        used |= {lora.key_a, lora.key_b, lora.key_m}
         for leaf, (s2, kp2, x2) in leaves.items():
             conv = _leaf_from_torch(s2, tuple(np.shape(x2)))
             key = f"{name}.base_layer.{conv[0] if conv else leaf}"
@@ -724,7 +750,10 @@ def _build(params: Any, plan: dict, file: str, keys: dict[str, str], cfg: dict) 
                 k = len(p.in_axes)
                 a, b = ta.T.reshape(*shape[:k], r), tb.T.reshape(r, *shape[k:])
             w = x if p.w_src is None else get(p.w_src, x)
-            return LoraWeight(w, a, b, scale=p.scale, in_axes=p.in_axes, dropout=dropout)
+            kw = {}
+            if p.key_m is not None:  # DoRA magnitude: one value per output unit
+                kw["m"] = f.get_tensor(keys[p.key_m]).reshape(shape[len(p.in_axes) :])
+            return LoraWeight(w, a, b, scale=p.scale, in_axes=p.in_axes, dropout=dropout, **kw)
 
         return jax.tree_util.tree_map_with_path(one, params)
 
@@ -752,6 +781,7 @@ def _config(
         use_rslora=bool(cfg.get("use_rslora")),
         bias=cfg.get("bias", "none"),
         trainable=tuple(f"^{re.escape(m)}/" for m in mts_paths),
+        use_dora=bool(cfg.get("use_dora")),
     )
     tm, found = cfg["target_modules"], set(loras)
     candidates: list[Any] = []

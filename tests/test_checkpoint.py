@@ -369,3 +369,25 @@ def test_config_json_round_trip():
         match=r"the saved config has a callable `targets` \(test_config_json_round_trip.<locals>.<lambda>\)",
     ):
         config_from_json(data)
+
+
+@pytest.mark.skipif(
+    "m" not in {f.name for f in dataclasses.fields(jlora.LoraWeight)},
+    reason="no DoRA in this jlora",
+)
+def test_dora_magnitudes_round_trip(tmp_path):
+    params = _params(layers=1)
+    config = dataclasses.replace(CONFIG, use_dora=True)
+    tree, tx, opt = _trained(params, config)
+    assert tree["model"]["layers_0"]["q_proj"]["kernel"].m is not None
+    with AdapterCheckpointer(tmp_path) as ckpt:
+        ckpt.save(1, tree, opt_state=opt, config=config)
+        fresh, fresh_adapters = _fresh(params, config)
+        restored, new_opt, _ = ckpt.restore(fresh, opt_state=tx.init(fresh_adapters))
+        chex.assert_trees_all_equal(jlora.split(restored)[1], jlora.split(tree)[1])
+        chex.assert_trees_all_equal(new_opt, opt)
+        with pytest.raises(
+            ValueError,
+            match=r"q_proj/kernel: DoRA magnitude m shape \[80\] in the checkpoint, None in the tree",
+        ):
+            ckpt.restore(_fresh(params)[0])

@@ -507,7 +507,6 @@ def _edit(tmp_path, *, config=None, tensors=None):
 @pytest.mark.parametrize(
     "key, value",
     [
-        ("use_dora", True),
         ("lora_bias", True),
         ("fan_in_fan_out", True),
         ("layer_replication", [[0, 1]]),
@@ -616,8 +615,6 @@ def test_target_that_is_not_a_layer(tmp_path):
 
 def test_save_errors(tmp_path):
     params, tree, config = _small(tmp_path)
-    with pytest.raises(ValueError, match="cannot save DoRA"):
-        jpeft.save(tmp_path, tree, dataclasses.replace(config, use_dora=True))
     with pytest.raises(ValueError, match=r"config.init='pissa' changes the frozen base weights"):
         jpeft.save(tmp_path, tree, dataclasses.replace(config, init="pissa"))
     with pytest.raises(ValueError, match="both map to the torch module 'same'"):
@@ -639,3 +636,60 @@ def test_save_target_inside_a_module_to_save(tmp_path):
     with pytest.raises(ValueError, match=r"PEFT would not adapt \['block.q'\]: they lie inside"):
         jpeft.save(tmp_path, tree, config)
     assert not os.listdir(tmp_path)  # nothing written
+
+
+# DoRA (jlora.dora): PEFT's lora_magnitude_vector -------------------------------------------------
+
+needs_dora = pytest.mark.skipif(
+    not jpeft._has_dora(), reason="this jlora has no DoRA (LoraWeight has no `m`)"
+)
+
+
+@needs_dora
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["embed_tokens", "q_proj"]])
+def test_dora_both_ways(llama, tmp_path, targets):
+    torch, peft = require("torch"), require("peft")
+    path, model, params = llama
+    pm = peft.get_peft_model(
+        _hf(path), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True)
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move A, B and the magnitudes away from their init
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    pm.save_pretrained(tmp_path / "peft")
+    tree, config = jpeft.load(tmp_path / "peft", params)
+    assert config.use_dora
+    q = tree["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    m = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight
+    np.testing.assert_array_equal(np.asarray(q.m), m.detach().numpy())
+    got = jax.jit(jlora.lora(model.apply))(tree, IDS)
+    d = _diff(got, _logits(pm))
+    print(f"PEFT -> jlora [DoRA {targets}]: max |logits diff| {d:.2e}")
+    assert d <= TOL
+    jpeft.save(tmp_path / "jlora", tree, config)
+    assert _json(tmp_path / "jlora")["use_dora"] is True
+    d2 = _diff(_logits(peft.PeftModel.from_pretrained(_hf(path), str(tmp_path / "jlora"))), got)
+    print(f"jlora -> PEFT [DoRA {targets}]: max |logits diff| {d2:.2e}")
+    assert d2 <= TOL
+
+
+@needs_dora
+def test_dora_errors(tmp_path):
+    params, tree, config = _small(tmp_path)
+    _edit(tmp_path, config=lambda c: c.update(use_dora=True))
+    with pytest.raises(ValueError, match=r"q_proj\.lora_magnitude_vector is missing"):
+        jpeft.load(tmp_path, params)
+    with pytest.raises(ValueError, match=r"config.use_dora=True, but 0 of 2 adapters have a DoRA"):
+        jpeft.save(tmp_path, tree, dataclasses.replace(config, use_dora=True))
+
+
+@pytest.mark.skipif(jpeft._has_dora(), reason="this jlora has DoRA")
+def test_dora_unsupported(tmp_path):
+    params, tree, config = _small(tmp_path)
+    _edit(tmp_path, config=lambda c: c.update(use_dora=True))
+    with pytest.raises(ValueError, match=r"unsupported PEFT option\(s\) use_dora=True"):
+        jpeft.load(tmp_path, params)
+    with pytest.raises(ValueError, match=r"config\.use_dora=True, but this jlora has no DoRA"):
+        jpeft.save(tmp_path, tree, dataclasses.replace(config, use_dora=True))
