@@ -1,0 +1,252 @@
+"""The ``jlora`` command: ``train``, ``info``, ``merge``, ``export-peft`` and ``import-peft``.
+
+Every subcommand reads a run config (YAML; see ``configs/``) for the base model, accepts
+``--set key.sub=value`` overrides (values parsed as YAML), and explains its options with
+``--help``. Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback);
+1 a run that failed (e.g. a NaN loss; one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+EXAMPLES = """examples:
+  jlora train configs/llama-tiny.yaml
+  jlora train configs/minilm-lora.yaml --set optim.lr=1e-3 --set train.epochs=2
+  jlora train configs/llama-tiny.yaml --resume
+  jlora info configs/minilm-lora.yaml
+  jlora export-peft configs/minilm-lora.yaml --out runs/minilm-lora/peft-step200 --step 200
+  jlora import-peft configs/minilm-lora.yaml --peft path/to/peft_dir --out runs/imported
+  jlora merge configs/minilm-lora.yaml --out runs/minilm-lora/merged
+"""
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML file (e.g. configs/llama-tiny.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a config value by its dotted key, e.g. --set optim.lr=3e-4 "
+        "(the value is parsed as YAML; repeat for several)",
+    )
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="Orbax adapter checkpoint directory (default: the config's checkpoint.dir, i.e. "
+        "<output.dir>/checkpoints)",
+    )
+    p.add_argument("--step", type=int, help="checkpoint step to read (default: the latest)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``jlora`` (one subparser per command)."""
+    parser = argparse.ArgumentParser(
+        prog="jlora",
+        description="LoRA fine-tuning for JAX/Flax: train from a YAML config, inspect it, and "
+        "move adapters between Orbax checkpoints, PEFT directories and merged models.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with LoRA as a config says",
+        description="Fine-tune with LoRA as CONFIG says: evaluate before, train (checkpointing "
+        "every checkpoint.every_steps), evaluate after, and write metrics.jsonl, loss.png, "
+        "summary.json, the Orbax checkpoints and a PEFT export under output.dir.",
+    )
+    _config_args(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in the checkpoint directory (without it, an "
+        "existing checkpoint directory is an error)",
+    )
+
+    p = sub.add_parser(
+        "info",
+        help="show the model, LoRA targets and trainable-parameter report of a config",
+        description="Show the base model, the LoRA targets (grouped across layers), the "
+        "trainable-parameter report and the adapter size in bytes. Loads no weights.",
+    )
+    _config_args(p)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge adapters into the base weights and save the plain model",
+        description="Merge adapters (from an Orbax checkpoint, or a PEFT directory with --peft) "
+        "into the config's base model and save it: W' = W + scale * A @ B.",
+    )
+    _config_args(p)
+    _checkpoint_args(p)
+    p.add_argument(
+        "--peft",
+        metavar="DIR",
+        help="read the adapters from this PEFT directory instead of a checkpoint",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--format",
+        choices=("hf", "flax"),
+        default="hf",
+        help="hf: config.json + model.safetensors with Hugging Face tensor names (default); "
+        "flax: model.safetensors keyed by flax parameter paths",
+    )
+
+    p = sub.add_parser(
+        "export-peft",
+        help="Orbax adapter checkpoint -> PEFT adapter directory",
+        description="Write the adapters of an Orbax adapter checkpoint as a Hugging Face PEFT "
+        "LoRA directory (adapter_config.json + adapter_model.safetensors).",
+    )
+    _config_args(p)
+    _checkpoint_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output PEFT directory")
+
+    p = sub.add_parser(
+        "import-peft",
+        help="PEFT adapter directory -> Orbax adapter checkpoint",
+        description="Load a Hugging Face PEFT LoRA directory onto the config's base model and "
+        "save it as an Orbax adapter checkpoint (resumable / exportable by jlora).",
+    )
+    _config_args(p)
+    p.add_argument("--peft", required=True, metavar="DIR", help="PEFT adapter directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
+    p.add_argument("--step", type=int, default=0, help="step number to save under (default 0)")
+    return parser
+
+
+def _checkpoint_dir(cfg, given: str | None) -> str:
+    if given:
+        return given
+    if cfg.checkpoint.dir:
+        return cfg.checkpoint.dir
+    return f"{cfg.output.resolved_dir(cfg.name)}/checkpoints"
+
+
+def _info(cfg) -> None:
+    import re
+
+    import jax
+
+    import jlora
+    from jlora.train.setup import base_tree
+
+    task, _, tree = base_tree(cfg, shapes_only=True)
+    groups: dict[tuple, int] = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)[0]:
+        if isinstance(x, jlora.LoraWeight):
+            key = (re.sub(r"_\d+/", "_*/", jlora.path_str(path)), tuple(x.shape), x.rank, x.scale)
+            groups[key] = groups.get(key, 0) + 1
+    s = jlora.summary(tree)
+    m = cfg.model
+    print(f"name:    {cfg.name}")
+    print(
+        f"model:   {m.path or 'random ' + str(m.random.get('model_type'))} "
+        f"({type(task.model).__name__}, task {m.task}, compute {m.dtype}, "
+        f"params {m.param_dtype})"
+    )
+    print(f"targets: {s.targets} LoRA weights")
+    for (path, shape, r, scale), n in groups.items():
+        print(f"  {path:60s} x{n:<3d} shape {shape}  rank {r}  scale {scale:g}")
+    trainables = [
+        jlora.path_str(p)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)[0]
+        if isinstance(x, jlora.Trainable)
+    ]
+    if trainables:
+        print(f"fully trained: {', '.join(trainables)}")
+    print(f"trainable params: {s.trainable:,} of {s.base:,} base params ({s.percent:.4f}%)")
+    print(
+        f"adapter size: {s.adapter_bytes:,} bytes ({s.adapter:,} adapter params, {cfg.lora.dtype})"
+    )
+
+
+def _is_node(x) -> bool:
+    import jlora
+
+    return isinstance(x, jlora.LoraWeight | jlora.Trainable)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jlora.train import config as C
+    from jlora.train.trainer import NonFiniteLossError
+
+    try:  # configuration: any ValueError / TypeError here is the user's to fix
+        cfg = C.load_config(args.config, args.overrides)
+    except FileNotFoundError as e:
+        return _fail(f"{e.strerror}: {e.filename}", 2)
+    except (ValueError, TypeError) as e:
+        return _fail(str(e), 2)
+    try:
+        if args.command == "train":
+            from jlora.train.trainer import train
+
+            train(cfg, resume=args.resume)
+        elif args.command == "info":
+            _info(cfg)
+        else:
+            return _adapters(args, cfg)
+    except NonFiniteLossError as e:
+        return _fail(str(e), 1)
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as e:
+        return _fail(str(e), 2)
+    return 0
+
+
+def _adapters(args: argparse.Namespace, cfg) -> int:
+    from jlora.train import export
+
+    if args.command == "import-peft":
+        tree, lcfg = export.from_peft(cfg, args.peft)
+        export.to_checkpoint(args.out, tree, lcfg, step=args.step)
+        print(f"wrote adapter checkpoint step {args.step} to {args.out}")
+        return 0
+    if args.command == "merge" and args.peft:
+        tree, _ = export.from_peft(cfg, args.peft)
+        source = args.peft
+    else:
+        ckdir = _checkpoint_dir(cfg, args.checkpoint)
+        tree, lcfg, step = export.from_checkpoint(cfg, ckdir, step=args.step)
+        source = f"{ckdir} step {step}"
+    if args.command == "export-peft":
+        export.to_peft(cfg, args.out, tree, lcfg)
+        print(f"wrote PEFT adapter from {source} to {args.out}")
+    else:
+        file = export.save_merged(cfg, tree, args.out, fmt=args.format)
+        print(f"wrote merged model from {source} to {file}")
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    line = "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    print(f"jlora: error: {line}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``jlora`` command line; returns the exit code.
+
+    Example:
+      >>> main(["info", "configs/llama-tiny.yaml", "--set", "lora.rank=4"])  # doctest: +ELLIPSIS
+      name:    llama-tiny
+      ...
+      0
+    """
+    args = build_parser().parse_args(argv)
+    return _run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Everything a run needs before its first step: base model, adapters, data, step counts.
+
+`prepare` turns a validated `RunConfig` into a `Prepared` run. Problems with the config that
+only show up here (a model path without ``config.json``, LoRA targets that match nothing, a
+batch larger than the data) raise ValueError / TypeError, like config validation does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tokenizers import Tokenizer
+
+import jlora
+from jlora.train import data as D
+from jlora.train.config import RunConfig
+from jlora.train.sections import ConfigError
+from jlora.train.steps import INIT_STREAM, MODEL_STREAM
+from jlora.train.task import Task, load_base, param_shapes, resolve_model_path
+
+__all__ = ["Prepared", "base_tree", "num_labels_of", "prepare"]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run, ready to train: model, initial adapter tree, tokenized splits, step counts."""
+
+    cfg: RunConfig
+    task: Task
+    params: Any  # the base params (plain arrays)
+    tree: Any  # params with LoraWeight / Trainable leaves (initial adapters)
+    splits: dict[str, D.Split]  # "train", "eval" and optionally "test"
+    labels: list[str] | None
+    batcher: D.Batcher
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output.resolved_dir(self.cfg.name))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        c = self.cfg.checkpoint
+        return Path(c.dir) if c.dir else self.out_dir / "checkpoints"
+
+
+def num_labels_of(cfg: RunConfig) -> int | None:
+    """``model.num_labels``, else the number of classes in ``<data.path>/labels.json``."""
+    if cfg.model.task != "classification":
+        return None
+    if cfg.model.num_labels is not None:
+        return cfg.model.num_labels
+    labels = D.load_labels(cfg.data.path) if cfg.data.source == "jsonl" else None
+    if labels is None:
+        raise ConfigError(
+            f"model.num_labels is not set and {cfg.data.path}/labels.json does not exist"
+        )
+    return len(labels)
+
+
+def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Task, Any, Any]:
+    """``(task, params, tree)``: the base model and its initial adapter tree.
+
+    With ``shapes_only`` nothing is loaded or computed: params and tree hold
+    ``jax.ShapeDtypeStruct`` (enough for `jlora.summary`).
+    """
+    seed_key = jax.random.key(cfg.train.seed)
+    k = num_labels_of(cfg)
+    if shapes_only:
+        model, params = param_shapes(cfg.model, k)
+    else:
+        model, params = load_base(cfg.model, k, key=jax.random.fold_in(seed_key, MODEL_STREAM))
+    task = Task(model, cfg.model.task, model_dropout=cfg.model.dropout)
+    init_key = jax.random.fold_in(seed_key, INIT_STREAM)
+    try:
+        if shapes_only:
+            tree = jax.eval_shape(lambda p: jlora.init(p, cfg.lora, key=init_key), params)
+        else:
+            tree = jlora.init(params, cfg.lora, key=init_key)
+    except ValueError as e:
+        raise ConfigError(f"lora: {e}") from e
+    trains_head = any(
+        isinstance(x, jlora.Trainable) for x in jax.tree.leaves(tree, is_leaf=_is_node)
+    )
+    if cfg.model.task == "classification" and not trains_head:
+        raise ConfigError(
+            "model.task 'classification' adds a new classifier head: list it in "
+            "lora.trainable (e.g. trainable: [classifier]) so that it is trained"
+        )
+    return task, params, tree
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, jlora.LoraWeight | jlora.Trainable)
+
+
+def _tokenizer(cfg: RunConfig) -> Tokenizer:
+    path = cfg.data.tokenizer
+    if path is None:
+        if cfg.model.path is None:
+            raise ConfigError("data.tokenizer is required for a model.random model")
+        path = os.path.join(resolve_model_path(cfg.model.path), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.tokenizer {path!r}: no such file")
+    return Tokenizer.from_file(path)
+
+
+def load_splits(cfg: RunConfig, vocab_size: int) -> tuple[dict[str, D.Split], list[str] | None]:
+    """The tokenized train / eval / test splits of the config."""
+    d = cfg.data
+    if d.source == "synthetic":
+        s = d.synthetic
+        kw = dict(seq_len=s.seq_len, vocab_size=vocab_size, max_step=s.max_step)
+        seed = cfg.train.seed
+        return {
+            "train": D.synthetic_lm(s.num_train, seed=seed * 3 + 0, **kw),
+            "eval": D.synthetic_lm(s.num_eval, seed=seed * 3 + 1, **kw),
+            "test": D.synthetic_lm(s.num_test, seed=seed * 3 + 2, **kw),
+        }, None
+    labels = D.load_labels(d.path)
+    names = {"train": d.train_split, "eval": d.eval_split}
+    if d.test_split:
+        names["test"] = d.test_split
+    label_key = d.label_key if cfg.model.task == "classification" else None
+    texts, ys = {}, {}
+    for k, stem in names.items():
+        path = Path(d.path) / f"{stem}.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"data.path: {path} does not exist")
+        texts[k], ys[k] = D.load_jsonl(
+            path, text_key=d.text_key, label_key=label_key, labels=labels
+        )
+    tok = _tokenizer(cfg)
+    pad = tok.token_to_id("[PAD]")
+    pad = 0 if pad is None else pad
+    tok.no_padding()
+    tok.no_truncation()
+    lengths = [len(e.ids) for t in texts.values() for e in tok.encode_batch(t)]
+    length = D.padded_length(lengths, d.max_len)
+    splits = {}
+    for k in names:
+        ids, mask = D.tokenize(tok, texts[k], length, pad_id=pad)
+        splits[k] = D.Split(ids, mask, ys[k])
+    k = num_labels_of(cfg)
+    for name, s in splits.items():
+        if s.labels is not None and len(s.labels) and s.labels.max() >= k:
+            raise ConfigError(f"{names[name]} split has label {s.labels.max()} >= num_labels {k}")
+    return splits, labels
+
+
+def _vocab_size(params: Any) -> int:
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if jlora.path_str(path).endswith(("embed_tokens/embedding", "word_embeddings/embedding")):
+            return int(x.shape[0])
+    raise ConfigError("cannot find the token embedding to size synthetic data")
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load the base model, initialize the adapters and load the data of ``cfg``."""
+    task, params, tree = base_tree(cfg)
+    splits, labels = load_splits(cfg, _vocab_size(params))
+    batcher = D.Batcher(len(splits["train"]), cfg.data.batch_size, seed=cfg.train.seed)
+    per_epoch = batcher.steps_per_epoch // cfg.train.grad_accum
+    if per_epoch == 0:
+        raise ConfigError(
+            f"data.batch_size * train.grad_accum = {cfg.data.batch_size * cfg.train.grad_accum} "
+            f"exceeds the {len(splits['train'])} training examples"
+        )
+    # Whole optimizer steps per epoch; the micro-batch counter of `Batcher` runs across epochs,
+    # so an epoch whose micro-batches do not divide evenly spills into the next permutation.
+    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    return Prepared(cfg, task, params, tree, splits, labels, batcher, int(total), per_epoch)
+
+
+def split_labels(p: Prepared) -> dict[str, np.ndarray]:
+    """The labels of each split (classification)."""
+    return {k: s.labels for k, s in p.splits.items() if s.labels is not None}
