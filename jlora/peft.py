@@ -301,9 +301,10 @@ def save(
       task_type: PEFT ``task_type``, e.g. ``"CAUSAL_LM"`` or ``"SEQ_CLS"``.
 
     Raises:
-      ValueError: DoRA or a PiSSA/OLoRA init (they change the base weights), a stacked or
-        non-representable kernel, two modules with one torch name, or `Trainable` leaves that
-        PEFT's ``modules_to_save`` cannot express.
+      ValueError: a PiSSA/OLoRA init (it changes the base weights); ``use_dora`` without
+        ``jlora.dora`` or with only some targets carrying a magnitude; a stacked or
+        non-representable kernel; two modules with one torch name; `Trainable` leaves that
+        PEFT's ``modules_to_save`` cannot express, or targets inside them.
 
     Example:
       >>> import json, os, tempfile, jax, jax.numpy as jnp, jlora
@@ -557,6 +558,11 @@ def _plan_lora(name, s, kp, shape, r, alpha, rslora, dora, shapes, errors) -> _L
             if len(sa) == 2 and len(sb) == 2
             and math.prod(shape[:k]) == sa[1] and math.prod(shape[k:]) == sb[0]
         ]  # fmt: skip
+        if len(fits) > 1 and n - 1 not in fits:
+            errors.append(
+                f"{PREFIX}{ka} with shape {sa} fits several input/output splits {fits} of {where}."
+            )
+            return None
         k = fits[0] if len(fits) == 1 else n - 1
         ins = tuple(range(k))
         want_a, want_b = (r, math.prod(shape[:k])), (math.prod(shape[k:]), r)
@@ -574,15 +580,15 @@ def _plan_lora(name, s, kp, shape, r, alpha, rslora, dora, shapes, errors) -> _L
 def _plan_leaf(key, kp, x, shapes, errors) -> tuple[str, Callable] | None:
     """Check a saved plain tensor (bias, modules_to_save, base weight) against its leaf."""
     shape = tuple(np.shape(x))
-    conv = _leaf_from_torch(path_str(kp), shape)
-    if conv is None or shapes[key] != conv[1]:
-        want = "no torch layout" if conv is None else f"expected {conv[1]}"
+    layout = _leaf_from_torch(path_str(kp), shape)
+    if layout is None or shapes[key] != layout[1]:
+        want = "no torch layout" if layout is None else f"expected {layout[1]}"
         errors.append(
             f"{PREFIX}{key} has shape {shapes[key]}, {want} for {jax.tree_util.keystr(kp)} "
             f"with shape {shape}."
         )
         return None
-    return key, conv[2]
+    return key, layout[2]
 
 
 def load(
@@ -668,8 +674,8 @@ def load(
         plan[s] = lora
         used |= {lora.key_a, lora.key_b, lora.key_m}
         for leaf, (s2, kp2, x2) in leaves.items():
-            conv = _leaf_from_torch(s2, tuple(np.shape(x2)))
-            key = f"{name}.base_layer.{conv[0] if conv else leaf}"
+            layout = _leaf_from_torch(s2, tuple(np.shape(x2)))
+            key = f"{name}.base_layer.{layout[0] if layout else leaf}"
             src = _plan_leaf(key, kp2, x2, shapes, errors) if key in shapes else None
             used.add(key)
             if s2 == s:
@@ -681,8 +687,8 @@ def load(
             continue
         in_mts = any(name == m or name.startswith(m + ".") for m in mts)
         for leaf, (s, kp, x) in leaves.items():
-            conv = _leaf_from_torch(s, tuple(np.shape(x)))
-            key = f"{name}.{conv[0] if conv else leaf}"
+            layout = _leaf_from_torch(s, tuple(np.shape(x)))
+            key = f"{name}.{layout[0] if layout else leaf}"
             src = _plan_leaf(key, kp, x, shapes, errors) if key in shapes else None
             used.add(key)
             train = in_mts or (leaf == "bias" and bias == "all")
