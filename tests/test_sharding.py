@@ -157,7 +157,7 @@ def test_quantized_w_children():
     assert s.w.scale == P(None, "tensor")
 
 
-# --- base_specs: presets ---------------------------------------------------------------------------
+# --- base_specs: presets --------------------------------------------------------------------------
 
 
 def _specs_by_path(specs):
@@ -262,7 +262,7 @@ def test_abstract_shapes_work():
     assert js.base_specs(params, "fsdp+tensor", MESH)["up_proj"]["kernel"] == P("fsdp", "tensor")
 
 
-# --- errors ----------------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
 
 
 def test_unknown_preset():
@@ -388,7 +388,7 @@ def test_batch_errors():
         jp.split_batch({"x": np.zeros((6, 3))}, 4)
 
 
-# --- placement, optimizer state, the steps (one device) --------------------------------------------
+# --- placement, optimizer state, the steps (one device) -------------------------------------------
 
 
 def test_mesh_and_data_sharding():
@@ -529,7 +529,7 @@ def test_has_aux():
     np.testing.assert_allclose(float(aux["twice"]), 2 * float(loss), rtol=1e-6)
 
 
-# --- multi-device: 8 simulated CPU devices in a subprocess -----------------------------------------
+# --- multi-device: 8 simulated CPU devices in a subprocess ----------------------------------------
 
 
 def _run_script(name, *args, timeout=600):
@@ -581,3 +581,74 @@ def test_eight_devices(eight_devices, check):
 def test_eight_devices_data_fsdp_tensor_mesh():
     result = _run_script("presets.py", "preset:data+fsdp+tensor")["preset:data+fsdp+tensor"]
     assert result["ok"], result.get("error")
+
+
+# --- multi-host: 2 processes joined by jax.distributed on localhost -------------------------------
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_multihost(tmp_path):
+    """Two CPU processes x 4 devices, one global FSDP mesh: same adapters on both, equal to a
+    single-process reference; a multi-host Orbax checkpoint round-trips; only process 0 writes."""
+    n, timeout = 2, 420
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    port = _free_port()
+    script = os.path.join(HERE, "_multidevice", "multihost.py")
+    logs = [open(tmp_path / f"process_{i}.log", "w") for i in range(n)]  # noqa: SIM115
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(i), str(n), str(port), str(tmp_path), "4"],
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+        for i in range(n)
+    ]
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:  # never leave a process behind (one may hang if the other died)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    codes = [p.returncode for p in procs]
+    if codes != [0] * n:
+        text = "\n".join(
+            f"--- process {i} (rc {codes[i]}):\n{(tmp_path / f'process_{i}.log').read_text()[-3000:]}"
+            for i in range(n)
+        )
+        pytest.fail(f"multi-host run failed:\n{text}")
+
+    results = [np.load(tmp_path / f"process_{i}.npz") for i in range(n)]
+    meta = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(n)]
+    keys = [k for k in results[0].files if k.startswith("adapters/")]
+    assert len(keys) == 2 * 9 + 1  # a and b of 9 targets, plus the trainable final norm
+    got = {k: results[0][k] for k in keys}
+    for r in results[1:]:  # every process ends with bit-identical adapters
+        chex.assert_trees_all_equal({k: r[k] for k in keys}, got)
+    # ... equal to the single-process reference (computed by process 0)
+    ref = {k: results[0]["reference/" + k[len("adapters/") :]] for k in keys}
+    chex.assert_trees_all_close(got, ref, rtol=2e-5, atol=2e-5)
+    for r in results:  # ... and to what the multi-host Orbax checkpoint restored
+        restored = {k: r["restored/" + k[len("adapters/") :]] for k in keys}
+        chex.assert_trees_all_equal(restored, got)
+    for m in meta:
+        np.testing.assert_allclose(m["losses"], meta[0]["losses"], rtol=0, atol=0)
+    np.testing.assert_allclose(meta[0]["losses"], meta[0]["reference_losses"], rtol=1e-5)
+    assert (tmp_path / "written_by_process_0.txt").exists()
+    assert sorted(p.name for p in tmp_path.glob("written_by_*")) == ["written_by_process_0.txt"]

@@ -94,7 +94,7 @@ def make_tx(adapters):
 
 def reference(tree, batches):
     """Single-device steps written out by hand (no jlora.parallel / jlora.sharding)."""
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]
     tree = jax.device_put(tree, dev)
     frozen, adapters = jlora.split(tree)
     tx = make_tx(adapters)
