@@ -34,7 +34,15 @@ import numpy as np
 from jlora.targets import path_str
 from jlora.weights import LoraWeight, Trainable, is_node
 
-__all__ = ["NF4_CODE", "Int8Weight", "NF4Weight", "dequantize", "nbytes", "quantize"]
+__all__ = [
+    "NF4_CODE",
+    "Int8Weight",
+    "NF4Weight",
+    "dequantize",
+    "frozen_weight",
+    "nbytes",
+    "quantize",
+]
 
 #: The 16 NormalFloat-4 values (QLoRA, appendix E; bitsandbytes' ``nf4`` code book), ascending.
 NF4_CODE = np.array(
@@ -374,11 +382,7 @@ def quantize(
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return x
         found[0] += 1
-        q = _quantize_one(s, x, None, method, double_quant, block_size)
-        ins = tuple(range(x.ndim - 1))
-        a = jnp.zeros((*x.shape[:-1], 0), jnp.float32)
-        b = jnp.zeros((0, x.shape[-1]), jnp.float32)
-        return LoraWeight(q, a, b, scale=1.0, in_axes=ins, out_axes=(x.ndim - 1,))
+        return frozen_weight(_quantize_one(s, x, None, method, double_quant, block_size))
 
     out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
     if not found[0]:
@@ -387,6 +391,24 @@ def quantize(
             f"matched targets={targets!r}."
         )
     return out
+
+
+def frozen_weight(q: Any) -> LoraWeight:
+    """A rank-0 `LoraWeight` around a quantized kernel with no adapter (last axis = output), so
+    that `jlora.lora` dequantizes it on the fly like any other kernel.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lw = frozen_weight(NF4Weight.quantize(jnp.ones((64, 8))))
+      >>> lw.rank, lw.shape, lw.a.shape, lw.b.shape
+      (0, (64, 8), (64, 0), (0, 8))
+    """
+    shape = tuple(q.shape)
+    a = jnp.zeros((*shape[:-1], 0), jnp.float32)
+    b = jnp.zeros((0, shape[-1]), jnp.float32)
+    return LoraWeight(
+        q, a, b, scale=1.0, in_axes=tuple(range(len(shape) - 1)), out_axes=(len(shape) - 1,)
+    )
 
 
 def dequantize(tree: Any) -> Any:
