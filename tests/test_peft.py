@@ -77,12 +77,12 @@ def _peft_adapter(base_path: str, out: str, seed: int = 1, **kw) -> np.ndarray:
     with torch.no_grad():
         for _, p in pm.named_parameters():
             if p.requires_grad:  # lora_A/B, modules_to_save copies, trained biases
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     pm.save_pretrained(out, safe_serialization=True)
     return _logits(pm)
 
 
-def _randomize(tree, seed: int = 0, std: float = 0.2):
+def _randomize(tree, seed: int = 0, std: float = 0.1):
     """Non-zero a and b (jlora.init leaves b = 0) and perturbed Trainable leaves."""
 
     def one(path, x):
