@@ -25,7 +25,9 @@ alike.
   see `data_sharding`).
 * ``"fsdp"``: every parameter of at least ``fsdp_min_size`` elements is split over ``fsdp`` on
   its largest dimension that the axis size divides (ZeRO-3 / FSDP: gathered just in time for the
-  matmul); frozen W and adapters alike.
+  matmul). The adapters follow W, and with ``lora_specs(..., shard_factors="fsdp")`` (what
+  `shard` does for these presets) the factor W's split leaves whole is split too, so adapters
+  and their optimizer state are sharded like W.
 * ``"tensor"``: Megatron-style tensor parallelism over ``tensor`` (`preset_rules`):
   q/k/v/gate/up projections (and BERT query/key/value/intermediate, the LM head) are
   column-parallel (output dimension split), o/down projections (BERT ``output/dense``) are
@@ -348,16 +350,30 @@ def _from_rules(
     return PartitionSpec()
 
 
-def _add_fsdp(shape: tuple[int, ...], spec: PartitionSpec, size: int) -> PartitionSpec:
-    """``spec`` with ``fsdp`` on the largest free dimension that ``size`` divides."""
+def _pad(spec: PartitionSpec, shape: tuple[int, ...]) -> PartitionSpec:
+    return PartitionSpec(*spec, *([None] * (len(shape) - len(spec))))
+
+
+def _add_axis(
+    shape: tuple[int, ...],
+    spec: PartitionSpec,
+    size: int,
+    axis: str = FSDP,
+    skip: tuple[int, ...] = (),
+) -> PartitionSpec:
+    """``spec`` with ``axis`` on the largest free dimension (not in ``skip``) that ``size`` divides."""
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    if any(e == FSDP or (isinstance(e, tuple) and FSDP in e) for e in entries):
+    if any(e == axis or (isinstance(e, tuple) and axis in e) for e in entries):
         return spec
-    free = [d for d in range(len(shape)) if entries[d] is None and shape[d] % size == 0]
+    free = [
+        d
+        for d in range(len(shape))
+        if entries[d] is None and d not in skip and shape[d] % size == 0
+    ]
     if not free:
         return spec
     best = max(free, key=lambda d: (shape[d], -d))
-    entries[best] = FSDP
+    entries[best] = axis
     while entries and entries[-1] is None:
         entries.pop()
     return PartitionSpec(*entries)
@@ -425,7 +441,7 @@ def base_specs(
             raise ValueError(f"{s}: a Trainable must wrap a single array to be sharded.")
         spec = _from_rules(s, shape, all_rules, mesh)
         if FSDP in parts and math.prod(shape) >= fsdp_min_size:
-            spec = _add_fsdp(shape, spec, fsdp_size)
+            spec = _add_axis(shape, spec, fsdp_size)
         return spec
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_node)
@@ -446,15 +462,25 @@ def _listing(keys: Any, limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def lora_specs(tree: Any, base: Any, *, mesh: Mesh | None = None) -> Any:
+def lora_specs(
+    tree: Any, base: Any, *, mesh: Mesh | None = None, shard_factors: str | None = None
+) -> Any:
     """Specs for a jlora tree from the specs of its plain params (or from path rules).
 
     For each `LoraWeight` with W spec ``s``: ``w`` gets ``s``; ``a`` gets ``s`` on its batch and
     input axes and ``None`` on the rank axis; ``b`` gets ``s`` on its batch axes, ``None`` on the
-    rank axis and ``s`` on its output axes (see the module docstring for why). A `Trainable`
-    leaf gets ``Trainable(base spec)``; any other leaf its base spec. ``None`` holes of a
-    `jlora.split` half stay ``None``, so the result matches ``tree`` exactly and can be given to
-    `shard`, `named_shardings` or ``jax.jit(in_shardings=...)``.
+    rank axis and ``s`` on its output axes (see the module docstring for why); a DoRA magnitude
+    ``m`` gets ``s`` on the batch and output axes. A `Trainable` leaf gets
+    ``Trainable(base spec)``; any other leaf its base spec. ``None`` holes of a `jlora.split`
+    half stay ``None``, so the result matches ``tree`` exactly and can be given to `shard`,
+    `named_shardings` or ``jax.jit(in_shardings=...)``.
+
+    With ``shard_factors="fsdp"`` (what `shard` and the ``fsdp`` presets use), a factor that W's
+    spec leaves whole over that axis -- ``a`` of a W split on its output axis, ``b`` of a W split
+    on its input axis -- is also split over it on its largest non-rank dimension the axis size
+    divides. Under FSDP every array is gathered before use anyway, so this only costs an
+    all-gather of an ``(in, r)`` or ``(r, out)`` factor and makes the adapters and their
+    optimizer state (ZeRO-3 style) as sharded as W.
 
     Args:
       tree: a tree from `jlora.init`, or either half of `jlora.split`.
@@ -462,10 +488,13 @@ def lora_specs(tree: Any, base: Any, *, mesh: Mesh | None = None) -> Any:
         replicated), e.g. from `base_specs`; or a list of ``(regex, PartitionSpec)`` rules
         matched against leaf paths (replicated where none matches).
       mesh: when given, every spec is checked to fit its array.
+      shard_factors: a mesh axis (e.g. ``"fsdp"``) to split the adapter factors over even where
+        W's spec does not; needs ``mesh``.
 
     Raises:
       ValueError: ``base`` has no spec for a path of ``tree`` (or specs for paths ``tree`` does not
-        have), or a spec does not fit its array (naming the path, shape and spec).
+        have), a spec does not fit its array (naming the path, shape and spec), or
+        ``shard_factors`` without a mesh having that axis.
       TypeError: a base leaf is not a `PartitionSpec`.
 
     Example:
@@ -477,11 +506,20 @@ def lora_specs(tree: Any, base: Any, *, mesh: Mesh | None = None) -> Any:
       >>> s = lora_specs(tree, {"k": P(None, "fsdp", "tensor")})["k"]
       >>> s.a, s.b
       (P(None, 'fsdp', None), P(None, None, 'tensor'))
+      >>> mesh = jax.sharding.AbstractMesh((2,), ("fsdp",))
+      >>> s = lora_specs(tree, {"k": P(None, None, "fsdp")}, mesh=mesh, shard_factors="fsdp")["k"]
+      >>> s.a, s.b
+      (P(None, 'fsdp', None), P(None, None, 'fsdp'))
       >>> lora_specs(tree, {"q": P()})
       Traceback (most recent call last):
       ...
       ValueError: no spec in `base` for k (shape (3, 8, 16)); base has specs for: q.
     """
+    if shard_factors is not None and (mesh is None or shard_factors not in mesh.shape):
+        raise ValueError(
+            f"shard_factors={shard_factors!r} needs a mesh with that axis, got "
+            f"{None if mesh is None else dict(mesh.shape)}."
+        )
     nodes = _flat(tree, lambda x: x is None or is_node(x))
     if _is_rules(base):
         rules = _validate_rules(base)
@@ -522,6 +560,12 @@ def lora_specs(tree: Any, base: Any, *, mesh: Mesh | None = None) -> Any:
         out = [full[i] for i in x.out_axes]
         a = PartitionSpec(*batch, *(full[i] for i in x.in_axes), None)
         b = PartitionSpec(*batch, None, *out)
+        if shard_factors is not None:
+            size, nb = mesh.shape[shard_factors], len(x.batch_axes)
+            a_shape = (*(shape[i] for i in x.batch_axes), *(shape[i] for i in x.in_axes), 0)
+            b_shape = (*(shape[i] for i in x.batch_axes), 0, *(shape[i] for i in x.out_axes))
+            a = _pad(_add_axis(a_shape, a, size, shard_factors, skip=(len(a_shape) - 1,)), a_shape)
+            b = _pad(_add_axis(b_shape, b, size, shard_factors, skip=(nb,)), b_shape)
         kw = {}
         if getattr(x, "m", None) is not None:  # DoRA magnitude: batch + out axes
             kw["m"] = PartitionSpec(*batch, *out)
@@ -562,7 +606,8 @@ def _w_spec(w: Any, spec: PartitionSpec, shape: tuple[int, ...]) -> Any:
 def _resolve(tree: Any, mesh: Mesh, specs: Any) -> Any:
     """``(treedef of tree, one PartitionSpec per array leaf of tree)``, checked."""
     if isinstance(specs, str):
-        specs = lora_specs(tree, base_specs(tree, specs, mesh), mesh=mesh)
+        factors = FSDP if FSDP in _parse_preset(specs) else None
+        specs = lora_specs(tree, base_specs(tree, specs, mesh), mesh=mesh, shard_factors=factors)
     elif _is_rules(specs):
         specs = lora_specs(tree, specs, mesh=mesh)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -591,8 +636,8 @@ def named_shardings(tree: Any, mesh: Mesh, specs: Any) -> Any:
     """A tree of `NamedSharding` matching ``tree`` (for ``jax.jit`` in/out shardings).
 
     ``specs`` is a tree of `PartitionSpec` matching ``tree`` (e.g. from `lora_specs`), a rule
-    list, or a preset name (then ``lora_specs(tree, base_specs(tree, preset, mesh))``). ``tree``
-    may hold `jax.ShapeDtypeStruct` leaves.
+    list, or a preset name (then `base_specs` + `lora_specs`, with ``shard_factors="fsdp"`` for
+    the fsdp presets). ``tree`` may hold `jax.ShapeDtypeStruct` leaves.
 
     Raises:
       ValueError: the specs do not match the tree, or a spec does not fit its array.

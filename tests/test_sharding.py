@@ -157,6 +157,31 @@ def test_quantized_w_children():
     assert s.w.scale == P(None, "tensor")
 
 
+def test_shard_factors_splits_the_factor_w_leaves_whole():
+    tree = _tree(
+        {"up": jnp.zeros((16, 32)), "down": jnp.zeros((32, 16)), "odd": jnp.zeros((12, 32))},
+        targets=["up", "down", "odd"],
+    )
+    base = {"up": P(None, "fsdp"), "down": P("fsdp", "tensor"), "odd": P(None, "fsdp")}
+    s = js.lora_specs(tree, base, mesh=MESH, shard_factors="fsdp")
+    assert (s["up"].a, s["up"].b) == (P("fsdp", None), P(None, "fsdp"))  # a split too
+    assert (s["down"].a, s["down"].b) == (P("fsdp", None), P(None, "tensor"))  # no free dim
+    assert (s["odd"].a, s["odd"].b) == (P(None, None), P(None, "fsdp"))  # 12 % 8 != 0
+    plain = js.lora_specs(tree, base)
+    assert (plain["up"].a, plain["up"].b) == (P(None, None), P(None, "fsdp"))
+    with pytest.raises(
+        ValueError, match=r"shard_factors='fsdp' needs a mesh with that axis, got None"
+    ):
+        js.lora_specs(tree, base, shard_factors="fsdp")
+
+
+def test_preset_name_in_shard_uses_shard_factors():
+    mesh = js.make_mesh()
+    tree = _tree({"k": jnp.zeros((64, 32))}, targets="k")
+    s = js.named_shardings(tree, mesh, "fsdp")["k"]
+    assert (s.w.spec, s.a.spec, s.b.spec) == (P("fsdp"), P("fsdp", None), P(None, "fsdp"))
+
+
 # --- base_specs: presets --------------------------------------------------------------------------
 
 

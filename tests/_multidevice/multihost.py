@@ -60,7 +60,7 @@ def main():
     tree = make_tree()
     batches = make_batches(STEPS)
     mesh = js.make_mesh(data=1, fsdp=-1)
-    specs = js.lora_specs(tree, js.base_specs(tree, "fsdp", mesh), mesh=mesh)
+    specs = js.lora_specs(tree, js.base_specs(tree, "fsdp", mesh), mesh=mesh, shard_factors="fsdp")
     frozen, adapters = jlora.split(js.shard(tree, mesh, specs))
     f_specs, a_specs = jlora.split(specs)
     tx = make_tx(adapters)

@@ -61,7 +61,8 @@ def run(preset: str):
     if preset in _RUNS:
         return _RUNS[preset]
     mesh = js.make_mesh(**MESHES[preset])
-    specs = js.lora_specs(TREE, js.base_specs(TREE, preset, mesh), mesh=mesh)
+    factors = "fsdp" if "fsdp" in preset else None
+    specs = js.lora_specs(TREE, js.base_specs(TREE, preset, mesh), mesh=mesh, shard_factors=factors)
     frozen, adapters = jlora.split(js.shard(TREE, mesh, specs))
     f_specs, a_specs = jlora.split(specs)
     tx = make_tx(adapters)
@@ -118,14 +119,18 @@ def check_pmap():
     return {"losses": losses}
 
 
-def _frozen_ws(frozen):
+def _lora_nodes(tree):
     return [
-        (jlora.path_str(p), x.w)
+        (jlora.path_str(p), x)
         for p, x in jax.tree_util.tree_flatten_with_path(
-            frozen, is_leaf=lambda x: isinstance(x, jlora.LoraWeight)
+            tree, is_leaf=lambda x: isinstance(x, jlora.LoraWeight)
         )[0]
         if isinstance(x, jlora.LoraWeight)
     ]
+
+
+def _frozen_ws(frozen):
+    return [(path, x.w) for path, x in _lora_nodes(frozen)]
 
 
 def check_fsdp_memory():
@@ -143,6 +148,13 @@ def check_fsdp_memory():
                 raise AssertionError(
                     f"{preset}: {path} {w.shape} has shards {shard}, expected 1/{expected}"
                 )
+        # ... and so is every adapter factor (shard_factors="fsdp"), hence the Adam state.
+        for path, lw in _lora_nodes(r.adapters):
+            for name in ("a", "b"):
+                x = getattr(lw, name)
+                ratio = x.size // np.prod(x.sharding.shard_shape(x.shape))
+                if ratio != (8 if preset == "fsdp" else 1):
+                    raise AssertionError(f"{preset}: {path}.{name} {x.shape} split {ratio} ways")
         per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(r.frozen))
         out[preset] = {
             "argument_bytes": r.memory.argument_size_in_bytes,
