@@ -6,6 +6,7 @@ Each function takes a run config for the base model (``model`` section, ``lora``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -42,6 +43,8 @@ def from_checkpoint(
     """
     from jlora.checkpoint import AdapterCheckpointer
 
+    if not Path(directory).is_dir():
+        raise ValueError(f"no adapter checkpoint in {directory}")
     ckpt = AdapterCheckpointer(directory)
     try:
         steps = list(ckpt.all_steps())
@@ -49,9 +52,10 @@ def from_checkpoint(
             raise ValueError(f"no adapter checkpoint in {directory}")
         if step is not None and step not in steps:
             raise ValueError(f"{directory} has no step {step}; it has steps {steps}")
-        lcfg = ckpt.config(step) or cfg.lora
-        import dataclasses
-
+        try:
+            lcfg = ckpt.config(step)
+        except ValueError:  # saved without a config: use the run config's
+            lcfg = cfg.lora
         _, _, tree = base_tree(dataclasses.replace(cfg, lora=lcfg))
         tree, _, got = ckpt.restore(tree, step=step)
     finally:

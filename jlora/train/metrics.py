@@ -110,11 +110,15 @@ class MetricsLog:
             self._tb.close()
 
 
-def _ema(xs: Sequence[float], alpha: float = 0.1) -> list[float]:
-    out, m = [], None
-    for x in xs:
-        m = x if m is None else (1 - alpha) * m + alpha * x
-        out.append(m)
+def _smooth(xs: Sequence[float]) -> list[float]:
+    """A centred moving average over ~1/15 of the points (no lag, unlike an EMA)."""
+    half = len(xs) // 30
+    if half == 0:
+        return list(xs)
+    out = []
+    for i in range(len(xs)):
+        window = xs[max(0, i - half) : i + half + 1]
+        out.append(sum(window) / len(window))
     return out
 
 
@@ -126,6 +130,8 @@ def plot_curves(
     metric: str = "accuracy",
 ) -> None:
     """Write a PNG of the train loss (raw and smoothed), the eval loss, and the eval ``metric``.
+
+    Eval records at step 0 (the model before training) start the eval curves.
 
     Example:
       >>> import tempfile, os
@@ -154,7 +160,7 @@ def plot_curves(
     steps, loss = series("train", "loss")
     if steps:
         ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=1, label="train loss")
-        ax.plot(steps, _ema(loss), color="tab:blue", lw=2, label="train loss (EMA)")
+        ax.plot(steps, _smooth(loss), color="tab:blue", lw=2, label="train loss (smoothed)")
     es, el = series("eval", "loss")
     if es:
         ax.plot(es, el, "o-", color="tab:orange", lw=2, label="eval loss")
@@ -166,11 +172,13 @@ def plot_curves(
     ms, mv = series("eval", metric)
     ts, tv = series("train", metric)
     if ts:
-        ax2.plot(ts, _ema(tv), color="tab:blue", lw=1.5, label=f"train {metric} (EMA)")
+        ax2.plot(ts, _smooth(tv), color="tab:blue", lw=1.5, label=f"train {metric} (smoothed)")
     if ms:
         ax2.plot(ms, mv, "o-", color="tab:orange", lw=2, label=f"eval {metric}")
     ax2.set_xlabel("optimizer step")
     ax2.set_title(metric)
+    if metric == "perplexity":
+        ax2.set_yscale("log")
     ax2.grid(alpha=0.3)
     if ms or ts:
         ax2.legend()
