@@ -126,7 +126,8 @@ def measure(preset: str, layers: int, *, compile_step: bool) -> dict:
     model, _ = model_for(layers)
     mesh = mesh_for(preset, ARGS.devices)
     tree = abstract_tree(model)
-    specs = js.lora_specs(tree, js.base_specs(tree, preset, mesh), mesh=mesh)
+    factors = "fsdp" if "fsdp" in preset else None  # ZeRO-3-style adapters under FSDP
+    specs = js.lora_specs(tree, js.base_specs(tree, preset, mesh), mesh=mesh, shard_factors=factors)
     tree = with_shardings(tree, js.named_shardings(tree, mesh, specs))
     frozen, adapters = jlora.split(tree)
     f_specs, a_specs = jlora.split(specs)

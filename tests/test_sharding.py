@@ -677,3 +677,149 @@ def test_two_processes_multihost(tmp_path):
     np.testing.assert_allclose(meta[0]["losses"], meta[0]["reference_losses"], rtol=1e-5)
     assert (tmp_path / "written_by_process_0.txt").exists()
     assert sorted(p.name for p in tmp_path.glob("written_by_*")) == ["written_by_process_0.txt"]
+
+
+# --- the `jlora train` trainer on a mesh and on two processes (slow: full CLI runs) ------------
+
+TINY = os.path.join(ROOT, "configs", "llama-tiny.yaml")
+SHORT = [
+    "--set",
+    "output.progress=false",
+    "--set",
+    "train.max_steps=6",
+    "--set",
+    "train.eval_every=3",
+    "--set",
+    "checkpoint.every_steps=3",
+]
+
+
+def _cli_env(cache, devices=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _cli(out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "jlora.cli",
+        "train",
+        TINY,
+        "--set",
+        f"output.dir={out}",
+        *SHORT,
+        *extra,
+    ]
+
+
+def _run_cli(env, out, *extra):
+    r = subprocess.run(
+        _cli(out, *extra), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _final_adapters(out):
+    from jlora.checkpoint import AdapterCheckpointer
+    from jlora.train import load_config
+    from jlora.train.setup import base_tree
+
+    cfg = load_config(TINY, [f"output.dir={out}"])
+    _, _, fresh = base_tree(cfg)
+    with AdapterCheckpointer(os.path.join(out, "checkpoints")) as ckpt:
+        tree, _, step = ckpt.restore(fresh)
+    assert step == 6
+    return jax.device_get(jlora.split(tree)[1])
+
+
+def _same_run(out, ref):
+    got, want = _records(out), _records(ref)
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g["loss"], w["loss"], rtol=2e-5, err_msg=str(g))
+    chex.assert_trees_all_close(_final_adapters(out), _final_adapters(ref), rtol=2e-4, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+@pytest.fixture(scope="module")
+def one_device_run(cli_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-device")
+    _run_cli(_cli_env(cli_cache), out)
+    return out
+
+
+@pytest.mark.slow
+def test_trainer_on_an_8_device_mesh_matches_one_device(cli_cache, one_device_run, tmp_path):
+    mesh = ["--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2"]
+    _run_cli(_cli_env(cli_cache, devices=8), tmp_path, *mesh)
+    _same_run(tmp_path, one_device_run)
+    assert os.path.exists(tmp_path / "peft" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_trainer_on_two_processes_matches_one_device(cli_cache, one_device_run, tmp_path):
+    """`jlora train` with distributed.* set, 2 processes x 4 CPU devices on localhost."""
+    n, port = 2, _free_port()
+    procs, logs = [], []
+    for i in range(n):
+        extra = [
+            "--set", "distributed.enabled=true",
+            "--set", f"distributed.coordinator_address=127.0.0.1:{port}",
+            "--set", f"distributed.num_processes={n}",
+            "--set", f"distributed.process_id={i}",
+            "--set", "mesh.fsdp=4",
+        ]  # fmt: skip
+        logs.append(open(tmp_path / f"log_{i}.txt", "w"))  # noqa: SIM115
+        procs.append(
+            subprocess.Popen(
+                _cli(tmp_path / "run", *extra),
+                env=_cli_env(cli_cache, devices=4),
+                cwd=ROOT,
+                stdout=logs[-1],
+                stderr=subprocess.STDOUT,
+            )
+        )
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    if [p.returncode for p in procs] != [0] * n:
+        text = "\n".join((tmp_path / f"log_{i}.txt").read_text()[-3000:] for i in range(n))
+        pytest.fail(f"multi-host `jlora train` failed:\n{text}")
+    out = tmp_path / "run"
+    _same_run(out, one_device_run)
+    # Process 0 writes the run's logs and exports; process 1 only its private bookkeeping.
+    assert (out / "peft" / "adapter_model.safetensors").exists()
+    assert (out / "loss.png").exists() and (out / "summary.json").exists()
+    worker = out / "process_1"
+    assert (worker / "metrics.jsonl").exists()
+    assert not (worker / "peft").exists() and not (worker / "loss.png").exists()
+    assert "perplexity after" in (tmp_path / "log_0.txt").read_text()
+    assert "perplexity after" not in (tmp_path / "log_1.txt").read_text()

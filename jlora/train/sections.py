@@ -254,8 +254,10 @@ class CheckpointConfig:
 class MeshConfig:
     """``mesh``: device mesh axis sizes; -1 means all remaining devices (at most one axis).
 
-    Only ``data: -1, fsdp: 1, tensor: 1`` (plain data parallelism over local devices, which on
-    one device is no parallelism) runs today; sharded meshes are wired by `jlora.sharding`.
+    The default ``data: -1, fsdp: 1, tensor: 1`` is plain data parallelism over all devices
+    (none on one device). ``fsdp > 1`` shards every weight and the adapters over ``fsdp``;
+    ``tensor > 1`` splits the projections Megatron-style (`jlora.train.scale`,
+    `jlora.sharding`).
     """
 
     data: int = -1

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import yaml
 
@@ -144,7 +143,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     Raises:
       ValueError / TypeError: the config cannot be run (see `jlora.train.setup.prepare`), or
         checkpoints exist and ``resume`` is False.
-      NotImplementedError: the config asks for a mesh / multi-host feature not wired yet.
+      ConfigError: the ``mesh`` axis sizes do not fit the devices (`jlora.train.scale`).
       NonFiniteLossError: the loss or gradient norm became NaN/inf (the last good checkpoint
         is kept).
     """
@@ -152,7 +151,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     scale.init_distributed(cfg.distributed)
     mesh = scale.make_mesh(cfg.mesh)
     p = prepare(cfg)
-    out = p.out_dir
+    out, echo = scale.process_outputs(p.out_dir, echo)  # multi-host: process 0 logs, exports
     out.mkdir(parents=True, exist_ok=True)
     ckpt = _checkpointer(p) if cfg.checkpoint.enabled else None
     existing = ckpt.all_steps() if ckpt is not None else []
@@ -168,7 +167,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     tx = make_optimizer(cfg.optim, schedule, adapters)
     opt_state = tx.init(adapters)
     frozen = scale.place_state(frozen, mesh)
-    eval_step = jax.jit(make_eval_step(p.task))
+    eval_step = scale.jit_eval_step(make_eval_step(p.task), mesh)
     summ = jlora.summary(p.tree)
     echo(f"[jlora] {cfg.name}: {summ}")
 
@@ -214,7 +213,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     last_saved = max(existing) if resume and existing else None
     stopped_early = False
 
-    bar = _progress(cfg, p.total_steps, start)
+    bar = _progress(cfg, p.total_steps, start) if scale.is_main_process() else None
     window: list[float] = []
     tokens, t_train, step = 0, 0.0, start
     try:
@@ -315,10 +314,10 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     todo = ("test",) if after else ("eval", "test")
     after.update(_eval_all(p, eval_step, adapters, frozen, todo)[0])
     save_json(out / "after.json", after)
-    tree = jlora.combine(frozen, adapters)
-    peft_dir = _export_peft(p, tree, out, echo)
+    tree = jlora.combine(frozen, scale.gather(adapters))  # all processes: a collective
+    peft_dir = _export_peft(p, tree, out, echo) if scale.is_main_process() else None
     png = None
-    if cfg.output.plot:
+    if cfg.output.plot and scale.is_main_process():
         png = out / "loss.png"
         metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
         plot_curves(read_metrics(out / "metrics.jsonl"), png, title=cfg.name, metric=metric)
