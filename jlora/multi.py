@@ -42,7 +42,11 @@ from jlora.quant import frozen_weight
 from jlora.targets import path_str
 from jlora.weights import LoraWeight, Trainable, is_node
 
-__all__ = ["AdapterSet", "MultiLoraWeight", "route"]
+__all__ = ["DENSE_MAX_RANK", "AdapterSet", "MultiLoraWeight", "route"]
+
+#: With n adapters of rank r, n·r up to this runs x·[a₁ … aₙ] as one matmul and masks out the
+#: other adapters' blocks (no gathers); above it each example's a, b are gathered (BGMV-style).
+DENSE_MAX_RANK = 256
 
 # Primitives whose default rules only carry a kernel along (no use of a/b layouts).
 _STRUCTURAL = frozenset(
@@ -140,17 +144,28 @@ def _dot_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
     ct = x.dtype
     valid = lw.ids >= 0
     idx = jnp.where(valid, lw.ids, 0)
-    a = jnp.take(lw.a, idx, axis=0).astype(ct)  # (B, *in, r)
-    b = jnp.take(lw.b, idx, axis=0).astype(ct)  # (B, r, *out)
-    scale = jnp.where(valid, jnp.asarray(lw.scales, jnp.float32)[idx], 0.0)
     kw = dict(precision=eqn.params.get("precision"), preferred_element_type=y.dtype)
     f_c = tuple(1 + lw.in_axes.index(d) for d in rc)
-    t = lax.dot_general(_dropout(x, lw, ctx), a, ((lc, f_c), ((0,), (0,))), **kw).astype(ct)
-    yl = lax.dot_general(t, b, (((t.ndim - 1,), (1,)), ((0,), (0,))), **kw)
+    xd = _dropout(x, lw, ctx)
+    n, r = lw.n_adapters, lw.rank
+    if n * r <= DENSE_MAX_RANK:  # every adapter's x·a in one matmul, keep the example's block
+        coef = jax.nn.one_hot(idx, n, dtype=jnp.float32) * jnp.asarray(lw.scales, jnp.float32)
+        coef = jnp.where(valid[:, None], coef, 0.0).astype(ct)  # (B, n)
+        t = lax.dot_general(xd, lw.a.astype(ct), ((lc, f_c), ((), ())), **kw).astype(ct)
+        t = t * coef.reshape((coef.shape[0],) + (1,) * (t.ndim - 3) + (n, 1))
+        t = t.reshape(*t.shape[:-2], n * r)
+        b = lw.b.astype(ct).reshape(n * r, *lw.b.shape[2:])
+        yl = lax.dot_general(t, b, (((t.ndim - 1,), (0,)), ((), ())), **kw)
+    else:  # gather each example's a and b (cheaper for many adapters)
+        a = jnp.take(lw.a, idx, axis=0).astype(ct)  # (B, *in, r)
+        b = jnp.take(lw.b, idx, axis=0).astype(ct)  # (B, r, *out)
+        scale = jnp.where(valid, jnp.asarray(lw.scales, jnp.float32)[idx], 0.0)
+        t = lax.dot_general(xd, a, ((lc, f_c), ((0,), (0,))), **kw).astype(ct)
+        yl = lax.dot_general(t, b, (((t.ndim - 1,), (1,)), ((0,), (0,))), **kw)
+        yl = yl * scale.reshape((-1,) + (1,) * (yl.ndim - 1)).astype(yl.dtype)
     perm = _tail_perm(lw.out_axes, yl.ndim - len(lw.out_axes))
     if perm is not None:
         yl = jnp.transpose(yl, perm)
-    yl = yl * scale.reshape((-1,) + (1,) * (yl.ndim - 1)).astype(yl.dtype)
     return y + yl.astype(y.dtype)
 
 

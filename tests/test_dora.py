@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import jlora
+import jlora.models
 from jlora import dora, quant
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -328,3 +329,55 @@ def test_init_matches_peft_magnitude():
             layer.base_layer.weight, torch.zeros(5, 9), scaling=2.0
         )
     np.testing.assert_allclose(_f64(tree["w"].m), ref.double().numpy(), rtol=1e-6)
+
+
+def test_jlora_dora_adapter_runs_in_peft_and_back(tmp_path):
+    """jlora.init(use_dora) on a tiny HF Llama, one training step, PEFT format both ways."""
+    torch, peft = _require("torch"), _require("peft")
+    transformers = _require("transformers")
+    from _hf_utils import tiny_causal_lm
+
+    tiny_causal_lm().save_pretrained(tmp_path / "base", safe_serialization=True)
+    model, params = jlora.models.from_pretrained(tmp_path / "base")
+    cfg = jlora.LoraConfig(
+        rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], use_dora=True
+    )
+    tree = jlora.init(params, cfg, key=jax.random.key(0))
+    ids = np.random.default_rng(0).integers(0, 128, (2, 7))
+    f = jlora.lora(model.apply)
+    frozen, train = jlora.split(tree)
+    tx = optax.adam(0.05)
+
+    def loss(t):
+        logits = f(jlora.combine(frozen, t), jnp.asarray(ids))
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    g = jax.grad(loss)(train)
+    train = optax.apply_updates(train, tx.update(g, tx.init(train), train)[0])
+    tree = jlora.combine(frozen, train)
+    q = tree["params"]["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert not np.allclose(q.m, weight_norm_of(q))  # the magnitude trained away from ‖W + sBA‖
+    got = np.asarray(jax.jit(f)(tree, jnp.asarray(ids)), np.float64)
+
+    jlora.peft.save(tmp_path / "adapter", tree, cfg)
+    from safetensors.numpy import load_file
+
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    name = "base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector"
+    np.testing.assert_array_equal(keys[name], np.asarray(q.m))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", attn_implementation="eager"
+    )
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        ref = pm(torch.from_numpy(ids).long()).logits.double().numpy()
+    diff = np.abs(got - ref).max()
+    print(f"jlora DoRA -> PEFT: max |logits diff| {diff:.2e}")
+    assert diff <= 1e-4
+    back, back_cfg = jlora.peft.load(tmp_path / "adapter", params)
+    assert back_cfg.use_dora
+    chex.assert_trees_all_close(jax.jit(f)(back, jnp.asarray(ids)), got, atol=1e-5)
+
+
+def weight_norm_of(lw):
+    return np.linalg.norm(_np_parts(lw), axis=0)

@@ -197,8 +197,10 @@ def _per_adapter(s, names, ids, fn, x):
     return out
 
 
+@pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("jit", [False, True])
-def test_mixed_batch_equals_each_example_alone(jit):
+def test_mixed_batch_equals_each_example_alone(jit, dense, monkeypatch):
+    monkeypatch.setattr(jlora.multi, "DENSE_MAX_RANK", 256 if dense else 0)  # both formulations
     s = AdapterSet.from_tree(_adapter(PARAMS, 1, rank=2, alpha=4), "a")
     s = s.add("b", _adapter(PARAMS, 2, rank=4, alpha=4))
     s = s.add("c", _adapter(PARAMS, 3, rank=1, alpha=8, targets="layers_2"))
@@ -217,6 +219,7 @@ def test_mixed_batch_equals_each_example_alone(jit):
     chex.assert_trees_all_close(out, _per_example(s, s.names, ids, _apply, X), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mixed_batch_through_a_tiny_llama_and_a_quantized_base():
     cfg = LlamaConfig(
         vocab_size=64,
