@@ -317,6 +317,25 @@ def test_batcher_order_is_a_pure_function_of_seed_and_step():
         D.Batcher(50, 60, seed=0)
 
 
+def test_group_by_length_keeps_each_epoch_a_permutation_with_less_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 40, size=640)
+    plain = D.Batcher(640, 16, seed=1)
+    grouped = D.Batcher(640, 16, seed=1, lengths=lengths)
+    for epoch in (0, 1):
+        steps = range(epoch * 40, (epoch + 1) * 40)
+        batches = [grouped.indices(i) for i in steps]
+        assert sorted(np.concatenate(batches).tolist()) == list(range(640))
+
+        def padded(b):
+            return sum(lengths[x].max() * len(x) for x in b)
+
+        assert padded(batches) < 0.8 * padded([plain.indices(i) for i in steps])
+    assert np.array_equal(
+        D.Batcher(640, 16, seed=1, lengths=lengths).indices(57), grouped.indices(57)
+    )
+
+
 def test_train_batch_stacks_micro_batches():
     s = D.Split(np.arange(20).reshape(10, 2), np.ones((10, 2), np.int32), np.arange(10))
     b = D.Batcher(10, 2, seed=0)

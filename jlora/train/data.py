@@ -166,7 +166,14 @@ def synthetic_lm(n: int, seq_len: int, vocab_size: int, *, max_step: int, seed: 
 
 
 class Batcher:
-    """Training order: batch ``i`` of epoch ``e`` holds ``permutation(seed, e)[i*b:(i+1)*b]``.
+    """Training order: one seeded permutation per epoch, cut into batches.
+
+    Batch ``i`` of epoch ``e`` holds ``order(e)[i*b:(i+1)*b]``, where ``order(e)`` is a pure
+    function of ``(seed, e)``. With ``lengths`` (group by length, like HF's
+    ``group_by_length``), each run of ``chunk`` consecutive batches of the permutation is sorted
+    by length before it is cut, and the resulting batches are shuffled again: batches hold texts
+    of similar length, so less padding is computed. The tail of an epoch that does not fill a
+    batch is dropped.
 
     Example:
       >>> b = Batcher(10, 4, seed=0)
@@ -174,21 +181,43 @@ class Batcher:
       (2, 8)
       >>> bool((b.indices(3) == Batcher(10, 4, seed=0).indices(3)).all())
       True
+      >>> g = Batcher(8, 2, seed=0, lengths=[1, 9, 2, 8, 3, 7, 4, 6], chunk=4)
+      >>> sorted(sorted(int(x) for x in g.indices(i)) for i in range(4))
+      [[0, 2], [1, 3], [4, 6], [5, 7]]
     """
 
-    def __init__(self, n: int, batch_size: int, *, seed: int):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        chunk: int = 8,
+    ):
         if batch_size > n:
             raise ValueError(f"data.batch_size {batch_size} exceeds the {n} training examples")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.chunk = chunk
         self.steps_per_epoch = n // batch_size
-        self._epoch, self._perm = -1, np.arange(0)
+        self._epoch, self._order = -1, np.arange(0)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The example order of ``epoch`` (seeded by ``(seed, epoch)``)."""
+        """The example order of ``epoch`` (seeded by ``(seed, epoch)``), batch after batch."""
         if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perm
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.n)[: self.steps_per_epoch * self.batch_size]
+            if self.lengths is not None:
+                size = self.chunk * self.batch_size
+                runs = [order[i : i + size] for i in range(0, len(order), size)]
+                order = np.concatenate(
+                    [r[np.argsort(self.lengths[r], kind="stable")] for r in runs]
+                )
+                batches = order.reshape(self.steps_per_epoch, self.batch_size)
+                order = batches[rng.permutation(self.steps_per_epoch)].reshape(-1)
+            self._epoch, self._order = epoch, order
+        return self._order
 
     def indices(self, batch: int) -> np.ndarray:
         """The example indices of micro-batch number ``batch`` (counted from the start)."""
@@ -196,12 +225,36 @@ class Batcher:
         return self.permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
 
 
+def _trim(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Drop padding columns beyond the longest row (rounded up to ``multiple``)."""
+    full = batch["input_ids"].shape[-1]
+    longest = int(batch["attention_mask"].sum(-1).max())
+    length = min(-(-longest // multiple) * multiple, full)
+    for k in ("input_ids", "attention_mask"):
+        batch[k] = batch[k][..., :length]
+    return batch
+
+
 def train_batch(
-    split: Split, batcher: Batcher, step: int, grad_accum: int
+    split: Split, batcher: Batcher, step: int, grad_accum: int, *, multiple: int = 8
 ) -> dict[str, np.ndarray]:
-    """The batch of optimizer step ``step``: arrays shaped ``(grad_accum, batch_size, ...)``."""
+    """The batch of optimizer step ``step``: arrays shaped ``(grad_accum, batch_size, length)``.
+
+    ``length`` is the longest text of the batch rounded up to ``multiple`` (at most the split's
+    padded length): padding columns that no row needs are not computed.
+
+    Example:
+      >>> mask = (np.arange(16)[None] < np.array([[3], [12], [5], [2]])).astype(np.int32)
+      >>> s = Split(mask, mask, np.arange(4))
+      >>> b = train_batch(s, Batcher(4, 2, seed=0), 0, 2)
+      >>> b["input_ids"].shape
+      (2, 2, 16)
+      >>> train_batch(s, Batcher(4, 2, seed=0, lengths=[3, 12, 5, 2], chunk=1), 1, 1)[
+      ...     "input_ids"].shape[-1] in (8, 16)
+      True
+    """
     parts = [split.take(batcher.indices(step * grad_accum + j)) for j in range(grad_accum)]
-    return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    return _trim({k: np.stack([p[k] for p in parts]) for k in parts[0]}, multiple)
 
 
 def eval_batches(

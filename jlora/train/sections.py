@@ -117,6 +117,9 @@ class DataConfig:
       batch_size: examples per micro-batch (an optimizer step sees
         ``batch_size * train.grad_accum``).
       eval_batch_size: examples per evaluation batch.
+      group_by_length: put texts of similar length in the same training batch (sorted within
+        runs of 8 batches of the epoch's permutation, then the batches shuffled), so less
+        padding is computed. Every batch is trimmed to its longest text either way.
     """
 
     source: Literal["jsonl", "synthetic"] = "jsonl"
@@ -130,6 +133,7 @@ class DataConfig:
     max_len: int = 128
     batch_size: int = 32
     eval_batch_size: int = 128
+    group_by_length: bool = False
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:

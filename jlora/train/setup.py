@@ -165,7 +165,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load the base model, initialize the adapters and load the data of ``cfg``."""
     task, params, tree = base_tree(cfg)
     splits, labels = load_splits(cfg, _vocab_size(params))
-    batcher = D.Batcher(len(splits["train"]), cfg.data.batch_size, seed=cfg.train.seed)
+    train = splits["train"]
+    lengths = train.attention_mask.sum(1) if cfg.data.group_by_length else None
+    batcher = D.Batcher(len(train), cfg.data.batch_size, seed=cfg.train.seed, lengths=lengths)
     per_epoch = batcher.steps_per_epoch // cfg.train.grad_accum
     if per_epoch == 0:
         raise ConfigError(

@@ -232,10 +232,11 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
                     if last_saved is not None
                     else "no checkpoint was written"
                 )
+                what = "loss" if not math.isfinite(loss) else "gradient"
                 raise NonFiniteLossError(
-                    f"non-finite loss at step {step + 1} (loss={loss}, grad_norm={gnorm}); "
-                    f"stopping. {kept} in {p.checkpoint_dir}. Lower optim.lr or enable "
-                    "optim.clip_norm."
+                    f"non-finite {what} at step {step + 1} (loss={loss}, grad_norm={gnorm}); "
+                    f"stopping. {kept} in {p.checkpoint_dir}. Lower optim.lr (now "
+                    f"{cfg.optim.lr:g}) and resume with --resume, or start over."
                 )
             dt = time.perf_counter() - t
             t_train += dt
@@ -320,7 +321,11 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     if cfg.output.plot and scale.is_main_process():
         png = out / "loss.png"
         metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
-        plot_curves(read_metrics(out / "metrics.jsonl"), png, title=cfg.name, metric=metric)
+        records = read_metrics(out / "metrics.jsonl")
+        start_point = (before or {}).get(_split_name(p, "eval"))
+        if start_point:
+            records = [{"step": 0, "split": "eval", **start_point}, *records]
+        plot_curves(records, png, title=cfg.name, metric=metric)
     summary = {
         "name": cfg.name,
         "task": cfg.model.task,
