@@ -15,8 +15,9 @@ devices. Reported per device:
     python benchmarks/bench_memory.py --compile-layers 32   # compile the full depth (slow)
 
 Temp bytes are what XLA's CPU compiler plans (activations kept for the backward pass, gathered
-FSDP weights, collective buffers); an accelerator backend plans its own, so read them as an
-estimate and the argument bytes as exact.
+FSDP weights, collective buffers, and float32 copies of bf16 weights that XLA:CPU makes for its
+matmuls); an accelerator backend plans its own, so read them as an upper estimate and the
+argument bytes as exact.
 """
 
 from __future__ import annotations
@@ -232,7 +233,10 @@ def main() -> None:
     print(
         f"\nFrozen / trainable columns: exact per-device shard sizes of the full model. XLA "
         f"columns: `compiled.memory_analysis()` of the sharded train step on simulated CPU "
-        f"devices, {how}; temp is the CPU compiler's plan (an estimate for accelerators)."
+        f"devices, {how}. Temp is XLA:CPU's plan: it includes float32 copies of the bf16 "
+        f"weights (gathered ones under FSDP) that the CPU backend makes for its matmuls, which "
+        f"TPUs / GPUs (native bf16 matmuls) do not need, so it overstates accelerator temp "
+        f"memory; the other columns are exact."
     )
     print(f"\nCommand: `python benchmarks/bench_memory.py {' '.join(sys.argv[1:])}`".rstrip())
     if ARGS.json:

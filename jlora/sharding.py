@@ -163,10 +163,10 @@ def make_mesh(
 ) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices, every process).
 
-    Built by `jax.make_mesh`, which orders devices for the physical topology (on TPU, ``tensor``
-    -- the last, most communication-heavy axis -- lands on the nearest chips). Axes are
-    `jax.sharding.AxisType.Auto`: jit propagates the parameter and batch shardings through the
-    model (GSPMD), so models need no sharding annotations.
+    Built by `jax.make_mesh`, which orders the devices for the physical topology (TPU
+    interconnect). Axes are `jax.sharding.AxisType.Auto` (``jax.make_mesh`` defaults to
+    ``Explicit``): jit propagates the parameter and batch shardings through the model, so
+    models need no sharding annotations.
 
     Args:
       data, fsdp, tensor: axis sizes; one of them may be ``-1`` to take the remaining devices.
