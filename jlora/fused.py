@@ -388,6 +388,24 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
+def _bare_q(x: Any) -> bool:
+    """A quantized kernel (``dequantize()``) outside a `LoraWeight`: frozen, no adapter."""
+    return hasattr(x, "dequantize") and not isinstance(x, LoraWeight)
+
+
+def _unwrap(x: Any) -> Any:
+    """`Trainable` → its value; a bare quantized kernel → a rank-0 `LoraWeight` (last axis the
+    output), so the fused rules dequantize it where it is consumed."""
+    if isinstance(x, Trainable):
+        return x.value
+    if _bare_q(x):
+        shape, n = tuple(x.shape), len(x.shape)
+        a = jnp.zeros((*shape[:-1], 0), x.dtype)
+        b = jnp.zeros((0, shape[-1]), x.dtype)
+        return LoraWeight(x, a, b, in_axes=tuple(range(n - 1)), out_axes=(n - 1,))
+    return x
+
+
 def _stand_in(lw: LoraWeight) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(lw.shape), lw.w.dtype)
 
@@ -397,7 +415,8 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     ``fn`` is any traceable function of pytrees (a Flax ``model.apply``, an NNX pure function,
     plain JAX). The returned function takes the same arguments, where any array may be a
-    `LoraWeight` (and any leaf a `Trainable`), plus a keyword-only ``dropout_key``: when given,
+    `LoraWeight` (and any leaf a `Trainable`; any kernel a quantized `jlora.quant` node, which
+    is dequantized where it is consumed), plus a keyword-only ``dropout_key``: when given,
     LoRA dropout (each `LoraWeight`'s ``dropout`` rate) is applied to the low-rank input path;
     when ``None`` (inference) there is no dropout. W is wrapped in ``stop_gradient``.
 
@@ -417,9 +436,7 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapped(*args: Any, dropout_key: jax.Array | None = None, **kwargs: Any) -> Any:
-        tree = jax.tree.map(
-            lambda x: x.value if isinstance(x, Trainable) else x, (args, kwargs), is_leaf=is_node
-        )
+        tree = jax.tree.map(_unwrap, (args, kwargs), is_leaf=lambda x: is_node(x) or _bare_q(x))
         leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, LoraWeight))
         if not any(isinstance(x, LoraWeight) for x in leaves):
             return fn(*tree[0], **tree[1])

@@ -28,8 +28,9 @@ def _check_finite(path: Any, x: jax.Array, what: str) -> None:
 def merge(tree: Any) -> Any:
     """Plain params: each `LoraWeight` becomes ``W + s·a@b`` (float32 accumulate, W's dtype).
 
-    A quantized W is dequantized first. `Trainable` wrappers are removed. A DoRA weight
-    (``m`` set) becomes ``m ⊙ (W + s·a@b) / ‖W + s·a@b‖`` (see `jlora.dora`).
+    A quantized W is dequantized first, and a quantized kernel without adapter is dequantized.
+    `Trainable` wrappers are removed. A DoRA weight (``m`` set) becomes
+    ``m ⊙ (W + s·a@b) / ‖W + s·a@b‖`` (see `jlora.dora`).
 
     Raises:
       ValueError: a merged kernel is not finite (checked outside `jax.jit`).
@@ -45,6 +46,8 @@ def merge(tree: Any) -> Any:
     def one(path, x):
         if isinstance(x, Trainable):
             return x.value
+        if hasattr(x, "dequantize") and not isinstance(x, LoraWeight):
+            return x.dequantize()
         if not isinstance(x, LoraWeight):
             return x
         if x.m is not None:
@@ -55,7 +58,11 @@ def merge(tree: Any) -> Any:
         _check_finite(path, out, "merged kernel")
         return out
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_node_or_quantized)
+
+
+def _node_or_quantized(x: Any) -> bool:
+    return is_node(x) or hasattr(x, "dequantize")
 
 
 def unmerge(merged: Any, tree: Any) -> Any:
@@ -86,6 +93,8 @@ def unmerge(merged: Any, tree: Any) -> Any:
     def one(path, x, m):
         if isinstance(x, Trainable):
             return Trainable(m)
+        if hasattr(x, "dequantize") and not isinstance(x, LoraWeight):
+            return x  # a quantized kernel without adapter: keep it as it was
         if not isinstance(x, LoraWeight):
             return m
         if x.m is not None:
@@ -103,4 +112,4 @@ def unmerge(merged: Any, tree: Any) -> Any:
         _check_finite(path, w, "unmerged kernel")
         return dataclasses.replace(x, w=w)
 
-    return jax.tree_util.tree_map_with_path(one, tree, merged, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(one, tree, merged, is_leaf=_node_or_quantized)

@@ -38,7 +38,6 @@ import numpy as np
 from jax import lax
 
 from jlora.fused import _dropout, _tail_perm, dense_w
-from jlora.quant import frozen_weight
 from jlora.targets import path_str
 from jlora.weights import LoraWeight, Trainable, is_node
 
@@ -327,18 +326,17 @@ class AdapterSet:
         )
 
     def tree(self, name: str | None = None) -> Any:
-        """The params tree of adapter ``name`` (default: the active one) over the shared base.
-
-        With no adapter (none active), the base itself; a quantized base kernel that the
-        adapter does not target is wrapped by `jlora.quant.frozen_weight` for `jlora.lora`.
-        """
+        """The params tree of adapter ``name`` (default: the active one) over the shared base;
+        with no adapter (none active), the base itself."""
         name = self.active if name is None else name
-        parts = {} if name is None else self._get(name)
+        if name is None:
+            return self.base
+        parts = self._get(name)
 
         def one(path, leaf):
             node = parts.get(path_str(path))
             if node is None:
-                return _frozen(leaf)
+                return leaf
             if isinstance(node, Trainable):
                 return node
             return dataclasses.replace(node, w=leaf)
@@ -423,13 +421,9 @@ class AdapterSet:
 
         def one(path, leaf):
             node = nodes.get(path_str(path))
-            return _frozen(leaf) if node is None else dataclasses.replace(node, w=leaf)
+            return leaf if node is None else dataclasses.replace(node, w=leaf)
 
         return jax.tree_util.tree_map_with_path(one, self.base, is_leaf=_is_frozen_leaf)
-
-
-def _frozen(leaf: Any) -> Any:
-    return frozen_weight(leaf) if _is_frozen_leaf(leaf) else leaf
 
 
 def _check_name(name: Any) -> None:

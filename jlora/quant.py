@@ -39,7 +39,6 @@ __all__ = [
     "Int8Weight",
     "NF4Weight",
     "dequantize",
-    "frozen_weight",
     "nbytes",
     "quantize",
 ]
@@ -324,8 +323,9 @@ def quantize(
         quantization, blocks of 256).
       targets: ``None``: the ``w`` of every `LoraWeight`. A regex: the ``w`` of every `LoraWeight`
         whose path matches (``re.search``), and also every plain floating leaf with ndim >= 2 that
-        matches; such a leaf has no adapter, so it is wrapped in a rank-0 `LoraWeight` (empty
-        ``a``/``b``, nothing to train) for `jlora.lora` to dequantize it on the fly.
+        matches (e.g. frozen kernels without adapter); such a leaf is replaced by the quantized
+        node itself, which `jlora.lora` treats as a frozen ``(in..., out)`` kernel (last axis the
+        output) and dequantizes on the fly, and `jlora.merge` dequantizes.
       block_size: NF4 block size (even; 64 as in QLoRA).
 
     Returns:
@@ -382,33 +382,17 @@ def quantize(
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return x
         found[0] += 1
-        return frozen_weight(_quantize_one(s, x, None, method, double_quant, block_size))
+        return _quantize_one(s, x, None, method, double_quant, block_size)
 
-    out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
+    out = jax.tree_util.tree_map_with_path(
+        one, tree, is_leaf=lambda x: is_node(x) or _is_quantized(x)
+    )
     if not found[0]:
         raise ValueError(
             f"nothing to quantize: no LoraWeight kernel{'' if targets is None else ' or leaf'} "
             f"matched targets={targets!r}."
         )
     return out
-
-
-def frozen_weight(q: Any) -> LoraWeight:
-    """A rank-0 `LoraWeight` around a quantized kernel with no adapter (last axis = output), so
-    that `jlora.lora` dequantizes it on the fly like any other kernel.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> lw = frozen_weight(NF4Weight.quantize(jnp.ones((64, 8))))
-      >>> lw.rank, lw.shape, lw.a.shape, lw.b.shape
-      (0, (64, 8), (64, 0), (0, 8))
-    """
-    shape = tuple(q.shape)
-    a = jnp.zeros((*shape[:-1], 0), jnp.float32)
-    b = jnp.zeros((0, shape[-1]), jnp.float32)
-    return LoraWeight(
-        q, a, b, scale=1.0, in_axes=tuple(range(len(shape) - 1)), out_axes=(len(shape) - 1,)
-    )
 
 
 def dequantize(tree: Any) -> Any:

@@ -318,7 +318,7 @@ def summary(tree: Any) -> Summary:
       trainable params: 20,000 || base params: 3,000,000 || trainable%: 0.6667 || adapters: 1 targets, 80,000 bytes
     """
     trainable = base = adapter = nbytes = targets = 0
-    for x in jax.tree.leaves(tree, is_leaf=is_node):
+    for x in jax.tree.leaves(tree, is_leaf=lambda x: is_node(x) or hasattr(x, "dequantize")):
         if isinstance(x, LoraWeight):
             n = _size(x.a) + _size(x.b) + _size(x.m)
             adapter += n

@@ -331,6 +331,7 @@ def test_init_matches_peft_magnitude():
     np.testing.assert_allclose(_f64(tree["w"].m), ref.double().numpy(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_jlora_dora_adapter_runs_in_peft_and_back(tmp_path):
     """jlora.init(use_dora) on a tiny HF Llama, one training step, PEFT format both ways."""
     torch, peft = _require("torch"), _require("peft")

@@ -263,19 +263,34 @@ def test_byte_ratios():
     assert i8 == pytest.approx((8 + 32 / 512) / 16)
 
 
-def test_plain_kernels_selected_by_targets_become_rank0_and_stay_quantized():
+def test_plain_kernels_selected_by_targets_stay_bare_quantized_nodes(tmp_path):
     m = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(8)])
     x = jnp.asarray(RNG.normal(size=(3, 16)), jnp.float32)
     p = m.init(jax.random.key(0), x)["params"]
-    tree = _lora_tree(p, jlora.LoraConfig(rank=2, targets=["layers_0"]))
+    cfg = jlora.LoraConfig(rank=2, targets=["layers_0"])
+    tree = _lora_tree(p, cfg)
     q = quant.quantize(tree, targets=r"kernel")
-    lw = q["layers_2"]["kernel"]
-    assert isinstance(lw.w, quant.NF4Weight) and lw.rank == 0
+    assert isinstance(q["layers_2"]["kernel"], quant.NF4Weight)  # no adapter: a bare node
     assert isinstance(q["layers_0"]["kernel"].w, quant.NF4Weight)
     f = jlora.lora(lambda p, x: m.apply({"params": p}, x))
-    chex.assert_trees_all_close(jax.jit(f)(q, x), m.apply({"params": jlora.merge(q)}, x), atol=1e-4)
-    # only the real adapter trains
-    assert jlora.summary(q).trainable == jlora.summary(tree).trainable
+    merged = jlora.merge(q)
+    assert isinstance(merged["layers_2"]["kernel"], jax.Array)
+    np.testing.assert_allclose(merged["layers_2"]["kernel"], q["layers_2"]["kernel"].dequantize())
+    ref = m.apply({"params": merged}, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chex.assert_trees_all_close(jax.jit(f)(q, x), ref, atol=1e-4)
+        chex.assert_trees_all_close(f(q, x), ref, atol=1e-4)
+    s, s0 = jlora.summary(q), jlora.summary(tree)
+    assert (s.trainable, s.base, s.targets) == (s0.trainable, s0.base, s0.targets)
+    frozen, train = jlora.split(q)
+    assert train["layers_2"]["kernel"].data is None
+    assert jlora.combine(frozen, train)["layers_2"]["kernel"].data is q["layers_2"]["kernel"].data
+    back = jlora.unmerge(merged, q)
+    assert back["layers_2"]["kernel"] is q["layers_2"]["kernel"]
+    jlora.peft.save(tmp_path, q, cfg)  # only the real adapter is written
+    loaded, _ = jlora.peft.load(tmp_path, p)
+    chex.assert_trees_all_close(loaded["layers_0"]["kernel"].b, tree["layers_0"]["kernel"].b)
 
 
 def test_gradients_flow_to_adapters_only_and_match_dequantized_reference():
@@ -356,6 +371,9 @@ def test_errors():
         ValueError, match=r"the kernel at d/kernel with shape \(64, 8\) is already quantized"
     ):
         quant.quantize(quant.quantize(tree))
+    bare = quant.quantize(p, targets="kernel", method="int8")
+    with pytest.raises(ValueError, match=r"the kernel at d/kernel with shape \(64, 8\) is already"):
+        quant.quantize(bare, targets="kernel")
     bad = {"k": jlora.LoraWeight(jnp.ones((4, 4), jnp.int32), jnp.ones((4, 1)), jnp.ones((1, 4)))}
     with pytest.raises(
         TypeError, match=r"cannot quantize k: it has dtype int32 and shape \(4, 4\)"
