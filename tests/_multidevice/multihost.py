@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + f" --xla_force_host_platform_device_count={sys.argv[5] if len(sys.argv) > 5 else 4}"
-).strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # before jax is imported: LOCAL_DEVICES simulated CPU devices
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={sys.argv[5] if len(sys.argv) > 5 else 4}"
+    ).strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import json
@@ -36,8 +37,6 @@ import jlora
 import jlora.parallel as jp
 import jlora.sharding as js
 
-PID, NPROC, PORT, OUT = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-LOCAL = int(sys.argv[5]) if len(sys.argv) > 5 else 4
 STEPS = 3
 
 
@@ -47,15 +46,17 @@ def flat(tree, prefix):
 
 
 def main():
+    pid, nproc, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    local = int(sys.argv[5]) if len(sys.argv) > 5 else 4
     # Before any other JAX call: join the cluster (process 0 hosts the coordinator).
     jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{PORT}",
-        num_processes=NPROC,
-        process_id=PID,
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=nproc,
+        process_id=pid,
         initialization_timeout=120,
     )
-    assert jax.process_index() == PID and jax.process_count() == NPROC
-    assert jax.device_count() == NPROC * LOCAL and jax.local_device_count() == LOCAL
+    assert jax.process_index() == pid and jax.process_count() == nproc
+    assert jax.device_count() == nproc * local and jax.local_device_count() == local
 
     tree = make_tree()
     batches = make_batches(STEPS)
@@ -67,17 +68,17 @@ def main():
     opt_state, o_specs = jp.init_opt_state(tx, adapters, mesh, a_specs)
     step = jp.sharded_train_step(loss_fn, tx, mesh, f_specs, a_specs, o_specs)
 
-    # FSDP spans the processes: each one holds only its 1/NPROC of a frozen W.
+    # FSDP spans the processes: each one holds only its 1/nproc of a frozen W.
     w = frozen["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].w
     assert not w.is_fully_addressable
     held = sum(s.data.size for s in w.addressable_shards)
-    assert held == w.size // NPROC, (held, w.size)
+    assert held == w.size // nproc, (held, w.size)
 
-    rows = BATCH // NPROC
+    rows = BATCH // nproc
     losses = []
     for b in batches:
-        local = {k: v[PID * rows : (PID + 1) * rows] for k, v in b.items()}
-        gb = js.shard_batch(local, mesh)
+        mine = {k: v[pid * rows : (pid + 1) * rows] for k, v in b.items()}
+        gb = js.shard_batch(mine, mesh)
         assert gb["ids"].shape == b["ids"].shape
         adapters, opt_state, loss = step(frozen, adapters, opt_state, gb)
         losses.append(float(loss))
@@ -88,7 +89,7 @@ def main():
     # Multi-host Orbax checkpoint: every process calls save/restore, Orbax coordinates them.
     from jlora.checkpoint import AdapterCheckpointer
 
-    ckpt_dir = os.path.join(OUT, "ckpt")
+    ckpt_dir = os.path.join(out_dir, "ckpt")
     ckpt = AdapterCheckpointer(ckpt_dir)
     ckpt.save(STEPS, adapters, opt_state=opt_state)
     if hasattr(ckpt, "wait_until_finished"):
@@ -104,13 +105,13 @@ def main():
     if jax.process_index() == 0:
         ref_adapters, meta["reference_losses"] = reference(tree, batches)
         out.update(flat(ref_adapters, "reference"))
-        with open(os.path.join(OUT, "written_by_process_0.txt"), "w") as f:
+        with open(os.path.join(out_dir, "written_by_process_0.txt"), "w") as f:
             f.write("ok")
-    np.savez(os.path.join(OUT, f"process_{PID}.npz"), **out)
-    with open(os.path.join(OUT, f"process_{PID}.json"), "w") as f:
+    np.savez(os.path.join(out_dir, f"process_{pid}.npz"), **out)
+    with open(os.path.join(out_dir, f"process_{pid}.json"), "w") as f:
         json.dump(meta, f)
     multihost_utils.sync_global_devices("done")
-    print(f"process {PID}: done", flush=True)
+    print(f"process {pid}: done", flush=True)
 
 
 if __name__ == "__main__":

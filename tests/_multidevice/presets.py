@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import sys
 
-# Before jax is imported anywhere: 8 simulated CPU devices.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # before jax is imported: 8 simulated CPU devices
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tempfile
@@ -30,11 +30,8 @@ import jlora
 import jlora.parallel as jp
 import jlora.sharding as js
 
-assert jax.device_count() == 8, jax.devices()
-
 STEPS = 3
-TREE = make_tree()
-BATCHES = make_batches(STEPS)
+TREE = BATCHES = None  # set by __main__ (importing this file does nothing heavy)
 _REF = {}
 
 
@@ -280,4 +277,7 @@ CHECKS.update(
 )
 
 if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    TREE = make_tree()
+    BATCHES = make_batches(STEPS)
     run_checks(CHECKS, sys.argv[1:])
