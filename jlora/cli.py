@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 EXAMPLES = """examples:
   jlora train configs/llama-tiny.yaml
-  jlora train configs/minilm-lora.yaml --set optim.lr=1e-3 --set train.epochs=2
+  jlora train configs/minilm-lora.yaml --set optim.lr=1e-3 train.epochs=2
   jlora train configs/llama-tiny.yaml --resume
   jlora info configs/minilm-lora.yaml
   jlora export-peft configs/minilm-lora.yaml --out runs/minilm-lora/peft-step200 --step 200
@@ -31,10 +31,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         "--set",
         dest="overrides",
         metavar="KEY=VALUE",
-        action="append",
+        nargs="+",
+        action="extend",
         default=[],
-        help="override a config value by its dotted key, e.g. --set optim.lr=3e-4 "
-        "(the value is parsed as YAML; repeat for several)",
+        help="override config values by dotted key, e.g. --set optim.lr=3e-4 train.epochs=2 "
+        "(values are parsed as YAML; give CONFIG first)",
     )
 
 

@@ -302,3 +302,31 @@ def test_tpu_config_fails_cleanly_off_a_tpu_slice(env):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jlora: error: "), r.stderr
+
+
+def test_set_takes_several_overrides(capsys):
+    from jlora.cli import main
+
+    assert main(["info", str(TINY), "--set", "lora.rank=4", "lora.alpha=12"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 4  scale 3" in out  # alpha / rank = 12 / 4
+
+
+def test_early_stopping_follows_the_rule(env, tmp_path):
+    out = tmp_path / "early"
+    args = ["--set", "train.eval_every=2", "train.early_stopping_patience=2", "optim.lr=0.3"]
+    r = run(env, "train", str(TINY), "--set", f"output.dir={out}", *QUIET, *args)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    evals = [x["loss"] for x in records(out) if x["split"] == "eval"]
+    # Recompute the rule from the logged eval losses: stop after 2 evals without a new best.
+    best, bad, stop_at = float("inf"), 0, None
+    for i, v in enumerate(evals):
+        best, bad = (v, 0) if v < best else (best, bad + 1)
+        if bad >= 2:
+            stop_at = i
+            break
+    assert s["stopped_early"] == (stop_at is not None)
+    assert stop_at is not None, "lr 0.3 should make the eval loss bounce"
+    assert len(evals) == stop_at + 1 and s["steps"] == 2 * (stop_at + 1)
+    assert "early stopping at step" in r.stdout

@@ -147,7 +147,8 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
       NonFiniteLossError: the loss or gradient norm became NaN/inf (the last good checkpoint
         is kept).
     """
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
     scale.init_distributed(cfg.distributed)
     mesh = scale.make_mesh(cfg.mesh)
     p = prepare(cfg)
@@ -181,7 +182,8 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
         names = ("eval", "test", "train") if need_probe else ("eval", "test")
         before, feats = _eval_all(p, eval_step, adapters, frozen, names, features=need_probe)
         save_json(out / "before.json", before)
-        echo(f"[jlora] before training: {_fmt(before)} ({time.perf_counter() - t:.1f}s)")
+        timings["before_eval_s"] = time.perf_counter() - t
+        echo(f"[jlora] before training: {_fmt(before)} ({timings['before_eval_s']:.1f}s)")
         if need_probe:
             t = time.perf_counter()
             labels = {k: p.splits[k].labels for k in feats}
@@ -191,9 +193,9 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
                 **{_split_name(p, k): {"accuracy": v} for k, v in res["accuracy"].items()},
             }
             save_json(out / "probe.json", probe)
+            timings["probe_s"] = time.perf_counter() - t
             echo(
-                f"[jlora] linear probe (frozen encoder): {_fmt(probe)} "
-                f"({time.perf_counter() - t:.1f}s)"
+                f"[jlora] linear probe (frozen encoder): {_fmt(probe)} ({timings['probe_s']:.1f}s)"
             )
 
     start = 0
@@ -307,6 +309,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
             ckpt.close()
 
     steps_done = step + 1 if p.total_steps > start else start
+    t = time.perf_counter()
     after = {}
     if last_eval is not None and last_eval["step"] == steps_done:  # evaluated just now
         after[_split_name(p, "eval")] = {
@@ -315,6 +318,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     todo = ("test",) if after else ("eval", "test")
     after.update(_eval_all(p, eval_step, adapters, frozen, todo)[0])
     save_json(out / "after.json", after)
+    timings["after_eval_s"] = time.perf_counter() - t
     tree = jlora.combine(frozen, scale.gather(adapters))  # all processes: a collective
     peft_dir = _export_peft(p, tree, out, echo) if scale.is_main_process() else None
     png = None
@@ -346,6 +350,8 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
         "train_time_s": t_train,
         "tokens_per_s": tokens / t_train if t_train else None,
         "wall_time_s": time.perf_counter() - t_start,
+        "cpu_time_s": time.process_time() - cpu_start,
+        "timings_s": timings,
         "checkpoint_dir": str(p.checkpoint_dir) if ckpt is not None else None,
         "last_checkpoint_step": last_saved,
         "peft_dir": str(peft_dir) if peft_dir else None,
