@@ -63,11 +63,6 @@ _KNOWN = {
 }  # fmt: skip
 
 
-def _has_dora() -> bool:
-    """Whether this jlora's `LoraWeight` has a DoRA magnitude ``m`` (see ``jlora.dora``)."""
-    return "m" in {f.name for f in dataclasses.fields(LoraWeight)}
-
-
 def torch_module_name(path: str) -> str:
     """The default jlora module path → torch module name mapping.
 
@@ -315,10 +310,6 @@ def save(
       >>> json.load(open(os.path.join(d, "adapter_config.json")))["target_modules"]
       ['q_proj']
     """
-    if config.use_dora and not _has_dora():
-        raise ValueError(
-            "config.use_dora=True, but this jlora has no DoRA (LoraWeight has no `m`)."
-        )
     if config.init in ("pissa", "olora"):
         raise ValueError(
             f"config.init={config.init!r} changes the frozen base weights, so the adapter alone "
@@ -502,11 +493,6 @@ def _read_config(directory: str) -> dict:
         raise ValueError(f"{path}: target_modules is missing.")
     if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
         raise ValueError(f"{path}: unsupported bias={cfg['bias']!r}.")
-    if cfg.get("use_dora") and not _has_dora():
-        raise ValueError(
-            f"{path}: unsupported PEFT option(s) use_dora=True: this jlora has no DoRA "
-            "(LoraWeight has no magnitude `m`)."
-        )
     return cfg
 
 

@@ -640,12 +640,7 @@ def test_save_target_inside_a_module_to_save(tmp_path):
 
 # DoRA (jlora.dora): PEFT's lora_magnitude_vector -------------------------------------------------
 
-needs_dora = pytest.mark.skipif(
-    not jpeft._has_dora(), reason="this jlora has no DoRA (LoraWeight has no `m`)"
-)
 
-
-@needs_dora
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["embed_tokens", "q_proj"]])
 def test_dora_both_ways(llama, tmp_path, targets):
     torch, peft = require("torch"), require("peft")
@@ -675,21 +670,10 @@ def test_dora_both_ways(llama, tmp_path, targets):
     assert d2 <= TOL
 
 
-@needs_dora
 def test_dora_errors(tmp_path):
     params, tree, config = _small(tmp_path)
     _edit(tmp_path, config=lambda c: c.update(use_dora=True))
     with pytest.raises(ValueError, match=r"q_proj\.lora_magnitude_vector is missing"):
         jpeft.load(tmp_path, params)
     with pytest.raises(ValueError, match=r"config.use_dora=True, but 0 of 2 adapters have a DoRA"):
-        jpeft.save(tmp_path, tree, dataclasses.replace(config, use_dora=True))
-
-
-@pytest.mark.skipif(jpeft._has_dora(), reason="this jlora has DoRA")
-def test_dora_unsupported(tmp_path):
-    params, tree, config = _small(tmp_path)
-    _edit(tmp_path, config=lambda c: c.update(use_dora=True))
-    with pytest.raises(ValueError, match=r"unsupported PEFT option\(s\) use_dora=True"):
-        jpeft.load(tmp_path, params)
-    with pytest.raises(ValueError, match=r"config\.use_dora=True, but this jlora has no DoRA"):
         jpeft.save(tmp_path, tree, dataclasses.replace(config, use_dora=True))
