@@ -22,7 +22,7 @@ from jlora.train.config import RunConfig
 from jlora.train.data import load_labels
 from jlora.train.sections import ConfigError
 from jlora.train.setup import base_tree
-from jlora.train.task import resolve_model_path
+from jlora.train.task import base_name, resolve_model_path
 
 __all__ = ["from_checkpoint", "from_peft", "save_merged", "to_checkpoint", "to_peft"]
 
@@ -88,7 +88,7 @@ def from_peft(cfg: RunConfig, directory: str | Path) -> tuple[Any, jlora.LoraCon
 def to_peft(cfg: RunConfig, directory: str | Path, tree: Any, lcfg: jlora.LoraConfig) -> None:
     """Write ``tree``'s adapters as a PEFT LoRA directory."""
     jlora.peft.save(
-        directory, tree, lcfg, base_model_name_or_path=cfg.model.path, task_type=_task_type(cfg)
+        directory, tree, lcfg, base_model_name_or_path=base_name(cfg), task_type=_task_type(cfg)
     )
 
 

@@ -23,7 +23,7 @@ import jlora
 from jlora.models import build_model, config_from_hf, from_pretrained, model_type_of
 from jlora.train.sections import ConfigError, ModelConfig
 
-__all__ = ["Task", "load_base", "param_shapes", "resolve_model_path"]
+__all__ = ["Task", "base_name", "load_base", "param_shapes", "resolve_model_path"]
 
 
 def resolve_model_path(path: str) -> str:
@@ -51,6 +51,11 @@ def resolve_model_path(path: str) -> str:
             f"model.path {path!r}: no config.json there (expected a local HF model dir)"
         )
     return path
+
+
+def base_name(cfg: Any) -> str | None:
+    """The base model's local directory for PEFT's ``base_model_name_or_path`` (None if random)."""
+    return None if cfg.model.path is None else resolve_model_path(cfg.model.path)
 
 
 def _hf_config(m: ModelConfig) -> dict[str, Any]:

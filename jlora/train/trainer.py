@@ -37,6 +37,7 @@ from jlora.train.steps import (
     make_train_step,
     step_key,
 )
+from jlora.train.task import base_name
 
 __all__ = ["NonFiniteLossError", "evaluate", "train"]
 
@@ -216,7 +217,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     stopped_early = False
 
     bar = _progress(cfg, p.total_steps, start) if scale.is_main_process() else None
-    window: list[float] = []
+    window: list[tuple[float, float]] = []  # (loss, accuracy) of the steps since the last log
     tokens, t_train, step = 0, 0.0, start
     try:
         for step in range(start, p.total_steps):
@@ -244,7 +245,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
             t_train += dt
             done = step + 1
             tokens += int(m["tokens"])
-            window.append(loss)
+            window.append((loss, float(m["accuracy"])))
             tok_s = tokens / max(t_train, 1e-9)
             lr = float(schedule(step))
             if done % cfg.train.log_every == 0 or done == p.total_steps:
@@ -252,10 +253,10 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
                     done,
                     "train",
                     {
-                        "loss": float(np.mean(window)),
+                        "loss": float(np.mean([w[0] for w in window])),
                         "lr": lr,
                         "grad_norm": gnorm,
-                        "accuracy": float(m["accuracy"]),
+                        "accuracy": float(np.mean([w[1] for w in window])),
                         "tokens_per_s": tok_s,
                         "epoch": done / p.steps_per_epoch,
                     },
@@ -373,7 +374,7 @@ def _export_peft(p: Prepared, tree: Any, out: Path, echo: Callable[[str], None])
             out / "peft",
             tree,
             p.cfg.lora,
-            base_model_name_or_path=p.cfg.model.path,
+            base_model_name_or_path=base_name(p.cfg),
             task_type=task_type,
         )
     except ValueError as e:
