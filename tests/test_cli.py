@@ -110,7 +110,6 @@ def test_existing_checkpoints_need_resume(env, ref):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(env, ref, tmp_path):
     out = tmp_path / "killed"
     slow = ["--set", "train.sleep_per_step=0.05"]
