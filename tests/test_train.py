@@ -557,3 +557,80 @@ def test_metrics_log_truncates_on_resume_and_plots(tmp_path):
 
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 100
+
+
+def test_mixed_precision_computes_in_bf16_with_fp32_adapters():
+    from jlora.models import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2,
+    )  # fmt: skip
+    fp32 = LlamaForCausalLM(cfg)
+    bf16 = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    params = fp32.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    tree = jlora.init(params, jlora.LoraConfig(rank=2, targets=["q_proj"]), key=jax.random.key(1))
+    frozen, adapters = jlora.split(tree)
+    o = OptimConfig(lr=1e-2)
+    tx = make_optimizer(o, make_schedule(o, 10), adapters)
+    ids = np.random.default_rng(0).integers(0, 32, size=(1, 4, 6)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    losses = {}
+    for name, model in (("fp32", fp32), ("bf16", bf16)):
+        step = jax.jit(make_train_step(Task(model, "causal_lm"), tx))
+        new, state, m = step(adapters, tx.init(adapters), frozen, batch, jax.random.key(0))
+        losses[name] = float(m["loss"])
+        assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype("float32")}
+        assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {jnp.dtype("float32")}
+    # bf16 compute rounds differently, but computes the same function.
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.05)
+
+
+def test_tensorboard_is_used_when_importable(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append("close")
+
+    fake = types.ModuleType("tensorboardX")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tensorboardX", None)
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "tensorboardX", fake)
+    log = MetricsLog(tmp_path, tensorboard=True)
+    assert log.tensorboard
+    log.write(3, "eval", {"loss": 0.5, "accuracy": 0.75})
+    log.close()
+    assert calls == [
+        ("init", str(tmp_path / "tensorboard")),
+        ("eval/loss", 0.5, 3),
+        ("eval/accuracy", 0.75, 3),
+        "close",
+    ]
+    assert not MetricsLog(tmp_path / "x", tensorboard=False).tensorboard
+
+
+def test_tensorboard_is_skipped_silently_when_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    hidden = {"tensorboardX", "tensorboard"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in hidden else real(name, *a)
+    )
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.write(1, "train", {"loss": 1.0})
+    log.close()
+    assert not log.tensorboard and not (tmp_path / "tensorboard").exists()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "split": "train", "loss": 1.0}]
