@@ -223,7 +223,15 @@ def _lora(raw: Any) -> LoraConfig:
 
 
 def from_dict(raw: Mapping[str, Any]) -> RunConfig:
-    """Validate a parsed YAML mapping into a `RunConfig` (see the module docstring)."""
+    """Validate a parsed YAML mapping into a `RunConfig` (see the module docstring).
+
+    Example:
+      >>> from_dict({"model": {"random": {"model_type": "llama"}}, "data": {"source": "synthetic"},
+      ...            "optim": {"lr": "fast"}})
+      Traceback (most recent call last):
+      ...
+      TypeError: optim.lr: expected float, got str 'fast'
+    """
     if not isinstance(raw, Mapping):
         raise TypeError(f"a config must be a mapping of sections, got {_got(raw)}")
     return _build(RunConfig, raw, "")
@@ -307,7 +315,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
 
 
 def to_dict(cfg: Any) -> Any:
-    """A plain, YAML-safe dict of a config (tuples become lists); `from_dict` reads it back."""
+    """A plain, YAML-safe dict of a config (tuples become lists); `from_dict` reads it back.
+
+    Example:
+      >>> cfg = load_config("configs/llama-tiny.yaml")
+      >>> d = to_dict(cfg)
+      >>> d["lora"]["targets"], from_dict(d) == cfg
+      (['q_proj', 'v_proj'], True)
+    """
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
     if isinstance(cfg, tuple | list):

@@ -49,7 +49,12 @@ class Split:
 
 
 def load_labels(directory: str | Path) -> list[str] | None:
-    """The class names in ``<directory>/labels.json`` (a JSON list), or None if absent."""
+    """The class names in ``<directory>/labels.json`` (a JSON list), or None if absent.
+
+    Example:
+      >>> load_labels("data/compsent")
+      ['negative', 'positive']
+    """
     path = Path(directory) / "labels.json"
     if not path.exists():
         return None
@@ -137,6 +142,14 @@ def tokenize(
       texts: the texts.
       length: the padded length.
       pad_id: the padding token id.
+
+    Example:
+      >>> from tokenizers import Tokenizer, models, pre_tokenizers
+      >>> tok = Tokenizer(models.WordLevel({"[PAD]": 0, "a": 1, "b": 2}, unk_token="[PAD]"))
+      >>> tok.pre_tokenizer = pre_tokenizers.Whitespace()
+      >>> ids, mask = tokenize(tok, ["a b", "b b b b b"], 4)
+      >>> ids.tolist(), mask.tolist()
+      ([[1, 2, 0, 0], [2, 2, 2, 2]], [[1, 1, 0, 0], [1, 1, 1, 1]])
     """
     tokenizer.no_padding()
     tokenizer.enable_truncation(length)

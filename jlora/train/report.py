@@ -11,7 +11,14 @@ __all__ = ["format_summary", "load_json", "save_json"]
 
 
 def save_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (atomically: a killed run never leaves half a file)."""
+    """Write ``obj`` as indented JSON (atomically: a killed run never leaves half a file).
+
+    Example:
+      >>> import tempfile, os
+      >>> p = os.path.join(tempfile.mkdtemp(), "x.json")
+      >>> save_json(p, {"a": 1}); load_json(p), load_json(p + ".missing")
+      ({'a': 1}, None)
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

