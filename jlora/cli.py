@@ -2,13 +2,14 @@
 
 Every subcommand reads a run config (YAML; see ``configs/``) for the base model, accepts
 ``--set key.sub=value`` overrides (values parsed as YAML), and explains its options with
-``--help``. Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback);
-1 a run that failed (e.g. a NaN loss; one line on stderr).
+``--help``. Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback;
+set ``JLORA_TRACEBACK=1`` to see it); 1 a run that failed (e.g. a NaN loss; one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -189,6 +190,8 @@ def _run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         return _fail(f"{e.strerror}: {e.filename}", 2)
     except (ValueError, TypeError) as e:
+        if os.environ.get("JLORA_TRACEBACK"):
+            raise
         return _fail(str(e), 2)
     try:
         if args.command == "train":
@@ -202,6 +205,8 @@ def _run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         return _fail(str(e), 1)
     except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as e:
+        if os.environ.get("JLORA_TRACEBACK"):
+            raise
         return _fail(str(e), 2)
     return 0
 

@@ -329,3 +329,9 @@ def test_early_stopping_follows_the_rule(env, tmp_path):
     assert stop_at is not None, "lr 0.3 should make the eval loss bounce"
     assert len(evals) == stop_at + 1 and s["steps"] == 2 * (stop_at + 1)
     assert "early stopping at step" in r.stdout
+
+
+def test_traceback_on_request(env):
+    r = run({**env, "JLORA_TRACEBACK": "1"}, "info", str(TINY), "--set", "optim.lr=fast")
+    assert r.returncode == 1
+    assert "Traceback" in r.stderr and "TypeError: optim.lr: expected float" in r.stderr
