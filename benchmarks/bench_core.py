@@ -13,29 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
+from _timing import interleaved_medians  # benchmarks/ is on sys.path when run as a script
 
 import jlora
 from jlora.models.llama import LlamaConfig, LlamaForCausalLM
 
-
-def _time(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time per call of each zero-arg fn, interleaved round-robin."""
-    for f in fns.values():  # compile + warm up
-        jax.block_until_ready(f())
-        jax.block_until_ready(f())
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+_time = interleaved_medians
 
 
 def _peak_bytes(compiled) -> int:
