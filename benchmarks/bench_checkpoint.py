@@ -23,8 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import jlora
-from jlora.checkpoint import AdapterCheckpointer
-from jlora.models import LlamaConfig, init_params
+from jlora.interop.checkpoint import AdapterCheckpointer
+from jlora.interop.models import LlamaConfig, init_params
 
 
 def du(path: str) -> int:

@@ -20,7 +20,7 @@ import optax
 from _timing import interleaved_medians  # benchmarks/ is on sys.path when run as a script
 
 import jlora
-from jlora.models.llama import LlamaConfig, LlamaForCausalLM
+from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM
 
 _time = interleaved_medians
 

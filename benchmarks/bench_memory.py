@@ -69,9 +69,9 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import jlora  # noqa: E402
-import jlora.parallel as jp  # noqa: E402
-import jlora.sharding as js  # noqa: E402
-from jlora.models import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import jlora.scale.parallel as jp  # noqa: E402
+import jlora.scale.sharding as js  # noqa: E402
+from jlora.interop.models import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 GiB = 1024**3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -29,8 +29,8 @@ from _timing import interleaved_medians  # benchmarks/ is on sys.path when run a
 
 import jlora
 from jlora import quant
-from jlora.models.llama import LlamaConfig, LlamaForCausalLM
-from jlora.multi import AdapterSet, route
+from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM
+from jlora.variants.multi import AdapterSet, route
 
 _time = interleaved_medians
 

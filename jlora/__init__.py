@@ -8,13 +8,27 @@
 24
 """
 
-from jlora import checkpoint, dora, inits, multi, peft, quant
-from jlora.config import LoraConfig
-from jlora.fused import lora, materialize
-from jlora.merge import merge, unmerge
-from jlora.optim import optimizer, trainable_mask
-from jlora.targets import path_str
-from jlora.weights import LoraWeight, Summary, Trainable, combine, init, split, summary
+from jlora import _aliases
+from jlora.core.config import LoraConfig
+from jlora.core.interpreter import lora, materialize
+from jlora.core.merge import merge, unmerge
+from jlora.core.optim import optimizer, trainable_mask
+from jlora.core.targets import path_str
+from jlora.core.tree import LoraWeight, Summary, Trainable, combine, init, split, summary
+from jlora.interop import checkpoint, peft
+from jlora.variants import dora, inits, multi, quant
+
+_aliases.install()
+
+
+def __getattr__(name: str):
+    """``jlora.weights``, ``jlora.sharding``, ... : the old flat modules, imported on first use."""
+    if f"jlora.{name}" in _aliases.ALIASES:
+        import importlib
+
+        return importlib.import_module(f"jlora.{name}")
+    raise AttributeError(f"module 'jlora' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jlora
-from jlora.checkpoint import AdapterCheckpointer, config_from_json, config_to_json
+from jlora.interop.checkpoint import AdapterCheckpointer, config_from_json, config_to_json
 
 D, K = 96, 80  # kernel shape: no adapter array can have it
 

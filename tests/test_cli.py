@@ -21,7 +21,7 @@ import pytest
 import safetensors.numpy
 
 import jlora
-from jlora.checkpoint import AdapterCheckpointer
+from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.train import load_config
 from jlora.train.setup import base_tree
 
@@ -220,7 +220,7 @@ def test_merge_equals_jlora_merge(env, ref, tmp_path):
     # HF format: a model directory that jlora.models.from_pretrained loads back.
     r = run(env, "merge", str(TINY), *ck, "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
-    from jlora.models import from_pretrained
+    from jlora.interop.models import from_pretrained
 
     _, loaded = from_pretrained(tmp_path / "hf")
     for a, b in zip(jax.tree.leaves(loaded["params"]), jax.tree.leaves(want), strict=True):

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import jlora
-import jlora.models
+import jlora.interop.models
 from jlora import dora, quant
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

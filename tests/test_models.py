@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 from _hf_utils import TINY_BERT, require, tiny_bert, tiny_causal_lm
 
-from jlora.models import (
+from jlora.interop.models import (
     BertConfig,
     LlamaConfig,
     build_model,

@@ -11,8 +11,8 @@ import pytest
 
 import jlora
 from jlora import quant
-from jlora.models import LlamaConfig, LlamaForCausalLM
-from jlora.multi import AdapterSet, MultiLoraWeight, route
+from jlora.interop.models import LlamaConfig, LlamaForCausalLM
+from jlora.variants.multi import AdapterSet, MultiLoraWeight, route
 
 RNG = np.random.default_rng(0)
 

@@ -23,7 +23,7 @@ import safetensors.numpy
 from _hf_utils import TINY_BERT, TINY_DECODER, require, tiny_bert, tiny_causal_lm
 
 import jlora
-import jlora.models
+import jlora.interop.models
 from jlora import peft as jpeft
 
 TOL = 1e-4

@@ -21,8 +21,8 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import jlora
-import jlora.parallel as jp
-import jlora.sharding as js
+import jlora.scale.parallel as jp
+import jlora.scale.sharding as js
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -735,7 +735,7 @@ def _records(out):
 
 
 def _final_adapters(out):
-    from jlora.checkpoint import AdapterCheckpointer
+    from jlora.interop.checkpoint import AdapterCheckpointer
     from jlora.train import load_config
     from jlora.train.setup import base_tree
 

@@ -424,7 +424,7 @@ def test_schedule_warmup_then_cosine():
 
 
 def _tiny_llama():
-    from jlora.models import LlamaConfig, LlamaForCausalLM
+    from jlora.interop.models import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -560,7 +560,7 @@ def test_metrics_log_truncates_on_resume_and_plots(tmp_path):
 
 
 def test_mixed_precision_computes_in_bf16_with_fp32_adapters():
-    from jlora.models import LlamaConfig, LlamaForCausalLM
+    from jlora.interop.models import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

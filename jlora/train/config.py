@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from jlora.config import LoraConfig
+from jlora.core.config import LoraConfig
 from jlora.train.sections import (
     CheckpointConfig,
     DataConfig,

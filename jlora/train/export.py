@@ -17,7 +17,7 @@ import numpy as np
 import safetensors.numpy
 
 import jlora
-from jlora.models import to_hf_state_dict
+from jlora.interop.models import to_hf_state_dict
 from jlora.train.config import RunConfig
 from jlora.train.data import load_labels
 from jlora.train.sections import ConfigError
@@ -41,7 +41,7 @@ def from_checkpoint(
     Raises:
       ValueError: the directory holds no checkpoint (or not ``step``).
     """
-    from jlora.checkpoint import AdapterCheckpointer
+    from jlora.interop.checkpoint import AdapterCheckpointer
 
     if not Path(directory).is_dir():
         raise ValueError(f"no adapter checkpoint in {directory}")
@@ -67,7 +67,7 @@ def to_checkpoint(
     directory: str | Path, tree: Any, lcfg: jlora.LoraConfig, *, step: int = 0
 ) -> None:
     """Write ``tree``'s adapters as an Orbax adapter checkpoint at ``step``."""
-    from jlora.checkpoint import AdapterCheckpointer
+    from jlora.interop.checkpoint import AdapterCheckpointer
 
     ckpt = AdapterCheckpointer(directory)
     try:

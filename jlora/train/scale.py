@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import jlora.sharding as js
+import jlora.scale.sharding as js
 from jlora.train.sections import ConfigError, DistributedConfig, MeshConfig
 
 __all__ = [

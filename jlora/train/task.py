@@ -20,7 +20,7 @@ import optax
 from flax import linen as nn
 
 import jlora
-from jlora.models import build_model, config_from_hf, from_pretrained, model_type_of
+from jlora.interop.models import build_model, config_from_hf, from_pretrained, model_type_of
 from jlora.train.sections import ConfigError, ModelConfig
 
 __all__ = ["Task", "base_name", "load_base", "param_shapes", "resolve_model_path"]

@@ -75,7 +75,7 @@ def evaluate(
 
 
 def _checkpointer(p: Prepared):
-    from jlora.checkpoint import AdapterCheckpointer
+    from jlora.interop.checkpoint import AdapterCheckpointer
 
     c = p.cfg.checkpoint
     best_mode = "max" if c.best_metric == "eval_accuracy" else "min"
@@ -366,7 +366,7 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
 def _export_peft(p: Prepared, tree: Any, out: Path, echo: Callable[[str], None]) -> Path | None:
     if not p.cfg.output.peft:
         return None
-    from jlora import peft
+    from jlora.interop import peft
 
     task_type = "SEQ_CLS" if p.cfg.model.task == "classification" else "CAUSAL_LM"
     try:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora.models import LlamaConfig, LlamaForCausalLM
+from jlora.interop.models import LlamaConfig, LlamaForCausalLM
 
 # Every sharded dimension divides 8 (fsdp=8) and 4 (tensor=4): hidden 32, kv 2*8=16, mlp 64,
 # vocab 64.

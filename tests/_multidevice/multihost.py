@@ -34,8 +34,8 @@ from common import BATCH, loss_fn, make_batches, make_tree, make_tx, reference
 from jax.experimental import multihost_utils
 
 import jlora
-import jlora.parallel as jp
-import jlora.sharding as js
+import jlora.scale.parallel as jp
+import jlora.scale.sharding as js
 
 STEPS = 3
 
@@ -87,7 +87,7 @@ def main():
     out.update(flat(multihost_utils.process_allgather(adapters, tiled=True), "adapters"))
 
     # Multi-host Orbax checkpoint: every process calls save/restore, Orbax coordinates them.
-    from jlora.checkpoint import AdapterCheckpointer
+    from jlora.interop.checkpoint import AdapterCheckpointer
 
     ckpt_dir = os.path.join(out_dir, "ckpt")
     ckpt = AdapterCheckpointer(ckpt_dir)

@@ -27,8 +27,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlora
-import jlora.parallel as jp
-import jlora.sharding as js
+import jlora.scale.parallel as jp
+import jlora.scale.sharding as js
 
 STEPS = 3
 TREE = BATCHES = None  # set by __main__ (importing this file does nothing heavy)
@@ -204,7 +204,7 @@ def check_checkpoint_reshard():
     want, want_opt = jax.device_get(src.adapters), jax.device_get(src.opt_state)
     with tempfile.TemporaryDirectory() as d:
         try:
-            from jlora.checkpoint import AdapterCheckpointer
+            from jlora.interop.checkpoint import AdapterCheckpointer
         except ImportError:
             AdapterCheckpointer = None
         if AdapterCheckpointer is not None:

@@ -62,8 +62,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jlora.targets import path_str
-from jlora.weights import LoraWeight, Trainable, is_node
+from jlora.core.targets import path_str
+from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = [
     "AXES",

@@ -25,8 +25,8 @@ import numpy as np
 from flax import linen as nn
 from safetensors import safe_open
 
-from jlora.models.bert import BertConfig, BertModel
-from jlora.models.llama import LlamaConfig, LlamaForCausalLM
+from jlora.interop.models.bert import BertConfig, BertModel
+from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM
 
 DECODER_TYPES = ("llama", "mistral", "qwen2")
 ENCODER_TYPES = ("bert",)

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import optax
 
-from jlora.weights import LoraWeight, Trainable, is_node
+from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = ["optimizer", "trainable_mask"]
 

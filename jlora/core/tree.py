@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.config import LoraConfig
-from jlora.targets import _module, leaf_name, path_str, select_targets, select_trainable
+from jlora.core.config import LoraConfig
+from jlora.core.targets import _module, leaf_name, path_str, select_targets, select_trainable
 
 __all__ = ["LoraWeight", "Summary", "Trainable", "combine", "init", "is_node", "split", "summary"]
 
@@ -196,11 +196,11 @@ def init(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
       ((1000, 5), (5, 3000))
     """
     if config.init in ("pissa", "olora"):
-        from jlora import inits
+        from jlora.variants import inits
 
         return inits.init_decomposed(params, config, key=key)
     if config.use_dora:
-        from jlora import dora
+        from jlora.variants import dora
 
         tree = init(params, dataclasses.replace(config, use_dora=False), key=key)
         return dora.add_magnitudes(tree)

@@ -23,8 +23,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from jlora import dora
-from jlora.weights import LoraWeight, Trainable, is_node
+from jlora.core.tree import LoraWeight, Trainable, is_node
+from jlora.variants import dora
 
 __all__ = ["lora", "materialize"]
 

@@ -17,9 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jlora.config import LoraConfig
-from jlora.targets import path_str
-from jlora.weights import LoraWeight, Trainable, is_node
+from jlora.core.config import LoraConfig
+from jlora.core.targets import path_str
+from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = ["AdapterCheckpointer", "config_from_json", "config_to_json"]
 
@@ -146,7 +146,7 @@ class AdapterCheckpointer:
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, jlora
-      >>> from jlora.checkpoint import AdapterCheckpointer
+      >>> from jlora.interop.checkpoint import AdapterCheckpointer
       >>> cfg = jlora.LoraConfig(rank=2, targets="k")
       >>> tree = jlora.init({"k": jnp.ones((8, 8))}, cfg, key=jax.random.key(0))
       >>> with AdapterCheckpointer(tempfile.mkdtemp()) as ckpt:

@@ -8,9 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import dora
-from jlora.fused import dense_w
-from jlora.weights import LoraWeight, Trainable, is_node
+from jlora.core.interpreter import dense_w
+from jlora.core.tree import LoraWeight, Trainable, is_node
+from jlora.variants import dora
 
 __all__ = ["merge", "unmerge"]
 

@@ -33,9 +33,9 @@ import numpy as np
 import safetensors.flax
 from safetensors import safe_open
 
-from jlora.config import LoraConfig
-from jlora.targets import _module, leaf_name, path_str, select_targets
-from jlora.weights import LoraWeight, Trainable, is_node
+from jlora.core.config import LoraConfig
+from jlora.core.targets import _module, leaf_name, path_str, select_targets
+from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load", "save", "torch_module_name"]
 

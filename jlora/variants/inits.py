@@ -36,10 +36,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import weights
-from jlora.config import LoraConfig
-from jlora.targets import leaf_name, path_str
-from jlora.weights import LoraWeight, is_node
+from jlora.core import tree as weights
+from jlora.core.config import LoraConfig
+from jlora.core.targets import leaf_name, path_str
+from jlora.core.tree import LoraWeight, is_node
 
 __all__ = ["decompose", "init_decomposed"]
 
@@ -114,7 +114,7 @@ def init_decomposed(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
 
     tree = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
     if config.use_dora:
-        from jlora import dora
+        from jlora.variants import dora
 
         tree = dora.add_magnitudes(tree)
     return tree

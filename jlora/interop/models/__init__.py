@@ -5,8 +5,8 @@
 * :func:`from_pretrained` — a local HF checkpoint directory → ``(model, {"params": ...})``.
 """
 
-from jlora.models.bert import BertConfig, BertModel, BertOutput, mean_pool
-from jlora.models.hub import (
+from jlora.interop.models.bert import BertConfig, BertModel, BertOutput, mean_pool
+from jlora.interop.models.hub import (
     build_model,
     config_from_hf,
     from_pretrained,
@@ -14,7 +14,7 @@ from jlora.models.hub import (
     model_type_of,
     to_hf_state_dict,
 )
-from jlora.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 __all__ = [
     "BertConfig",

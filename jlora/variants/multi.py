@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlora.fused import _dropout, _tail_perm, dense_w
-from jlora.targets import path_str
-from jlora.weights import LoraWeight, Trainable, is_node
+from jlora.core.interpreter import _dropout, _tail_perm, dense_w
+from jlora.core.targets import path_str
+from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = ["DENSE_MAX_RANK", "AdapterSet", "MultiLoraWeight", "route"]
 

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.targets import path_str
-from jlora.weights import LoraWeight, Trainable, is_node
+from jlora.core.targets import path_str
+from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = [
     "NF4_CODE",

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.config import LoraConfig
+from jlora.core.config import LoraConfig
 
 __all__ = ["WEIGHT_NAMES", "leaf_name", "path_str", "select_targets", "select_trainable"]
 

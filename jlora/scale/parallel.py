@@ -28,8 +28,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jlora.sharding import data_sharding, named_shardings, opt_state_specs
-from jlora.weights import combine
+from jlora.core.tree import combine
+from jlora.scale.sharding import data_sharding, named_shardings, opt_state_specs
 
 __all__ = [
     "init_opt_state",

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.weights import LoraWeight, is_node
+from jlora.core.tree import LoraWeight, is_node
 
 __all__ = ["add_magnitudes", "broadcast", "magnitude_scale", "merged_kernel", "weight_norm"]
 
