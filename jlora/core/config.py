@@ -10,9 +10,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["INITS", "BIASES", "LoraConfig"]
+from jlora.core.registry import INITIALIZERS, VARIANTS
 
-INITS = ("kaiming", "gaussian", "pissa", "olora")
+__all__ = ["BIASES", "LoraConfig"]
+
 BIASES = ("none", "all", "lora_only")
 
 Pattern = tuple[tuple[str, Any], ...]
@@ -119,7 +120,10 @@ class LoraConfig:
       trainable: regexes of extra leaves that train fully (PEFT's ``modules_to_save``), e.g. a
         classifier head.
       dtype: dtype of the adapters (default float32, whatever W's dtype).
-      use_dora: weight-decomposed LoRA (DoRA).
+      variant: the node type of each target: ``"lora"``, or a registered variant such as
+        ``"dora"`` (weight-decomposed LoRA) or ``"lora_fa"`` (A frozen after init); see
+        `jlora.core.registry`.
+      use_dora: shorthand for ``variant="dora"`` (PEFT's name); kept in step with ``variant``.
 
     Example:
       >>> import jlora
@@ -146,6 +150,7 @@ class LoraConfig:
     trainable: str | Sequence[str] | None = ()
     dtype: Any = "float32"
     use_dora: bool = False
+    variant: str = "lora"
 
     def __post_init__(self) -> None:
         put = object.__setattr__.__get__(self)
@@ -158,8 +163,14 @@ class LoraConfig:
         ):
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
         put("dropout", float(self.dropout))
-        if self.init not in INITS:
-            raise ValueError(f"`init` must be one of {INITS}, got {self.init!r}.")
+        if self.init not in INITIALIZERS:
+            raise ValueError(f"`init` must be one of {tuple(INITIALIZERS)}, got {self.init!r}.")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"`variant` must be one of {tuple(VARIANTS)}, got {self.variant!r}.")
+        if self.use_dora and self.variant not in ("lora", "dora"):
+            raise ValueError(f"`use_dora=True` conflicts with variant={self.variant!r}.")
+        put("variant", "dora" if self.use_dora else self.variant)
+        put("use_dora", self.variant == "dora")
         if self.bias not in BIASES:
             raise ValueError(f"`bias` must be one of {BIASES}, got {self.bias!r}.")
         if not callable(self.targets):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jlora.core.interpreter import dense_w
-from jlora.core.tree import LoraWeight, Trainable, is_node
-from jlora.variants import dora
+from jlora.core.node import Node, is_node
 
 __all__ = ["merge", "unmerge"]
 
@@ -28,9 +25,9 @@ def _check_finite(path: Any, x: jax.Array, what: str) -> None:
 def merge(tree: Any) -> Any:
     """Plain params: each `LoraWeight` becomes ``W + s·a@b`` (float32 accumulate, W's dtype).
 
-    A quantized W is dequantized first, and a quantized kernel without adapter is dequantized.
-    `Trainable` wrappers are removed. A DoRA weight (``m`` set) becomes
-    ``m ⊙ (W + s·a@b) / ‖W + s·a@b‖`` (see `jlora.dora`).
+    Each node merges as its type says (`jlora.core.node.Node.merge`): a quantized W or kernel is
+    dequantized, `Trainable` wrappers are removed, a variant merges its own way (DoRA:
+    ``m ⊙ (W + s·a@b) / ‖W + s·a@b‖``).
 
     Raises:
       ValueError: a merged kernel is not finite (checked outside `jax.jit`).
@@ -44,25 +41,14 @@ def merge(tree: Any) -> Any:
     """
 
     def one(path, x):
-        if isinstance(x, Trainable):
-            return x.value
-        if hasattr(x, "dequantize") and not isinstance(x, LoraWeight):
-            return x.dequantize()
-        if not isinstance(x, LoraWeight):
+        if not isinstance(x, Node):
             return x
-        if x.m is not None:
-            out = dora.merged_kernel(x)
-        else:
-            w = dense_w(x.w)
-            out = (w.astype(jnp.float32) + x.delta(jnp.float32)).astype(w.dtype)
-        _check_finite(path, out, "merged kernel")
+        out = x.merge()
+        if x.is_target:
+            _check_finite(path, out, "merged kernel")
         return out
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_node_or_quantized)
-
-
-def _node_or_quantized(x: Any) -> bool:
-    return is_node(x) or hasattr(x, "dequantize")
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
 
 
 def unmerge(merged: Any, tree: Any) -> Any:
@@ -77,11 +63,11 @@ def unmerge(merged: Any, tree: Any) -> Any:
       A tree like ``tree`` whose kernels are recovered from ``merged`` (to float tolerance).
 
     Raises:
-      ValueError: shapes differ, a result is not finite, or a target is DoRA (its merge keeps
-        only the direction of ``W + s·a@b``, so W cannot be recovered from the merged kernel).
+      ValueError: shapes differ, a result is not finite, or a node type cannot be unmerged
+        (DoRA: its merge keeps only the direction of ``W + s·a@b``).
 
     Example:
-      >>> import jax, jax.numpy as jnp, jlora
+      >>> import dataclasses, jax, jax.numpy as jnp, jlora
       >>> tree = jlora.init({"k": jnp.ones((4, 3))}, jlora.LoraConfig(rank=1, targets="k"),
       ...                   key=jax.random.key(0))
       >>> tree = {"k": dataclasses.replace(tree["k"], b=jnp.ones((1, 3)))}
@@ -91,25 +77,11 @@ def unmerge(merged: Any, tree: Any) -> Any:
     """
 
     def one(path, x, m):
-        if isinstance(x, Trainable):
-            return Trainable(m)
-        if hasattr(x, "dequantize") and not isinstance(x, LoraWeight):
-            return x  # a quantized kernel without adapter: keep it as it was
-        if not isinstance(x, LoraWeight):
+        if not isinstance(x, Node):
             return m
-        if x.m is not None:
-            raise ValueError(
-                f"cannot unmerge the DoRA target {jax.tree_util.keystr(path)} (shape "
-                f"{tuple(x.shape)}): merging kept only the direction of W + s*a@b, so W is not "
-                "recoverable; keep the unmerged tree instead."
-            )
-        if tuple(m.shape) != tuple(x.shape):
-            raise ValueError(
-                f"merged kernel {jax.tree_util.keystr(path)} has shape {tuple(m.shape)}, but the "
-                f"adapters expect {tuple(x.shape)}."
-            )
-        w = (m.astype(jnp.float32) - x.delta(jnp.float32)).astype(m.dtype)
-        _check_finite(path, w, "unmerged kernel")
-        return dataclasses.replace(x, w=w)
+        out = x.unmerge(m, path)
+        if x.is_target:
+            _check_finite(path, out.w, "unmerged kernel")
+        return out
 
-    return jax.tree_util.tree_map_with_path(one, tree, merged, is_leaf=_node_or_quantized)
+    return jax.tree_util.tree_map_with_path(one, tree, merged, is_leaf=is_node)

@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 
-from jlora.core.tree import LoraWeight, Trainable, is_node
+from jlora.core.node import Node, is_node
 
 __all__ = ["optimizer", "trainable_mask"]
 
 
-def _labels(tree: Any, *, a: Any, b: Any, train: Any, frozen: Any) -> Any:
+def _labels(tree: Any, label: Callable[[Any], Any], frozen: Any) -> Any:
+    """Per-leaf labels: ``label(field)`` for each child a node declares, ``frozen`` elsewhere."""
+
     def one(x):
-        if isinstance(x, LoraWeight):
-            return dataclasses.replace(
-                x,
-                w=None if x.w is None else jax.tree.map(lambda _: frozen, x.w),
-                a=None if x.a is None else a,
-                b=None if x.b is None else b,
-                m=None if x.m is None else a,
-            )
-        if isinstance(x, Trainable):
-            return Trainable(jax.tree.map(lambda _: train, x.value))
-        return frozen
+        return x.labels(label) if isinstance(x, Node) else frozen
 
     return jax.tree.map(one, tree, is_leaf=is_node)
 
 
 def trainable_mask(tree: Any) -> Any:
-    """A tree of bools like ``tree``: True for ``a``, ``b``, DoRA's ``m`` and `Trainable` leaves.
+    """A tree of bools like ``tree``: True for every adapter child (``a``, ``b``, ...) and
+    `Trainable` leaf; False for base children, fixed children and frozen leaves.
 
     Use it with ``optax.masked`` when composing your own chain.
 
@@ -43,7 +36,7 @@ def trainable_mask(tree: Any) -> Any:
       >>> m["k"].w, m["k"].a, m["k"].b, m["n"]
       (False, True, True, False)
     """
-    return _labels(tree, a=True, b=True, train=True, frozen=False)
+    return _labels(tree, lambda f: f.metadata.get("jlora_kind") == "adapter", False)
 
 
 def optimizer(
@@ -61,8 +54,9 @@ def optimizer(
       tx: the optimizer for the trainable leaves, e.g. ``optax.adamw(1e-4)``.
       tree: a tree with `LoraWeight` / `Trainable` leaves (full, or the trainable half of
         `jlora.split`); only its structure is used.
-      b_tx: optional separate optimizer for the ``b`` factors (LoRA+: a larger learning rate
-        for B, e.g. ``optax.adamw(16 * lr)``).
+      b_tx: optional separate optimizer for the adapter children of optimizer group ``"b"``
+        (LoRA+: a larger learning rate for B, e.g. ``optax.adamw(16 * lr)``; DoRA's magnitude is
+        in that group too, as in PEFT's LoRA+ optimizer).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jlora
@@ -73,9 +67,13 @@ def optimizer(
       >>> sum(x.size for x in jax.tree.leaves(state))  # adam mu + nu of a, b, plus the count
       513
     """
-    labels = _labels(
-        tree, a="lora", b="lora_b" if b_tx is not None else "lora", train="lora", frozen="frozen"
-    )
+
+    def label(f: Any) -> str:
+        if f.metadata.get("jlora_kind") != "adapter":
+            return "frozen"
+        return "lora_b" if b_tx is not None and f.metadata.get("group") == "b" else "lora"
+
+    labels = _labels(tree, label, "frozen")
     transforms = {"lora": tx, "frozen": optax.set_to_zero()}
     if b_tx is not None:
         transforms["lora_b"] = b_tx

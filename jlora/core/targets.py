@@ -10,7 +10,14 @@ import jax.numpy as jnp
 
 from jlora.core.config import LoraConfig
 
-__all__ = ["WEIGHT_NAMES", "leaf_name", "path_str", "select_targets", "select_trainable"]
+__all__ = [
+    "WEIGHT_NAMES",
+    "leaf_name",
+    "module_path",
+    "path_str",
+    "select_targets",
+    "select_trainable",
+]
 
 KeyPath = tuple[Any, ...]
 
@@ -51,7 +58,7 @@ def leaf_name(path: str) -> str:
     return parts[-1]
 
 
-def _module(path: str) -> str:
+def module_path(path: str) -> str:
     """The path of the module that owns a leaf (the path without the leaf name)."""
     parts = path.split("/")
     if len(parts) > 1 and parts[-1] == "value":

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the adapters only: ``a``, ``b`` (DoRA ``m``), `Trainable` leaves, opt state.
+"""Orbax checkpoints of the adapters only: the adapter children of every node, `Trainable` leaves, opt state.
 
 A step directory holds three Orbax items: ``adapters`` (the arrays, nested like the tree:
 ``.../q_proj/kernel/lora_a``), ``opt_state`` (the optimizer state's leaves, when given) and
@@ -18,13 +18,12 @@ import jax
 import numpy as np
 
 from jlora.core.config import LoraConfig
+from jlora.core.node import Node, is_node
 from jlora.core.targets import path_str
-from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = ["AdapterCheckpointer", "config_from_json", "config_to_json"]
 
 _FORMAT = "jlora.adapters/1"
-_A, _B, _M, _T = "lora_a", "lora_b", "lora_m", "trainable"
 
 
 def _orbax() -> Any:
@@ -72,31 +71,15 @@ def config_from_json(data: dict[str, Any]) -> LoraConfig:
 
 
 def _adapters(tree: Any) -> dict[str, Any]:
-    """``{path: LoraWeight | Trainable}`` of the tree, in order."""
+    """``{path: node}`` of the tree's nodes that hold adapter children, in order."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]
-    return {path_str(p): x for p, x in leaves if is_node(x)}
+    return {path_str(p): x for p, x in leaves if is_node(x) and x.children("adapter", "fixed")}
 
 
-def _describe(x: Any) -> dict[str, Any]:
-    if isinstance(x, LoraWeight):
-        return {
-            "kind": "lora",
-            "shape": list(x.shape),
-            "a": list(x.a.shape),
-            "b": list(x.b.shape),
-            "dtype": np.dtype(x.a.dtype).name,
-            "b_dtype": np.dtype(x.b.dtype).name,
-            "scale": x.scale,
-            "batch_axes": list(x.batch_axes),
-            "in_axes": list(x.in_axes),
-            "m": None if _m(x) is None else list(np.shape(_m(x))),
-        }
-    return {"kind": "trainable", "shape": list(np.shape(x.value)), "dtype": _dtype(x.value)}
-
-
-def _m(x: LoraWeight) -> Any:
-    """The DoRA magnitude (`jlora.dora`), or None."""
-    return getattr(x, "m", None)
+def _children(x: Node) -> dict[str, Any]:
+    """The adapter and fixed children a node declares that are present: what is saved."""
+    fields = x.children("adapter", "fixed")
+    return {f.name: getattr(x, f.name) for f in fields if getattr(x, f.name) is not None}
 
 
 def _dtype(x: Any) -> str:
@@ -223,7 +206,8 @@ class AdapterCheckpointer:
         Args:
           step: the training step (a non-negative int).
           tree: a tree with `LoraWeight` / `Trainable` leaves (full, or the trainable half of
-            `jlora.split`); only ``a``, ``b`` and `Trainable` values are written.
+            `jlora.split`); only adapter children (``a``, ``b``, ...) and `Trainable` values are
+            written.
           opt_state: optional optimizer state (any pytree of arrays).
           config: the `LoraConfig`, stored as JSON (read back with `config`).
           metrics: scalars stored with the checkpoint; ``best_metric`` ranks checkpoints.
@@ -253,17 +237,13 @@ class AdapterCheckpointer:
             return False
         arrays = {}
         for path, x in nodes.items():
-            if isinstance(x, LoraWeight):
-                arrays[f"{path}/{_A}"], arrays[f"{path}/{_B}"] = x.a, x.b
-                if _m(x) is not None:
-                    arrays[f"{path}/{_M}"] = _m(x)
-            else:
-                arrays[f"{path}/{_T}"] = x.value
+            for name, v in _children(x).items():
+                arrays[f"{path}/{name}"] = v
         meta: dict[str, Any] = {
             "format": _FORMAT,
             "step": step,
             "config": None if config is None else config_to_json(config),
-            "adapters": {path: _describe(x) for path, x in nodes.items()},
+            "adapters": {path: x.describe() for path, x in nodes.items()},
             "metrics": metrics,
         }
         items = {
@@ -347,13 +327,13 @@ class AdapterCheckpointer:
             if p not in nodes
         ]
         errors += [
-            f"{p}: the tree has {_kind(_describe(x))} there, the checkpoint has none"
+            f"{p}: the tree has {_kind(x.describe())} there, the checkpoint has none"
             for p, x in nodes.items()
             if p not in saved
         ]
         for p, x in nodes.items():
             if p in saved:
-                errors += _compare(p, saved[p], _describe(x))
+                errors += _compare(p, saved[p], x.describe())
         opt_names: list[str] = []
         opt_leaves: list[Any] = []
         if opt_state is not None:
@@ -370,13 +350,8 @@ class AdapterCheckpointer:
         sh = _shardings(shardings, nodes)
         abstract = {}
         for p, x in nodes.items():
-            if isinstance(x, LoraWeight):
-                abstract[f"{p}/{_A}"] = _abstract(x.a, sh.get(p, (None, None))[0])
-                abstract[f"{p}/{_B}"] = _abstract(x.b, sh.get(p, (None, None))[1])
-                if _m(x) is not None:
-                    abstract[f"{p}/{_M}"] = _abstract(_m(x), sh.get(p, (None, None, None))[-1])
-            else:
-                abstract[f"{p}/{_T}"] = _abstract(x.value, sh.get(p, (None,))[0])
+            for name, v in _children(x).items():
+                abstract[f"{p}/{name}"] = _abstract(v, sh[p].get(name))
         items = {"adapters": ocp.args.StandardRestore(_nest(abstract))}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(
@@ -389,12 +364,10 @@ class AdapterCheckpointer:
             if not is_node(x):
                 return x
             p = path_str(path)
-            if isinstance(x, LoraWeight):
-                a, b = _get(arrays, f"{p}/{_A}"), _get(arrays, f"{p}/{_B}")
-                if _m(x) is None:
-                    return dataclasses.replace(x, a=a, b=b)
-                return dataclasses.replace(x, a=a, b=b, m=_get(arrays, f"{p}/{_M}"))
-            return Trainable(_get(arrays, f"{p}/{_T}"))
+            if p not in nodes:
+                return x
+            kw = {name: _get(arrays, f"{p}/{name}") for name in _children(x)}
+            return dataclasses.replace(x, **kw)
 
         restored = jax.tree_util.tree_map_with_path(fill, tree, is_leaf=is_node)
         new_opt = None
@@ -458,28 +431,41 @@ def _array(x: Any) -> Any:
 
 def _kind(d: dict[str, Any]) -> str:
     if d["kind"] == "lora":
-        return (
-            f"LoRA a {tuple(d['a'])}, b {tuple(d['b'])} for a kernel of shape {tuple(d['shape'])}"
-        )
+        parts = ", ".join(f"{n} {tuple(d[n])}" for n in d.get("children", ()))
+        return f"{d.get('variant', 'LoRA')} {parts} for a kernel of shape {tuple(d['shape'])}"
     return f"trainable leaf of shape {tuple(d['shape'])}"
 
 
 def _compare(path: str, saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    """What differs between a saved node description and the tree's (`Node.describe`)."""
     if saved["kind"] != here["kind"]:
         return [f"{path}: checkpoint has a {_kind(saved)}, the tree a {_kind(here)}"]
     errors = []
-    names = ("shape", "a", "b") if saved["kind"] == "lora" else ("shape",)
-    for k in names:
-        if tuple(saved[k]) != tuple(here[k]):
-            what = {"shape": "kernel shape" if saved["kind"] == "lora" else "shape"}.get(k, k)
-            what = what if k == "shape" else f"{k} shape"
+    if tuple(saved["shape"]) != tuple(here["shape"]):
+        what = "kernel shape" if saved["kind"] == "lora" else "shape"
+        errors.append(
+            f"{path}: {what} {tuple(saved['shape'])} in the checkpoint, {tuple(here['shape'])} "
+            "in the tree"
+        )
+    names = dict.fromkeys([*saved.get("children", ()), *here.get("children", ())])
+    titles = {**saved.get("titles", {}), **here.get("titles", {})}
+    for n in names:
+        s, h = saved.get(n), here.get(n)
+        if s is None or h is None:
             errors.append(
-                f"{path}: {what} {tuple(saved[k])} in the checkpoint, {tuple(here[k])} in the tree"
+                f"{path}: {titles.get(n, n)} shape {s!r} in the checkpoint, {h!r} in the tree"
             )
-    for k in ("dtype", "b_dtype", "scale", "batch_axes", "in_axes", "m"):
-        if k in saved and saved[k] != here[k]:
-            what = "DoRA magnitude m shape" if k == "m" else k
-            errors.append(f"{path}: {what} {saved[k]!r} in the checkpoint, {here[k]!r} in the tree")
+        elif tuple(s) != tuple(h):
+            errors.append(f"{path}: {n} shape {tuple(s)} in the checkpoint, {tuple(h)} in the tree")
+    skip = {"kind", "shape", "children", "titles", "dropout", "variant", *names}
+    for k in sorted(set(saved) | set(here)):
+        if k in skip or (k in saved and k in here and saved[k] == here[k]):
+            continue
+        if k.endswith("_dtype") and (k not in saved or k not in here):
+            continue  # reported with the child's shape
+        errors.append(
+            f"{path}: {k} {saved.get(k)!r} in the checkpoint, {here.get(k)!r} in the tree"
+        )
     return errors
 
 
@@ -500,31 +486,24 @@ def _compare_opt(saved: list[dict[str, Any]], names: list[str], leaves: list[Any
     return errors
 
 
-def _shardings(shardings: Any, nodes: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
-    """Per adapter path, the target sharding(s) of (a, b) or (value,)."""
-    out: dict[str, tuple[Any, ...]] = {}
+def _shardings(shardings: Any, nodes: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per adapter path, the target sharding of each saved child (None: as in the tree)."""
     if shardings is None:
-        for p, x in nodes.items():
-            if isinstance(x, LoraWeight):
-                out[p] = (_sharding_of(x.a), _sharding_of(x.b), _sharding_of(_m(x)))
-            else:
-                out[p] = (_sharding_of(x.value),)
-        return out
+        return {p: {n: _sharding_of(v) for n, v in _children(x).items()} for p, x in nodes.items()}
     if isinstance(shardings, jax.sharding.Sharding):
-        return {p: (shardings, shardings, shardings) for p in nodes}
+        return {p: {n: shardings for n in _children(x)} for p, x in nodes.items()}
     is_leaf = lambda x: is_node(x) or isinstance(x, jax.sharding.Sharding)  # noqa: E731
     given = {
         path_str(p): s
         for p, s in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_leaf)[0]
     }
-    for p in nodes:
+    out: dict[str, dict[str, Any]] = {}
+    for p, x in nodes.items():
         s = given.get(p)
-        if isinstance(s, LoraWeight):
-            out[p] = (s.a, s.b, _m(s))
-        elif isinstance(s, Trainable):
-            out[p] = (s.value,)
+        if isinstance(s, Node):
+            out[p] = {n: getattr(s, n, None) for n in _children(x)}
         elif isinstance(s, jax.sharding.Sharding):
-            out[p] = (s, s, s)
+            out[p] = {n: s for n in _children(x)}
         else:
             raise ValueError(f"`shardings` has no sharding for the adapter at {p}.")
     return out

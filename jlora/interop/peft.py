@@ -34,8 +34,10 @@ import safetensors.flax
 from safetensors import safe_open
 
 from jlora.core.config import LoraConfig
-from jlora.core.targets import _module, leaf_name, path_str, select_targets
-from jlora.core.tree import LoraWeight, Trainable, is_node
+from jlora.core.kernel import KernelNode, LoraWeight, Trainable
+from jlora.core.node import is_node
+from jlora.core.targets import leaf_name, module_path, path_str, select_targets
+from jlora.variants.dora import DoraWeight
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load", "save", "torch_module_name"]
 
@@ -190,8 +192,7 @@ def _lora_to_torch(
             f"{where} has stacked (batch) axes {lw.batch_axes} with shape {lw.shape}: PEFT has one "
             "module per layer, so a stacked kernel is not representable. Unstack it first."
         )
-    m = getattr(lw, "m", None)
-    mag = {} if m is None else {"lora_magnitude_vector": jnp.transpose(m, np.argsort(lw.out_axes))}
+    mag = lw.peft_tensors()  # a variant's own tensors (DoRA: lora_magnitude_vector), W order
     if leaf_name(s) == "embedding":
         return {"lora_embedding_A": a.T, "lora_embedding_B": b.T, **mag}
     # order a's input dims and b's output dims by kernel axis, as torch flattens them
@@ -219,7 +220,7 @@ def _leaf_to_torch(s: str, x: Any, keypath: Any) -> tuple[str, Any]:
     if name == "kernel":
         if x.ndim == 2:
             return "weight", x.T
-        if x.ndim >= 3 and _is_conv(_module(s)):
+        if x.ndim >= 3 and _is_conv(module_path(s)):
             return "weight", jnp.transpose(x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2)))
         raise ValueError(
             f"{jax.tree_util.keystr(keypath)} is a kernel with shape {tuple(x.shape)}: only 2-D "
@@ -237,7 +238,7 @@ def _leaf_from_torch(
     name = leaf_name(s)
     if name == "kernel" and len(shape) == 2:
         return "weight", shape[::-1], lambda t: t.T
-    if name == "kernel" and len(shape) >= 3 and _is_conv(_module(s)):
+    if name == "kernel" and len(shape) >= 3 and _is_conv(module_path(s)):
         n = len(shape)
         tshape = (shape[-1], shape[-2], *shape[:-2])
         return "weight", tshape, lambda t: jnp.transpose(t, (*range(2, n), 1, 0))
@@ -260,7 +261,7 @@ def _all_modules(paths: list[str], fn: ModuleMap) -> dict[str, str]:
     """torch name → jlora module path, for every module (and container) of the tree."""
     out: dict[str, str] = {}
     for s in paths:
-        parts = _strip(_module(s)).split("/")
+        parts = _strip(module_path(s)).split("/")
         for k in range(1, len(parts) + 1):
             mod = "/".join(parts[:k])
             if mod and (name := fn(mod)) is not None:
@@ -327,9 +328,14 @@ def save(
     for s, kp, x in entries:
         if isinstance(x, Trainable):
             trainable.append((s, kp, x))
+        if isinstance(x, KernelNode) and not isinstance(x, LoraWeight):
+            raise ValueError(
+                f"{jax.tree_util.keystr(kp)} is a {type(x).__name__} (shape {tuple(x.shape)}), "
+                "which has no PEFT LoRA form; save each adapter of a set on its own."
+            )
         if not isinstance(x, LoraWeight):
             continue
-        mod = _strip(_module(s))
+        mod = _strip(module_path(s))
         name = fn(mod)
         if name is None:
             raise ValueError(f"module_map gave no torch name for {jax.tree_util.keystr(kp)}.")
@@ -343,7 +349,7 @@ def save(
         raise ValueError(
             "the tree has no LoraWeight leaf: nothing to save (call jlora.init first)."
         )
-    dora = {n: getattr(lw, "m", None) is not None for n, (_, lw) in targets.items()}
+    dora = {n: isinstance(lw, DoraWeight) for n, (_, lw) in targets.items()}
     if any(dora.values()) != all(dora.values()) or any(dora.values()) != config.use_dora:
         raise ValueError(
             f"config.use_dora={config.use_dora}, but {sum(dora.values())} of {len(dora)} adapters "
@@ -352,7 +358,7 @@ def save(
 
     mts_mods: set[str] = set()
     for s, kp, x in trainable:
-        mod = _strip(_module(s))
+        mod = _strip(module_path(s))
         is_bias = leaf_name(s) == "bias"
         by_bias = is_bias and (
             config.bias == "all" or (config.bias == "lora_only" and mod in owners)
@@ -623,7 +629,7 @@ def load(
     universe = _all_modules([s for s, _, _ in entries], fn)
     by_module: dict[str, dict[str, tuple[str, Any, Any]]] = {}
     for s, kp, x in entries:
-        name = fn(_strip(_module(s)))
+        name = fn(_strip(module_path(s)))
         if name is not None and x is not None:
             by_module.setdefault(name, {})[leaf_name(s)] = (s, kp, x)
 
@@ -635,7 +641,7 @@ def load(
         cfg = {**cfg, "target_modules": sorted(
             n for n, lv in by_module.items()
             if "kernel" in lv and np.ndim(lv["kernel"][2]) >= 2 and n not in heads
-            and not _is_conv(_module(lv["kernel"][0]))
+            and not _is_conv(module_path(lv["kernel"][0]))
         )}  # fmt: skip
     targets = _targeted(cfg, set(universe))
     rslora, bias = bool(cfg.get("use_rslora")), cfg.get("bias", "none")
@@ -742,10 +748,12 @@ def _build(params: Any, plan: dict, file: str, keys: dict[str, str], cfg: dict) 
                 k = len(p.in_axes)
                 a, b = ta.T.reshape(*shape[:k], r), tb.T.reshape(r, *shape[k:])
             w = x if p.w_src is None else get(p.w_src, x)
-            kw = {}
-            if p.key_m is not None:  # DoRA magnitude: one value per output unit
-                kw["m"] = f.get_tensor(keys[p.key_m]).reshape(shape[len(p.in_axes) :])
-            return LoraWeight(w, a, b, scale=p.scale, in_axes=p.in_axes, dropout=dropout, **kw)
+            lw = LoraWeight(w, a, b, scale=p.scale, in_axes=p.in_axes, dropout=dropout)
+            if p.key_m is None:
+                return lw
+            # DoRA magnitude: one value per output unit
+            m = f.get_tensor(keys[p.key_m]).reshape(shape[len(p.in_axes) :])
+            return DoraWeight(**{k.name: getattr(lw, k.name) for k in dataclasses.fields(lw)}, m=m)
 
         return jax.tree_util.tree_map_with_path(one, params)
 
@@ -780,7 +788,7 @@ def _config(
     names = [tm] if isinstance(tm, str) else sorted(tm)
     if all(re.fullmatch(r"[A-Za-z0-9_]+", t) for t in names):
         candidates.append(names)
-    candidates += [sorted({leaf_name(_module(s)) for s in loras}), "all-linear"]
+    candidates += [sorted({leaf_name(module_path(s)) for s in loras}), "all-linear"]
     for targets in candidates:  # a readable config when it selects exactly the same leaves
         try:
             if set(select_targets(params, LoraConfig(targets=targets, **kw))) == found:

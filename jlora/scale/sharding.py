@@ -52,7 +52,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -62,8 +61,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jlora.core.kernel import Trainable
+from jlora.core.node import Node, is_node
 from jlora.core.targets import path_str
-from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = [
     "AXES",
@@ -264,9 +264,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def _shape(x: Any) -> tuple[int, ...]:
-    if isinstance(x, LoraWeight):  # W's shape (from a and b when W is absent after split)
-        return tuple(x.w.shape) if x.w is not None else tuple(x.shape)
-    return tuple(getattr(x, "shape", ()))
+    return tuple(getattr(x, "shape", ()))  # a node knows W's shape even when W is absent
 
 
 def _fits(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh | None) -> str | None:
@@ -553,51 +551,18 @@ def lora_specs(
         _check(s, shape, spec, mesh)
         if isinstance(x, Trainable):
             return Trainable(spec)
-        if not isinstance(x, LoraWeight):
+        if not isinstance(x, Node):
             return spec
-        full = list(spec) + [None] * (x.ndim - len(spec))
-        batch = [full[i] for i in x.batch_axes]
-        out = [full[i] for i in x.out_axes]
-        a = PartitionSpec(*batch, *(full[i] for i in x.in_axes), None)
-        b = PartitionSpec(*batch, None, *out)
+        extend = None
         if shard_factors is not None:
-            size, nb = mesh.shape[shard_factors], len(x.batch_axes)
-            a_shape = (*(shape[i] for i in x.batch_axes), *(shape[i] for i in x.in_axes), 0)
-            b_shape = (*(shape[i] for i in x.batch_axes), 0, *(shape[i] for i in x.out_axes))
-            a = _pad(_add_axis(a_shape, a, size, shard_factors, skip=(len(a_shape) - 1,)), a_shape)
-            b = _pad(_add_axis(b_shape, b, size, shard_factors, skip=(nb,)), b_shape)
-        kw = {}
-        if getattr(x, "m", None) is not None:  # DoRA magnitude: batch + out axes
-            kw["m"] = PartitionSpec(*batch, *out)
-        return dataclasses.replace(
-            x,
-            w=_w_spec(x.w, spec, shape),
-            a=None if x.a is None else a,
-            b=None if x.b is None else b,
-            **kw,
-        )
+            size = mesh.shape[shard_factors]
+
+            def extend(shape, s, skip):
+                return _pad(_add_axis(shape, s, size, shard_factors, skip=skip), shape)
+
+        return x.specs(spec, extend)
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_node(x))
-
-
-def _w_spec(w: Any, spec: PartitionSpec, shape: tuple[int, ...]) -> Any:
-    """W's spec; for a quantized W (a pytree node, `jlora.quant`), a spec per child array."""
-    if w is None or isinstance(w, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
-        return None if w is None else spec
-    if not jax.tree_util.treedef_is_leaf(jax.tree.structure(w)):
-        full = list(spec) + [None] * (len(shape) - len(spec))
-
-        def child(leaf):
-            # Children laid out like W (int8 data, its per-channel scales) keep W's entries where
-            # their sizes agree; other layouts (NF4's packed blocks) are replicated.
-            if len(leaf.shape) != len(shape):
-                return PartitionSpec()
-            return PartitionSpec(
-                *(e if leaf.shape[d] == shape[d] else None for d, e in enumerate(full))
-            )
-
-        return jax.tree.map(child, w)
-    return spec
 
 
 # Placement -------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """DoRA: weight-decomposed LoRA (Liu et al. 2024), as PEFT implements it.
 
-A DoRA target is a `LoraWeight` whose optional child ``m`` is set: a trainable magnitude with
-one value per output unit (shape ``batch_shape + out_shape``; ``(out,)`` for a Dense kernel).
+A DoRA target is a `DoraWeight`: a `LoraWeight` with one more adapter child ``m``, a trainable
+magnitude with one value per output unit (shape ``batch_shape + out_shape``; ``(out,)`` for a
+Dense kernel). It plugs in through the node protocol (`jlora.core.node`): the field declares
+``m`` as an adapter child (so `split`, `combine`, `summary`, the optimizer labels, checkpoints
+and sharding specs handle it), `DoraWeight.output` rescales the fused rules' output and
+`DoraWeight.materialize` merges.
 The adapted kernel is ``m ⊙ (W + s·a@b) / ‖W + s·a@b‖``, the norm taken over the input axes of
-each output unit (PEFT's column norm). `split`, `combine`, `summary`, `optimizer` and
-`trainable_mask` treat ``m`` as trainable, like ``a`` and ``b``.
+each output unit (PEFT's column norm).
 
-``LoraConfig(use_dora=True)`` makes `jlora.init` set ``m = ‖W + s·a@b‖`` (= ‖W‖ at init, where
-``b = 0``), so the output at step 0 is the base model's.
+``LoraConfig(use_dora=True)`` (= ``variant="dora"``) makes `jlora.init` set
+``m = ‖W + s·a@b‖`` (= ‖W‖ at init, where ``b = 0``), so the output at step 0 is the base model's.
 
 Forward (`jlora.lora`): the matmuls stay unmerged, ``y = g ⊙ (x·W + s·(x·a)·b)`` with
 ``g = m / ‖W + s·a@b‖``; with LoRA dropout active, PEFT's form ``x·W + (g − 1) ⊙ (x̃·W) +
@@ -30,20 +33,97 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jlora.core.tree import LoraWeight, is_node
+from jlora.core.config import LoraConfig
+from jlora.core.kernel import KernelNode, LoraWeight
+from jlora.core.node import adapter_field, as_array, is_node, register
+from jlora.core.registry import register_variant
+from jlora.core.rules import dot_case, dot_rule
 
-__all__ = ["add_magnitudes", "broadcast", "magnitude_scale", "merged_kernel", "weight_norm"]
+__all__ = [
+    "DoraWeight",
+    "add_magnitudes",
+    "broadcast",
+    "magnitude_scale",
+    "merged_kernel",
+    "weight_norm",
+]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DoraWeight(LoraWeight):
+    """A `LoraWeight` with a DoRA magnitude ``m`` (shape ``batch_shape + out_shape``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> dw = DoraWeight(jnp.array([[3.0], [4.0]]), jnp.zeros((2, 1)), jnp.zeros((1, 1)),
+      ...                 m=jnp.array([10.0]))
+      >>> dw.materialize().tolist()  # m · W / ‖W‖
+      [[6.0], [8.0]]
+    """
+
+    m: Any = adapter_field(
+        layout=("batch", "out"), group="b", cast=False, default=None, title="DoRA magnitude m"
+    )
+
+    variant_name: ClassVar[str] = "DoRA"
+
+    def materialize(self, dtype: Any = None) -> jax.Array:
+        out = merged_kernel(self)
+        return out if dtype is None else out.astype(dtype)
+
+    def unmerge(self, merged: Any, path: Any) -> Any:
+        raise ValueError(
+            f"cannot unmerge the DoRA target {jax.tree_util.keystr(path)} (shape "
+            f"{tuple(self.shape)}): merging kept only the direction of W + s*a@b, so W is not "
+            "recoverable; keep the unmerged tree instead."
+        )
+
+    def output(self, y: jax.Array, low: jax.Array, base: Any, positions: dict[int, int]) -> Any:
+        """PEFT's form ``y + (g − 1)·base + g·low``, g = m/‖W + s·a@b‖ laid out by ``positions``."""
+        g = broadcast(self, magnitude_scale(self), positions, y.ndim).astype(y.dtype)
+        return y + (g - 1) * base() + g * low.astype(y.dtype)
+
+    def peft_tensors(self) -> dict[str, jax.Array]:
+        """``lora_magnitude_vector``, output units in W's axis order (flattened by `jlora.peft`)."""
+        order = sorted(range(len(self.out_axes)), key=lambda i: self.out_axes[i])
+        nb = len(self.batch_axes)
+        return {
+            "lora_magnitude_vector": jnp.transpose(self.m, (*range(nb), *(nb + i for i in order)))
+        }
+
+    def as_lora(self) -> LoraWeight:
+        """The same adapter without its magnitude."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoraWeight)}
+        return LoraWeight(**kw)
+
+
+@register(DoraWeight, "dot_general")
+def _dot(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+    """``x @ W.T`` (e.g. attend) contracts W's output units, which DoRA scales: scale x instead,
+    then run LoRA's rule; every other use is LoRA's rule with `DoraWeight.output`."""
+    x, lw = invals
+    if isinstance(x, DoraWeight):  # W on the left
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        if dot_case(x, ((rc, lc), (rb, lb))) == "out":
+            return None  # x.T-style use of a DoRA kernel on the left: materialized
+    if isinstance(lw, DoraWeight) and not isinstance(x, KernelNode):
+        dn = eqn.params["dimension_numbers"]
+        if dot_case(lw, dn) == "out":
+            (lc, rc), (lb, rb) = dn
+            pos = dict(zip(rc, lc, strict=True)) | dict(zip(rb, lb, strict=True))
+            g = broadcast(lw, magnitude_scale(lw), pos, x.ndim).astype(x.dtype)
+            return dot_rule(eqn, [x * g, lw.as_lora()], ctx)
+    return dot_rule(eqn, invals, ctx)
 
 
 def _dense_f32(w: Any) -> jax.Array:
-    if hasattr(w, "dequantize"):
-        return w.dequantize(jnp.float32)
-    return jnp.asarray(w, jnp.float32)
+    return as_array(w, jnp.float32)
 
 
 def weight_norm(lw: LoraWeight) -> jax.Array:
@@ -63,14 +143,14 @@ def weight_norm(lw: LoraWeight) -> jax.Array:
     return jnp.transpose(n, [kept.index(ax) for ax in canonical])
 
 
-def magnitude_scale(lw: LoraWeight) -> jax.Array:
+def magnitude_scale(lw: DoraWeight) -> jax.Array:
     """``g = m / ‖W + s·a@b‖`` (float32, shape ``batch + out``), the norm without gradient."""
     n = jax.lax.stop_gradient(weight_norm(jax.lax.stop_gradient(lw)))
     # a unit whose column is all zero has m = 0 at init: give it g = 0 instead of 0/0
     return jnp.asarray(lw.m, jnp.float32) / jnp.where(n > 0, n, 1.0)
 
 
-def broadcast(lw: LoraWeight, g: jax.Array, positions: Mapping[int, int], ndim: int) -> jax.Array:
+def broadcast(lw: KernelNode, g: jax.Array, positions: Mapping[int, int], ndim: int) -> jax.Array:
     """Lay out ``g`` (shape ``batch + out``) for an ``ndim`` array where W's axis ``ax`` sits at
     ``positions[ax]``; all other axes get size 1.
 
@@ -88,7 +168,7 @@ def broadcast(lw: LoraWeight, g: jax.Array, positions: Mapping[int, int], ndim: 
     return jnp.reshape(jnp.transpose(g, perm), shape)
 
 
-def merged_kernel(lw: LoraWeight) -> jax.Array:
+def merged_kernel(lw: DoraWeight) -> jax.Array:
     """``m ⊙ (W + s·a@b) / ‖W + s·a@b‖`` in W's layout and dtype (float32 math)."""
     v = _dense_f32(lw.w) + lw.delta(jnp.float32)
     g = broadcast(lw, magnitude_scale(lw), {ax: ax for ax in range(lw.ndim)}, lw.ndim)
@@ -96,24 +176,35 @@ def merged_kernel(lw: LoraWeight) -> jax.Array:
 
 
 def add_magnitudes(tree: Any, *, dtype: Any = None) -> Any:
-    """Give each `LoraWeight` of ``tree`` a DoRA magnitude ``m = ‖W + s·a@b‖`` (PEFT's init).
+    """Turn each `LoraWeight` of ``tree`` into a `DoraWeight` with ``m = ‖W + s·a@b‖`` (PEFT's
+    init).
 
     Args:
-      tree: a tree with `LoraWeight` leaves (their ``m`` must be unset).
+      tree: a tree with `LoraWeight` leaves (not yet DoRA).
       dtype: dtype of ``m`` (default: the dtype of each ``a``).
 
     Raises:
-      ValueError: a `LoraWeight` already has a magnitude.
+      ValueError: a target already has a magnitude.
     """
 
     def one(path, x):
-        if not isinstance(x, LoraWeight):
-            return x
-        if x.m is not None:
+        if isinstance(x, DoraWeight):
             raise ValueError(
                 f"{jax.tree_util.keystr(path)} (shape {tuple(x.shape)}) already has a DoRA "
                 "magnitude `m`."
             )
-        return dataclasses.replace(x, m=weight_norm(x).astype(dtype or x.a.dtype))
+        if type(x) is not LoraWeight:
+            return x
+        return _with_magnitude(x, dtype)
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
+
+
+def _with_magnitude(x: LoraWeight, dtype: Any = None) -> DoraWeight:
+    kw = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+    return DoraWeight(**kw, m=weight_norm(x).astype(dtype or x.a.dtype))
+
+
+@register_variant("dora")
+def _variant(node: LoraWeight, config: LoraConfig, path: str) -> DoraWeight:
+    return _with_magnitude(node)

@@ -13,7 +13,9 @@ axes flattened); the decomposition runs in float32.
   of PEFT's ``(out, in)`` weight, ``Wᵀ = Q·R``, gives ``lora_A = R[:r]`` and ``lora_B = Q[:, :r]``,
   i.e. ``a = R[:r]ᵀ`` and ``b = Q[:, :r]ᵀ``; the residual is ``W − s·a@b``.
 
-Embedding tables keep the standard embedding init (PEFT applies neither to embeddings).
+Embedding tables keep the standard embedding init (PEFT applies neither to embeddings). Both
+are registered initializers (`jlora.core.registry`); with ``use_dora`` the DoRA magnitude is
+taken after the decomposition, from ``W_res + s·a@b`` (= W), as PEFT does.
 
 Example:
   >>> import jax, jax.numpy as jnp, jlora
@@ -36,10 +38,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.core import tree as weights
 from jlora.core.config import LoraConfig
-from jlora.core.targets import leaf_name, path_str
-from jlora.core.tree import LoraWeight, is_node
+from jlora.core.init import init
+from jlora.core.kernel import LoraWeight
+from jlora.core.node import Node
+from jlora.core.registry import register_initializer
 
 __all__ = ["decompose", "init_decomposed"]
 
@@ -68,7 +71,7 @@ def decompose(lw: LoraWeight, method: str) -> LoraWeight:
     if method not in ("pissa", "olora"):
         raise ValueError(f"`method` must be 'pissa' or 'olora', got {method!r}.")
     w = lw.w
-    if hasattr(w, "dequantize") or not jnp.issubdtype(w.dtype, jnp.floating):
+    if isinstance(w, Node) or not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(
             f"{method} needs a plain floating kernel, got {type(w).__name__} with shape "
             f"{tuple(w.shape)} and dtype {w.dtype}: initialize first, then quantize the residual."
@@ -91,30 +94,23 @@ def decompose(lw: LoraWeight, method: str) -> LoraWeight:
     return dataclasses.replace(new, w=residual)
 
 
-def init_decomposed(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
-    """`jlora.init` for ``config.init`` in ``("pissa", "olora")``.
+@register_initializer("pissa")
+def _pissa(node: LoraWeight, key: jax.Array) -> LoraWeight:
+    return decompose(node, "pissa")
 
-    Target selection, axes, scales, `Trainable` leaves and the embedding init are `jlora.init`'s
-    own; each non-embedding target is then decomposed with `decompose`. With
-    ``config.use_dora`` the DoRA magnitude is taken after the decomposition, from
-    ``W_res + s·a@b`` (= W), as PEFT does.
+
+@register_initializer("olora")
+def _olora(node: LoraWeight, key: jax.Array) -> LoraWeight:
+    return decompose(node, "olora")
+
+
+def init_decomposed(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
+    """`jlora.init` for ``config.init`` in ``("pissa", "olora")`` (kept for the old API: the
+    initializers are registered, so `jlora.init` does this by itself).
 
     Raises:
       ValueError: ``config.init`` is not a decomposition init, or as `jlora.init`.
     """
     if config.init not in ("pissa", "olora"):
         raise ValueError(f"init_decomposed needs init 'pissa' or 'olora', got {config.init!r}.")
-    base = dataclasses.replace(config, init="gaussian", use_dora=False)
-    tree = weights.init(params, base, key=key)
-
-    def one(path, x):
-        if not isinstance(x, LoraWeight) or leaf_name(path_str(path)) == "embedding":
-            return x
-        return decompose(x, config.init)
-
-    tree = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
-    if config.use_dora:
-        from jlora.variants import dora
-
-        tree = dora.add_magnitudes(tree)
-    return tree
+    return init(params, config, key=key)

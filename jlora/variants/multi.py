@@ -9,7 +9,7 @@ Mixed batches: `AdapterSet.stack` gives a tree of `MultiLoraWeight` nodes (the a
 ``a``/``b`` stacked, ranks zero-padded to the largest), `route` tells them which adapter each
 example uses (an index into the stacked names, or -1 for none), and `jlora.lora` runs the whole
 batch in one forward: its ``dot_general`` rule gathers each example's ``a``, ``b`` and scale.
-The rule plugs into the interpreter through the node's ``fused_rule`` method.
+The rule plugs into the interpreter through the node protocol (`jlora.core.node.register`).
 
 Example:
   >>> import jax, jax.numpy as jnp, jlora
@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlora.core.interpreter import _dropout, _tail_perm, dense_w
+from jlora.core.kernel import KernelNode, LoraWeight, Trainable
+from jlora.core.node import Node, adapter_field, as_array, base_field, is_node, register
+from jlora.core.rules import tail_perm
 from jlora.core.targets import path_str
-from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = ["DENSE_MAX_RANK", "AdapterSet", "MultiLoraWeight", "route"]
 
@@ -47,55 +47,36 @@ __all__ = ["DENSE_MAX_RANK", "AdapterSet", "MultiLoraWeight", "route"]
 #: other adapters' blocks (no gathers); above it each example's a, b are gathered (BGMV-style).
 DENSE_MAX_RANK = 256
 
-# Primitives whose default rules only carry a kernel along (no use of a/b layouts).
-_STRUCTURAL = frozenset(
-    {
-        "transpose",
-        "convert_element_type",
-        "jit",
-        "pjit",
-        "closed_call",
-        "checkpoint",
-        "remat",
-        "remat2",
-        "cond",
-        "scan",
-    }
-)
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MultiLoraWeight(LoraWeight):
+class MultiLoraWeight(KernelNode):
     """A frozen ``w`` with ``n`` stacked adapters, one chosen per example by ``ids``.
 
     Layout: ``a.shape == batch_shape + (n,) + in_shape + (r,)`` and
     ``b.shape == batch_shape + (n, r) + out_shape``; ``scales[i]`` is adapter i's scale (0 where
-    it has no adapter for this kernel). ``ids`` (set by `route`) has one entry per example (axis
-    0 of the input), in ``[-1, n)``; -1 means the base model alone.
+    it has no adapter for this kernel). ``ids`` (set by `route`; a base child: routing data, not
+    trained) has one entry per example (axis 0 of the input), in ``[-1, n)``; -1 means the base
+    model alone.
 
     Only ``x @ W`` uses (``dot_general`` contracting W's input axes, with the input's axis 0 as
     the example axis) have a per-example rule; other uses raise a ValueError.
     """
 
-    ids: Any = None
-    scales: tuple[float, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    a: Any = adapter_field(layout=("batch", "adapter", "in", "rank"))
+    b: Any = adapter_field(layout=("batch", "adapter", "rank", "out"), group="b")
+    ids: Any = base_field(layout=None, default=None)
+    scales: tuple[float, ...] = dataclasses.field(
+        default=(), kw_only=True, metadata=dict(static=True)
+    )
 
     @property
     def n_adapters(self) -> int:
         return self.a.shape[len(self.batch_axes)]
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        dims = [0] * self.ndim
-        nb = len(self.batch_axes)
-        for i, ax in enumerate(self.batch_axes):
-            dims[ax] = self.a.shape[i]
-        for i, ax in enumerate(self.in_axes):
-            dims[ax] = self.a.shape[nb + 1 + i]
-        for i, ax in enumerate(self.out_axes):
-            dims[ax] = self.b.shape[nb + 2 + i]
-        return tuple(dims)
+    def rank(self) -> int:
+        return self.a.shape[-1]
 
     def delta(self, dtype: Any = jnp.float32) -> jax.Array:
         raise ValueError(
@@ -103,31 +84,27 @@ class MultiLoraWeight(LoraWeight):
             "ΔW: its adapter is chosen per example. Use AdapterSet.tree(name) to merge one."
         )
 
-    def fused_rule(self, name: str) -> Any:
-        """The interpreter hook (`jlora.fused`): a rule for ``name``, or None for the default."""
-        if name == "dot_general":
-            return _dot_multi
-        if name in _STRUCTURAL:
-            return None
-        return functools.partial(_refuse, f"primitive `{name}`")
+    def materialize(self, dtype: Any = None) -> jax.Array:
+        return self.delta()
+
+    def fallback(self, primitive: str) -> jax.Array:
+        raise ValueError(
+            f"jlora.multi: primitive `{primitive}` consumes a MultiLoraWeight of shape "
+            f"{self.shape}; mixed-adapter batches support only x @ W (dot_general contracting W's "
+            "input axes, the input's axis 0 being the example axis)."
+        )
 
 
-def _refuse(why: str, eqn: Any, invals: list[Any], ctx: Any) -> None:
-    lw = next(x for x in invals if isinstance(x, MultiLoraWeight))
-    raise ValueError(
-        f"jlora.multi: {why} consumes a MultiLoraWeight of shape {lw.shape}; mixed-adapter "
-        "batches support only x @ W (dot_general contracting W's input axes, the input's axis 0 "
-        "being the example axis)."
-    )
-
-
+@register(MultiLoraWeight, "dot_general")
 def _dot_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
     x, lw = invals
-    if not isinstance(lw, MultiLoraWeight) or isinstance(x, LoraWeight):
-        return _refuse("a dot_general with W on the left", eqn, invals, ctx)
+    if not isinstance(lw, MultiLoraWeight) or isinstance(x, Node):
+        return next(v for v in invals if isinstance(v, MultiLoraWeight)).fallback(
+            "a dot_general with W on the left"
+        )
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if lb or rb or lw.batch_axes or 0 in lc or tuple(sorted(rc)) != tuple(sorted(lw.in_axes)):
-        return _refuse(f"a dot_general {eqn.params['dimension_numbers']}", eqn, invals, ctx)
+        return lw.fallback(f"a dot_general {eqn.params['dimension_numbers']}")
     if lw.ids is None:
         raise ValueError(
             f"the MultiLoraWeight of shape {lw.shape} has no ids: call "
@@ -139,13 +116,13 @@ def _dot_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
             f"{lw.shape} has shape {tuple(x.shape)}: expected one id per example, "
             f"shape ({x.shape[0]},)."
         )
-    y = eqn.primitive.bind(x, dense_w(lw.w), **eqn.params)
+    y = eqn.primitive.bind(x, as_array(lw.w), **eqn.params)
     ct = x.dtype
     valid = lw.ids >= 0
     idx = jnp.where(valid, lw.ids, 0)
     kw = dict(precision=eqn.params.get("precision"), preferred_element_type=y.dtype)
     f_c = tuple(1 + lw.in_axes.index(d) for d in rc)
-    xd = _dropout(x, lw, ctx)
+    xd = ctx.dropout(x, lw.dropout)
     n, r = lw.n_adapters, lw.rank
     if n * r <= DENSE_MAX_RANK:  # every adapter's x·a in one matmul, keep the example's block
         coef = jax.nn.one_hot(idx, n, dtype=jnp.float32) * jnp.asarray(lw.scales, jnp.float32)
@@ -162,7 +139,7 @@ def _dot_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
         t = lax.dot_general(xd, a, ((lc, f_c), ((0,), (0,))), **kw).astype(ct)
         yl = lax.dot_general(t, b, (((t.ndim - 1,), (1,)), ((0,), (0,))), **kw)
         yl = yl * scale.reshape((-1,) + (1,) * (yl.ndim - 1)).astype(yl.dtype)
-    perm = _tail_perm(lw.out_axes, yl.ndim - len(lw.out_axes))
+    perm = tail_perm(lw.out_axes, yl.ndim - len(lw.out_axes))
     if perm is not None:
         yl = jnp.transpose(yl, perm)
     return y + yl.astype(y.dtype)
@@ -199,7 +176,7 @@ def route(tree: Any, ids: jax.Array) -> Any:
 
 
 def _is_frozen_leaf(x: Any) -> bool:
-    return hasattr(x, "dequantize")  # a quantized kernel is one leaf of the base
+    return isinstance(x, Node)  # a quantized kernel is one leaf of the base
 
 
 def _parts(tree: Any) -> dict[str, Any]:
@@ -215,9 +192,10 @@ def _parts(tree: Any) -> dict[str, Any]:
 def _same_axes(path: str, nodes: Sequence[LoraWeight]) -> None:
     first = nodes[0]
     for n in nodes:
-        if n.m is not None:
+        if type(n) is not LoraWeight:
             raise ValueError(
-                f"{path}: DoRA adapters (with a magnitude `m`) cannot be combined or stacked."
+                f"{path}: {n.variant_name} adapters ({type(n).__name__}) cannot be combined or "
+                "stacked: only plain LoRA adapters can."
             )
         if (n.batch_axes, n.in_axes, n.out_axes) != (
             first.batch_axes,
@@ -432,7 +410,7 @@ def _check_name(name: Any) -> None:
 
 
 def _differs(w: Any, base_w: Any) -> bool:
-    if hasattr(w, "dequantize") or hasattr(base_w, "dequantize"):
+    if isinstance(w, Node) or isinstance(base_w, Node):
         return False  # quantized kernels: only the shape is checked
     if isinstance(w, jax.core.Tracer) or isinstance(base_w, jax.core.Tracer):
         return False

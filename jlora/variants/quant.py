@@ -31,12 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.core.kernel import KernelNode, Trainable
+from jlora.core.node import Node, is_node
 from jlora.core.targets import path_str
-from jlora.core.tree import LoraWeight, Trainable, is_node
 
 __all__ = [
     "NF4_CODE",
     "Int8Weight",
+    "QuantizedKernel",
     "NF4Weight",
     "dequantize",
     "nbytes",
@@ -70,12 +72,69 @@ METHODS = ("nf4", "int8")
 
 
 def _is_quantized(x: Any) -> bool:
-    return isinstance(x, Int8Weight | NF4Weight)
+    return isinstance(x, QuantizedKernel)
+
+
+class QuantizedKernel(Node):
+    """The node protocol of a quantized frozen kernel (int8 and NF4 share it).
+
+    A quantized kernel is all base children (codes and scales). Wherever a primitive consumes
+    it -- on its own or as the ``w`` of a `LoraWeight` -- it is dequantized right there, in the
+    primitive's dtype, without a warning (that is the point of QLoRA); a ``convert_element_type``
+    only relabels its logical dtype. `jlora.merge` dequantizes it, `jlora.unmerge` keeps it.
+    Subclasses define ``shape``, ``logical_dtype`` and ``dequantize(dtype=None)``.
+    """
+
+    warn_on_fallback = False
+    logical_dtype: str
+
+    @property
+    def dtype(self) -> np.dtype:
+        return jnp.dtype(self.logical_dtype)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        raise NotImplementedError
+
+    def materialize(self, dtype: Any = None) -> jax.Array:
+        return self.dequantize(dtype)
+
+    def astype(self, dtype: Any) -> QuantizedKernel:
+        """The same codes with another logical dtype (what a ``convert_element_type`` does)."""
+        return dataclasses.replace(self, logical_dtype=jnp.dtype(dtype).name)
+
+    def unmerge(self, merged: Any, path: Any) -> QuantizedKernel:
+        return self  # a quantized kernel without adapter: keep it as it was
+
+    def specs(self, w_spec: Any, extend: Any = None) -> Any:
+        """A spec per child: children laid out like W (int8 codes, per-channel scales) keep W's
+        entries where their sizes agree; other layouts (NF4's packed blocks) are replicated."""
+        from jax.sharding import PartitionSpec
+
+        shape = self.shape
+        full = list(w_spec) + [None] * (len(shape) - len(w_spec))
+
+        def child(leaf):
+            if len(leaf.shape) != len(shape):
+                return PartitionSpec()
+            return PartitionSpec(
+                *(e if leaf.shape[d] == shape[d] else None for d, e in enumerate(full))
+            )
+
+        return jax.tree.map(child, self)
+
+    def scan_split(self) -> tuple[Any, Any] | None:
+        """Every child leads with the kernel's stacked axis, so ``lax.scan`` slices it as is."""
+        if not self.scannable():
+            return None
+        return self, lambda step: step
+
+    def scannable(self) -> bool:
+        return True
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Int8Weight:
+class Int8Weight(QuantizedKernel):
     """An int8 kernel with per-output-channel float32 scales: ``w ≈ data · scale``.
 
     ``data`` has W's shape; ``scale`` has W's shape with 1 on the input (reduced) axes, so both
@@ -122,14 +181,6 @@ class Int8Weight:
     def ndim(self) -> int:
         return len(self.shape)
 
-    @property
-    def dtype(self) -> np.dtype:
-        return jnp.dtype(self.logical_dtype)
-
-    def astype(self, dtype: Any) -> Int8Weight:
-        """The same codes with another logical dtype (what a ``convert_element_type`` does)."""
-        return dataclasses.replace(self, logical_dtype=jnp.dtype(dtype).name)
-
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """``data · scale`` (computed in float32), in ``dtype`` (default: the logical dtype)."""
         out = self.data.astype(jnp.float32) * self.scale
@@ -138,7 +189,7 @@ class Int8Weight:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class NF4Weight:
+class NF4Weight(QuantizedKernel):
     """A block-wise NF4 kernel: packed 4-bit codes and per-block absmax constants.
 
     Children (leading ``lead`` axes = the kernel's stacked axes, kept separate):
@@ -225,16 +276,11 @@ class NF4Weight:
         return len(self.shape)
 
     @property
-    def dtype(self) -> np.dtype:
-        return jnp.dtype(self.logical_dtype)
-
-    @property
     def double_quant(self) -> bool:
         return self.absmax_scale is not None
 
-    def astype(self, dtype: Any) -> NF4Weight:
-        """The same codes with another logical dtype (what a ``convert_element_type`` does)."""
-        return dataclasses.replace(self, logical_dtype=jnp.dtype(dtype).name)
+    def scannable(self) -> bool:
+        return self.data.ndim >= 2  # quantized with its stacked axis kept separate (lead >= 1)
 
     def block_absmax(self) -> jax.Array:
         """The float32 absmax of every block, ``(*lead, n_blocks)`` (undoing double quant)."""
@@ -290,9 +336,9 @@ def _leading(batch_axes: tuple[int, ...]) -> int:
 
 
 def _quantize_one(
-    path: str, w: Any, lw: LoraWeight | None, method: str, double_quant: bool, block_size: int
+    path: str, w: Any, lw: KernelNode | None, method: str, double_quant: bool, block_size: int
 ) -> Any:
-    if _is_quantized(w) or hasattr(w, "dequantize"):
+    if isinstance(w, Node):
         raise ValueError(f"the kernel at {path} with shape {tuple(w.shape)} is already quantized.")
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(
@@ -321,7 +367,7 @@ def quantize(
       method: ``"nf4"`` (4-bit NormalFloat, block-wise absmax) or ``"int8"`` (per output channel).
       double_quant: NF4 only: quantize the absmax constants to 8 bits too (QLoRA's double
         quantization, blocks of 256).
-      targets: ``None``: the ``w`` of every `LoraWeight`. A regex: the ``w`` of every `LoraWeight`
+      targets: ``None``: the ``w`` of every adapted kernel (`LoraWeight` or a variant). A regex: the ``w`` of every adapted kernel (`LoraWeight` or a variant)
         whose path matches (``re.search``), and also every plain floating leaf with ndim >= 2 that
         matches (e.g. frozen kernels without adapter); such a leaf is replaced by the quantized
         node itself, which `jlora.lora` treats as a frozen ``(in..., out)`` kernel (last axis the
@@ -371,7 +417,7 @@ def quantize(
         if isinstance(x, Trainable):
             return x
         selected = targets is None or re.search(targets, s) is not None
-        if isinstance(x, LoraWeight):
+        if isinstance(x, KernelNode):
             if not selected or x.w is None:
                 return x
             found[0] += 1

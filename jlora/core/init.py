@@ -1,0 +1,139 @@
+"""`init`: give every targeted kernel an adapter node, as the config says."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora.core.config import LoraConfig
+from jlora.core.kernel import LoraWeight, Trainable
+from jlora.core.registry import INITIALIZERS, VARIANTS, register_initializer, register_variant
+from jlora.core.targets import leaf_name, module_path, path_str, select_targets, select_trainable
+
+__all__ = ["init", "leaf_key"]
+
+
+def leaf_key(key: jax.Array, path: str) -> jax.Array:
+    """The PRNG key of the target at ``path``: ``fold_in(key, crc32(path))``."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _check_rank(path: Any, shape: tuple[int, ...], batch, inputs, r: int) -> None:
+    n_in = math.prod(shape[i] for i in inputs)
+    n_out = math.prod(shape[i] for i in range(len(shape)) if i not in batch and i not in inputs)
+    if r > min(n_in, n_out):
+        raise ValueError(
+            f"rank {r} for {jax.tree_util.keystr(path)} with shape {shape} exceeds "
+            f"min(in, out) = min({n_in}, {n_out}); use a smaller `rank` or a `rank_pattern`."
+        )
+
+
+def _fresh(path: Any, s: str, w: jax.Array, config: LoraConfig) -> LoraWeight:
+    """The target as a `LoraWeight` with zero factors of the right shapes."""
+    shape = tuple(w.shape)
+    batch, inputs = config.axes_for(s, len(shape))
+    r = config.rank_for(s)
+    _check_rank(path, shape, batch, inputs, r)
+    outs = tuple(i for i in range(len(shape)) if i not in batch and i not in inputs)
+    bshape = tuple(shape[i] for i in batch)
+    dtype = jnp.dtype(config.dtype)
+    a = jnp.zeros((*bshape, *(shape[i] for i in inputs), r), dtype)
+    b = jnp.zeros((*bshape, r, *(shape[i] for i in outs)), dtype)
+    return LoraWeight(
+        w,
+        a,
+        b,
+        scale=config.scale_for(s),
+        batch_axes=batch,
+        in_axes=inputs,
+        out_axes=outs,
+        dropout=config.dropout,
+    )
+
+
+@register_initializer("kaiming")
+def _kaiming(node: LoraWeight, key: jax.Array) -> LoraWeight:
+    """A kaiming-uniform with a=√5 (bound 1/√fan_in), B = 0: PEFT's default."""
+    fan_in = math.prod(node.shape[i] for i in node.in_axes)
+    bound = 1.0 / math.sqrt(fan_in)
+    a = jax.random.uniform(key, node.a.shape, node.a.dtype, -bound, bound)
+    return _replace(node, a=a)
+
+
+@register_initializer("gaussian")
+def _gaussian(node: LoraWeight, key: jax.Array) -> LoraWeight:
+    """A ~ N(0, (1/r)²), B = 0, as PEFT."""
+    return _replace(node, a=jax.random.normal(key, node.a.shape, node.a.dtype) / node.rank)
+
+
+def _embedding(node: LoraWeight, key: jax.Array) -> LoraWeight:
+    """PEFT's embedding init, whatever ``init``: A = 0, B ~ N(0, 1)."""
+    return _replace(node, b=jax.random.normal(key, node.b.shape, node.b.dtype))
+
+
+@register_variant("lora")
+def _plain(node: LoraWeight, config: LoraConfig, path: str) -> LoraWeight:
+    return node
+
+
+def _replace(node: Any, **kw: Any) -> Any:
+    return dataclasses.replace(node, **kw)
+
+
+def _make(path: Any, s: str, w: jax.Array, config: LoraConfig, key: jax.Array) -> Any:
+    node = _fresh(path, s, w, config)
+    if leaf_name(s) == "embedding":
+        node = _embedding(node, key)
+    else:
+        node = INITIALIZERS[config.init](node, key)
+    return VARIANTS[config.variant](node, config, s)
+
+
+def init(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
+    """Give every targeted kernel a LoRA adapter.
+
+    Args:
+      params: any pytree of arrays (e.g. Flax ``variables["params"]``).
+      config: what to target and how.
+      key: PRNG key; each target gets its own key, ``fold_in(key, crc32(path))``, so adding a
+        target never changes another target's initialization.
+
+    Returns:
+      The same tree with each target replaced by a `LoraWeight` (or the node of
+      ``config.variant``) and each fully trainable leaf (``config.trainable`` / ``config.bias``)
+      wrapped in `Trainable`; all else is unchanged.
+
+    Raises:
+      ValueError: no leaf matched, a target has ndim < 2 or is not floating, or a rank exceeds
+        ``min(in, out)`` of its target.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"dense": {"kernel": jnp.ones((1000, 3000)), "bias": jnp.zeros(3000)}}
+      >>> tree = jlora.init(params, jlora.LoraConfig(rank=5, alpha=5), key=jax.random.key(0))
+      >>> tree["dense"]["kernel"].a.shape, tree["dense"]["kernel"].b.shape
+      ((1000, 5), (5, 3000))
+    """
+    targets = select_targets(params, config)
+    trainable = select_trainable(params, config)
+    if config.bias == "lora_only":
+        owners = {module_path(s) for s in targets}
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+            s = path_str(path)
+            if leaf_name(s) == "bias" and module_path(s) in owners:
+                trainable.add(s)
+
+    def convert(path, leaf):
+        s = path_str(path)
+        if s in targets:
+            return _make(path, s, leaf, config, leaf_key(key, s))
+        if s in trainable:
+            return Trainable(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(convert, params)

@@ -1,0 +1,44 @@
+"""Named initializers and node variants, registered by the modules that define them.
+
+`jlora.init` builds each target as a `LoraWeight` with zero factors, fills them with the
+initializer named by ``LoraConfig.init`` and hands the result to the variant named by
+``LoraConfig.variant`` (which may turn it into another node type). The core registers
+``"kaiming"``, ``"gaussian"`` and ``"lora"``; `jlora.variants` registers the others.
+
+Example:
+  >>> import jlora
+  >>> sorted(VARIANTS)[:3], "pissa" in INITIALIZERS
+  (['dora', 'lora', 'lora_fa'], True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["INITIALIZERS", "VARIANTS", "register_initializer", "register_variant"]
+
+#: ``name -> fn(node, key) -> node``: fills the zero ``a`` / ``b`` of a fresh `LoraWeight`.
+INITIALIZERS: dict[str, Callable[..., Any]] = {}
+#: ``name -> fn(node, config, path) -> node``: turns an initialized `LoraWeight` into the variant.
+VARIANTS: dict[str, Callable[..., Any]] = {}
+
+
+def register_initializer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(node, key) -> node`` as ``LoraConfig(init=name)``."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        INITIALIZERS[name] = fn
+        return fn
+
+    return deco
+
+
+def register_variant(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(node, config, path) -> node`` as ``LoraConfig(variant=name)``."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        VARIANTS[name] = fn
+        return fn
+
+    return deco
