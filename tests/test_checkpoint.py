@@ -371,10 +371,6 @@ def test_config_json_round_trip():
         config_from_json(data)
 
 
-@pytest.mark.skipif(
-    "m" not in {f.name for f in dataclasses.fields(jlora.LoraWeight)},
-    reason="no DoRA in this jlora",
-)
 def test_dora_magnitudes_round_trip(tmp_path):
     params = _params(layers=1)
     config = dataclasses.replace(CONFIG, use_dora=True)
