@@ -10,7 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jlora.core.registry import INITIALIZERS, VARIANTS
+from jlora.core.registry import INITIALIZERS, VARIANT_FLAGS, VARIANTS
 
 __all__ = ["BIASES", "LoraConfig"]
 
@@ -167,10 +167,7 @@ class LoraConfig:
             raise ValueError(f"`init` must be one of {tuple(INITIALIZERS)}, got {self.init!r}.")
         if self.variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {tuple(VARIANTS)}, got {self.variant!r}.")
-        if self.use_dora and self.variant not in ("lora", "dora"):
-            raise ValueError(f"`use_dora=True` conflicts with variant={self.variant!r}.")
-        put("variant", "dora" if self.use_dora else self.variant)
-        put("use_dora", self.variant == "dora")
+        self._resolve_variant_flags()
         if self.bias not in BIASES:
             raise ValueError(f"`bias` must be one of {BIASES}, got {self.bias!r}.")
         if not callable(self.targets):
@@ -194,6 +191,17 @@ class LoraConfig:
         if not jnp.issubdtype(dt, jnp.floating):
             raise ValueError(f"`dtype` must be a floating dtype, got {dt.name}.")
         put("dtype", dt.name)
+
+    def _resolve_variant_flags(self) -> None:
+        """A flag field set to True (`VARIANT_FLAGS`) selects its variant; then every flag is
+        set from ``variant``."""
+        for flag, name in VARIANT_FLAGS.items():
+            if getattr(self, flag):
+                if self.variant not in ("lora", name):
+                    raise ValueError(f"`{flag}=True` conflicts with variant={self.variant!r}.")
+                object.__setattr__(self, "variant", name)
+        for flag, name in VARIANT_FLAGS.items():
+            object.__setattr__(self, flag, self.variant == name)
 
     # Per-target values ---------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ def merge(tree: Any) -> Any:
       [[3, 1, 6], [4, 5, 6], [5, 9, 6], [14, 9, 18]]
     """
 
-    def one(path, x):
+    def merge_leaf(path, x):
         if not isinstance(x, Node):
             return x
         out = x.merge()
@@ -48,7 +48,7 @@ def merge(tree: Any) -> Any:
             _check_finite(path, out, "merged kernel")
         return out
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(merge_leaf, tree, is_leaf=is_node)
 
 
 def unmerge(merged: Any, tree: Any) -> Any:
@@ -76,7 +76,7 @@ def unmerge(merged: Any, tree: Any) -> Any:
       True
     """
 
-    def one(path, x, m):
+    def unmerge_leaf(path, x, m):
         if not isinstance(x, Node):
             return m
         out = x.unmerge(m, path)
@@ -84,4 +84,4 @@ def unmerge(merged: Any, tree: Any) -> Any:
             _check_finite(path, out.w, "unmerged kernel")
         return out
 
-    return jax.tree_util.tree_map_with_path(one, tree, merged, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(unmerge_leaf, tree, merged, is_leaf=is_node)

@@ -16,10 +16,10 @@ __all__ = ["optimizer", "trainable_mask"]
 def _labels(tree: Any, label: Callable[[Any], Any], frozen: Any) -> Any:
     """Per-leaf labels: ``label(field)`` for each child a node declares, ``frozen`` elsewhere."""
 
-    def one(x):
+    def label_node(x):
         return x.labels(label) if isinstance(x, Node) else frozen
 
-    return jax.tree.map(one, tree, is_leaf=is_node)
+    return jax.tree.map(label_node, tree, is_leaf=is_node)
 
 
 def trainable_mask(tree: Any) -> Any:

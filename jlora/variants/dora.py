@@ -187,7 +187,7 @@ def add_magnitudes(tree: Any, *, dtype: Any = None) -> Any:
       ValueError: a target already has a magnitude.
     """
 
-    def one(path, x):
+    def to_dora(path, x):
         if isinstance(x, DoraWeight):
             raise ValueError(
                 f"{jax.tree_util.keystr(path)} (shape {tuple(x.shape)}) already has a DoRA "
@@ -197,7 +197,7 @@ def add_magnitudes(tree: Any, *, dtype: Any = None) -> Any:
             return x
         return _with_magnitude(x, dtype)
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(to_dora, tree, is_leaf=is_node)
 
 
 def _with_magnitude(x: LoraWeight, dtype: Any = None) -> DoraWeight:
@@ -205,6 +205,6 @@ def _with_magnitude(x: LoraWeight, dtype: Any = None) -> DoraWeight:
     return DoraWeight(**kw, m=weight_norm(x).astype(dtype or x.a.dtype))
 
 
-@register_variant("dora")
+@register_variant("dora", flag="use_dora")
 def _variant(node: LoraWeight, config: LoraConfig, path: str) -> DoraWeight:
     return _with_magnitude(node)
