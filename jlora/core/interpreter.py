@@ -186,6 +186,57 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
+#: Traced programs kept per `lora`-wrapped function (one per input structure, shapes and dtypes).
+_CACHE_SIZE = 64
+
+
+def _has_tracer(xs: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
+def _cache_key(leaves: list[Any], treedef: Any, dyn: list[int]) -> Any:
+    """What the traced program depends on: the structure, each dynamic leaf's (logical) shape,
+    dtype and weak type, and the static leaves; None (no caching) under an outer trace or with
+    an unhashable static leaf."""
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return None
+    dynamic = set(dyn)
+    avals, static = [], []
+    for i, x in enumerate(leaves):
+        if i in dynamic:
+            avals.append((tuple(x.shape), np.dtype(x.dtype), bool(getattr(x, "weak_type", False))))
+        else:
+            static.append(x)
+    key = (treedef, tuple(avals), tuple(static))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _trace(fn: Callable[..., Any], leaves: list[Any], treedef: Any, dyn: list[int]) -> Any:
+    """``fn`` traced to a closed jaxpr with plain arrays standing in for the nodes, and the
+    treedef of its output."""
+    out_tree = []
+
+    def flat_fn(*vals):
+        full = list(leaves)
+        for i, v in zip(dyn, vals, strict=True):
+            full[i] = v
+        a, kw = jax.tree.unflatten(treedef, full)
+        out_leaves, tdef = jax.tree.flatten(fn(*a, **kw))
+        out_tree.append(tdef)
+        return out_leaves
+
+    stand_ins = [
+        jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) if isinstance(x, Node) else x
+        for x in (leaves[i] for i in dyn)
+    ]
+    closed = jax.make_jaxpr(flat_fn)(*stand_ins)
+    return closed, out_tree[0]
+
+
 def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Make ``fn`` accept params trees with adapter nodes, computing the fused forward.
 
@@ -196,7 +247,10 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
     (each node's ``dropout`` rate) on the low-rank input path; when ``None`` (inference) there is
     no dropout. Base children (W) are wrapped in ``stop_gradient``.
 
-    Non-array arguments (Python numbers, strings, ``None``) are treated as static.
+    Non-array arguments (Python numbers, strings, ``None``) are treated as static. Called
+    outside a trace, the traced program is cached per input structure, shapes and dtypes (and
+    static values), so repeated eager calls do not re-trace ``fn``; ``wrapped.trace_count()``
+    says how many programs are cached.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -210,6 +264,8 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
       True
     """
 
+    cache: dict[Any, tuple[Any, Any]] = {}
+
     @functools.wraps(fn)
     def wrapped(*args: Any, dropout_key: jax.Array | None = None, **kwargs: Any) -> Any:
         tree = jax.tree.map(
@@ -219,25 +275,19 @@ def lora(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not any(isinstance(x, Node) for x in leaves):
             return fn(*tree[0], **tree[1])
         dyn = [i for i, x in enumerate(leaves) if isinstance(x, Node) or _is_array(x)]
-        out_tree = []
-
-        def flat_fn(*vals):
-            full = list(leaves)
-            for i, v in zip(dyn, vals, strict=True):
-                full[i] = v
-            a, kw = jax.tree.unflatten(treedef, full)
-            out_leaves, tdef = jax.tree.flatten(fn(*a, **kw))
-            out_tree.append(tdef)
-            return out_leaves
-
-        stand_ins = [
-            jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) if isinstance(x, Node) else x
-            for x in (leaves[i] for i in dyn)
-        ]
-        closed = jax.make_jaxpr(flat_fn)(*stand_ins)
+        key = _cache_key(leaves, treedef, dyn)
+        traced = cache.get(key) if key is not None else None
+        if traced is None:
+            traced = _trace(fn, leaves, treedef, dyn)
+            if key is not None and not _has_tracer(traced[0].consts):
+                if len(cache) >= _CACHE_SIZE:
+                    cache.pop(next(iter(cache)))
+                cache[key] = traced
+        closed, out_tree = traced
         vals = [x.stop_gradient() if isinstance(x, Node) else x for x in (leaves[i] for i in dyn)]
         outs = _eval(closed.jaxpr, closed.consts, vals, Context(dropout_key))
         outs = [o.materialize() if isinstance(o, Node) else o for o in outs]
-        return jax.tree.unflatten(out_tree[0], outs)
+        return jax.tree.unflatten(out_tree, outs)
 
+    wrapped.trace_count = lambda: len(cache)  # type: ignore[attr-defined]
     return wrapped
