@@ -1,0 +1,185 @@
+"""`save`: write a jlora tree's adapters as a PEFT LoRA adapter directory."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import safetensors.flax
+
+from jlora.core.config import LoraConfig
+from jlora.core.kernel import KernelNode, LoraWeight, Trainable
+from jlora.core.targets import leaf_name, module_path
+from jlora.interop.peft.config import WEIGHTS_NAME, adapter_config, write_config
+from jlora.interop.peft.layout import leaf_to_torch, lora_to_torch
+from jlora.interop.peft.names import (
+    PREFIX,
+    ModuleMap,
+    all_modules,
+    default_map,
+    strip_params,
+    top_modules,
+    tree_entries,
+)
+from jlora.variants.dora import DoraWeight
+
+Entries = list[tuple[str, Any, Any]]
+
+
+def save(
+    directory: str | os.PathLike[str],
+    tree: Any,
+    config: LoraConfig,
+    *,
+    base_model_name_or_path: str | None = None,
+    module_map: ModuleMap | None = None,
+    task_type: str | None = None,
+) -> None:
+    """Write ``tree``'s adapters as a PEFT LoRA adapter (``adapter_config.json`` + safetensors).
+
+    Ranks and scales are read from the tree; ``config`` supplies ``use_rslora``, ``dropout``,
+    ``bias`` and ``init``. Targets with a rank or α other than ``config.rank`` / ``config.alpha``
+    go to ``rank_pattern`` / ``alpha_pattern``; ``target_modules`` lists the shortest module-name
+    suffixes that select exactly the adapted modules. `Trainable` leaves become PEFT
+    ``modules_to_save`` (whole modules) or, under ``config.bias``, saved biases.
+
+    Args:
+      directory: output directory (created if needed).
+      tree: a tree with `LoraWeight` leaves (full, or the trainable half of `jlora.split`).
+      config: the `LoraConfig` the tree was built with.
+      base_model_name_or_path: recorded in ``adapter_config.json`` for PEFT.
+      module_map: jlora module path (``"model/layers_0/self_attn/q_proj"``, no leading
+        ``params``) → torch module name; default `torch_module_name` (+ ``bert.`` for BERT trees
+        with a ``classifier``).
+      task_type: PEFT ``task_type``, e.g. ``"CAUSAL_LM"`` or ``"SEQ_CLS"``.
+
+    Raises:
+      ValueError: a PiSSA/OLoRA init (it changes the base weights); ``use_dora`` without
+        ``jlora.dora`` or with only some targets carrying a magnitude; a stacked or
+        non-representable kernel; two modules with one torch name; `Trainable` leaves that
+        PEFT's ``modules_to_save`` cannot express, or targets inside them.
+
+    Example:
+      >>> import json, os, tempfile, jax, jax.numpy as jnp, jlora
+      >>> params = {"model": {"layers_0": {"q_proj": {"kernel": jnp.ones((8, 8))}}}}
+      >>> cfg = jlora.LoraConfig(rank=2, alpha=4, targets=["q_proj"])
+      >>> d = tempfile.mkdtemp()
+      >>> jlora.peft.save(d, jlora.init(params, cfg, key=jax.random.key(0)), cfg)
+      >>> json.load(open(os.path.join(d, "adapter_config.json")))["target_modules"]
+      ['q_proj']
+    """
+    _check_init(config)
+    entries = tree_entries(tree)
+    top = top_modules(entries)
+    fn = module_map or default_map(top, bert_prefix="classifier" in top)
+    universe = set(all_modules([s for s, _, _ in entries], fn))
+    targets, tensors = _lora_tensors(entries, fn)
+    _check_dora(targets, config)
+    owners = {strip_params(module_path(s)) for s, _ in targets.values()}
+    mts_mods = _trainable_tensors(entries, owners, fn, config, tensors)
+    ranks, alphas = _ranks_and_alphas(targets, config)
+    meta = dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path)
+    cfg = adapter_config(config, ranks, alphas, mts_mods, universe, **meta)
+    _write(os.fspath(directory), tensors, cfg)
+
+
+def _write(directory: str, tensors: dict[str, Any], cfg: dict[str, Any]) -> None:
+    os.makedirs(directory, exist_ok=True)
+    out = {k: jnp.asarray(v) for k, v in sorted(tensors.items())}
+    safetensors.flax.save_file(
+        out, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"}
+    )
+    write_config(directory, cfg)
+
+
+def _check_init(config: LoraConfig) -> None:
+    if config.init in ("pissa", "olora"):
+        raise ValueError(
+            f"config.init={config.init!r} changes the frozen base weights, so the adapter alone "
+            "does not reproduce the model in PEFT; save jlora.merge(tree) as a full model instead."
+        )
+
+
+def _lora_tensors(
+    entries: Entries, fn: ModuleMap
+) -> tuple[dict[str, tuple[str, LoraWeight]], dict[str, Any]]:
+    """``({torch name: (jlora path, LoraWeight)}, {file key: tensor})`` for the adapters."""
+    tensors: dict[str, Any] = {}
+    targets: dict[str, tuple[str, LoraWeight]] = {}
+    for s, kp, x in entries:
+        if isinstance(x, KernelNode) and not isinstance(x, LoraWeight):
+            raise ValueError(
+                f"{jax.tree_util.keystr(kp)} is a {type(x).__name__} (shape {tuple(x.shape)}), "
+                "which has no PEFT LoRA form; save each adapter of a set on its own."
+            )
+        if not isinstance(x, LoraWeight):
+            continue
+        mod = strip_params(module_path(s))
+        name = fn(mod)
+        if name is None:
+            raise ValueError(f"module_map gave no torch name for {jax.tree_util.keystr(kp)}.")
+        if name in targets:
+            raise ValueError(f"{s} and {targets[name][0]} both map to the torch module {name!r}.")
+        targets[name] = (s, x)
+        for suffix, arr in lora_to_torch(s, mod, x, kp).items():
+            tensors[f"{PREFIX}{name}.{suffix}"] = arr
+    if not targets:
+        raise ValueError(
+            "the tree has no LoraWeight leaf: nothing to save (call jlora.init first)."
+        )
+    return targets, tensors
+
+
+def _check_dora(targets: dict[str, tuple[str, LoraWeight]], config: LoraConfig) -> None:
+    dora = {n: isinstance(lw, DoraWeight) for n, (_, lw) in targets.items()}
+    if any(dora.values()) != all(dora.values()) or any(dora.values()) != config.use_dora:
+        raise ValueError(
+            f"config.use_dora={config.use_dora}, but {sum(dora.values())} of {len(dora)} adapters "
+            "have a DoRA magnitude `m`: PEFT applies DoRA to all targets or none."
+        )
+
+
+def _trainable_tensors(
+    entries: Entries, owners: set[str], fn: ModuleMap, config: LoraConfig, tensors: dict
+) -> set[str]:
+    """Add the `Trainable` leaves to ``tensors``; the torch names of the fully trained modules.
+
+    ``owners``: the jlora module paths that have a LoRA adapter."""
+    mts_mods: set[str] = set()
+    for s, kp, x in entries:
+        if not isinstance(x, Trainable):
+            continue
+        mod = strip_params(module_path(s))
+        is_bias = leaf_name(s) == "bias"
+        by_bias = is_bias and (
+            config.bias == "all" or (config.bias == "lora_only" and mod in owners)
+        )
+        if not by_bias:
+            if mod in owners:
+                raise ValueError(
+                    f"{jax.tree_util.keystr(kp)} trains fully but its module also has a LoRA "
+                    "adapter: PEFT cannot adapt a module that is in modules_to_save."
+                )
+            mts_mods.add(fn(mod))
+        tname, arr = leaf_to_torch(s, x.value, kp)
+        inner = ".base_layer" if mod in owners else ""
+        tensors[f"{PREFIX}{fn(mod)}{inner}.{tname}"] = arr
+    return mts_mods
+
+
+def _ranks_and_alphas(
+    targets: dict[str, tuple[str, LoraWeight]], config: LoraConfig
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Rank and α per target (by torch name), as PEFT will compute them."""
+    ranks, alphas = {}, {}
+    for name, (s, lw) in targets.items():
+        r = lw.rank
+        if config.rank_for(s) == r and config.scale_for(s) == lw.scale:
+            alpha = config.alpha_for(s)
+        else:
+            alpha = lw.scale * (math.sqrt(r) if config.use_rslora else r)
+        ranks[name], alphas[name] = r, alpha
+    return ranks, alphas
