@@ -20,6 +20,14 @@ import numpy as np
 from jlora.core.config import LoraConfig
 from jlora.core.node import Node, is_node
 from jlora.core.targets import path_str
+from jlora.interop.checkpoint_schema import (
+    adapter_nodes,
+    dtype_name,
+    mismatches,
+    opt_leaves,
+    saved_children,
+)
+from jlora.interop.config_json import config_from_json, config_to_json
 
 __all__ = ["AdapterCheckpointer", "config_from_json", "config_to_json"]
 
@@ -31,59 +39,6 @@ def _orbax() -> Any:
     import orbax.checkpoint
 
     return orbax.checkpoint
-
-
-def config_to_json(config: LoraConfig) -> dict[str, Any]:
-    """A JSON-ready dict of ``config`` (a callable ``targets`` is stored by name only).
-
-    Example:
-      >>> cfg = LoraConfig(rank=4, targets=["q_proj"], rank_pattern={"v_proj": 2})
-      >>> d = config_to_json(cfg)
-      >>> d["targets"], d["rank_pattern"]
-      (['q_proj'], [['v_proj', 2]])
-      >>> config_from_json(d) == cfg
-      True
-    """
-
-    def plain(x: Any) -> Any:
-        if isinstance(x, tuple | list):
-            return [plain(v) for v in x]
-        return x
-
-    out = {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    if callable(config.targets):
-        out["targets"] = {"callable": getattr(config.targets, "__qualname__", repr(config.targets))}
-    return out
-
-
-def config_from_json(data: dict[str, Any]) -> LoraConfig:
-    """Inverse of `config_to_json`.
-
-    Raises:
-      ValueError: the config had a callable ``targets``, which JSON cannot hold.
-    """
-    if isinstance(data.get("targets"), dict):
-        raise ValueError(
-            f"the saved config has a callable `targets` ({data['targets']['callable']}), which "
-            "JSON cannot hold: rebuild the LoraConfig yourself."
-        )
-    return LoraConfig(**data)
-
-
-def _adapters(tree: Any) -> dict[str, Any]:
-    """``{path: node}`` of the tree's nodes that hold adapter children, in order."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]
-    return {path_str(p): x for p, x in leaves if is_node(x) and x.children("adapter", "fixed")}
-
-
-def _children(x: Node) -> dict[str, Any]:
-    """The adapter and fixed children a node declares that are present: what is saved."""
-    fields = x.children("adapter", "fixed")
-    return {f.name: getattr(x, f.name) for f in fields if getattr(x, f.name) is not None}
-
-
-def _dtype(x: Any) -> str:
-    return np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype).name
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -101,11 +56,6 @@ def _get(nested: dict[str, Any], path: str) -> Any:
     for k in path.split("/"):
         nested = nested[k]
     return nested
-
-
-def _opt_leaves(opt_state: Any) -> tuple[list[str], list[Any]]:
-    leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
-    return [jax.tree_util.keystr(p) for p, _ in leaves], [x for _, x in leaves]
 
 
 def _du(path: str) -> int:
@@ -151,38 +101,14 @@ class AdapterCheckpointer:
         best_metric: str | None = None,
         best_mode: str = "min",
     ) -> None:
-        if best_mode not in ("min", "max"):
-            raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}.")
-        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
-            raise ValueError(
-                f"`max_to_keep` must be a positive integer or None, got {max_to_keep!r}."
-            )
-        if (
-            isinstance(save_interval_steps, bool)
-            or not isinstance(save_interval_steps, int)
-            or save_interval_steps < 1
-        ):
-            raise ValueError(
-                f"`save_interval_steps` must be a positive integer, got {save_interval_steps!r}."
-            )
+        _check_options(max_to_keep, save_interval_steps, best_mode)
         ocp = _orbax()
-        policies = ocp.checkpoint_managers
         self.directory = os.path.abspath(os.fspath(directory))
         self.best_metric = best_metric
         self._best_mode = best_mode
-        if best_metric is None:
-            keep: Any = policies.LatestN(n=max_to_keep)
-        else:
-            best = policies.BestN(
-                get_metric_fn=lambda m: m[best_metric],
-                reverse=best_mode == "min",
-                n=max_to_keep,
-                keep_checkpoints_without_metrics=True,
-            )
-            keep = policies.AnyPreservationPolicy([best, policies.LatestN(n=1)])
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.FixedIntervalPolicy(save_interval_steps),
-            preservation_policy=keep,
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+            preservation_policy=_preservation(max_to_keep, best_metric, best_mode),
             best_fn=None if best_metric is None else (lambda m: m[best_metric]),
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
@@ -224,44 +150,27 @@ class AdapterCheckpointer:
             raise TypeError(f"`step` must be a non-negative int, got {step!r}.")
         step = int(step)
         ocp = _orbax()
-        nodes = _adapters(tree)
+        nodes = adapter_nodes(tree)
         if not nodes:
             raise ValueError("`tree` has no LoraWeight or Trainable leaf: nothing to save.")
-        if metrics is not None:
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if self.best_metric is not None and self.best_metric not in metrics:
-                raise ValueError(
-                    f"`metrics` has no {self.best_metric!r} (the best_metric); got {sorted(metrics)}."
-                )
+        metrics = self._check_metrics(metrics)
         if step in self.all_steps():
             return False
-        arrays = {}
-        for path, x in nodes.items():
-            for name, v in _children(x).items():
-                arrays[f"{path}/{name}"] = v
-        meta: dict[str, Any] = {
-            "format": _FORMAT,
-            "step": step,
-            "config": None if config is None else config_to_json(config),
-            "adapters": {path: x.describe() for path, x in nodes.items()},
-            "metrics": metrics,
-        }
-        items = {
-            "adapters": ocp.args.StandardSave(_nest(arrays)),
-        }
-        if opt_state is not None:
-            names, leaves = _opt_leaves(opt_state)
-            meta["opt_state"] = [
-                {"path": n, "shape": list(np.shape(x)), "dtype": _dtype(x)}
-                for n, x in zip(names, leaves, strict=True)
-            ]
-            items["opt_state"] = ocp.args.StandardSave(
-                {str(i): _array(x) for i, x in enumerate(leaves)}
-            )
-        items["meta"] = ocp.args.JsonSave(meta)
+        items = _save_items(step, nodes, opt_state, config, metrics)
         return self._manager.save(
             step, args=ocp.args.Composite(**items), metrics=metrics, force=force
         )
+
+    def _check_metrics(self, metrics: dict[str, Any] | None) -> dict[str, float] | None:
+        """``metrics`` as floats; they must hold the ``best_metric``."""
+        if metrics is None:
+            return None
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if self.best_metric is not None and self.best_metric not in metrics:
+            raise ValueError(
+                f"`metrics` has no {self.best_metric!r} (the best_metric); got {sorted(metrics)}."
+            )
+        return metrics
 
     # Reading -------------------------------------------------------------------------------
 
@@ -319,62 +228,20 @@ class AdapterCheckpointer:
             listed, with the path and both shapes, and nothing is restored.
         """
         step, meta = self._meta(step)
-        nodes = _adapters(tree)
-        saved = meta["adapters"]
-        errors = [
-            f"{p}: in the checkpoint ({_kind(saved[p])}), but the tree has no adapter there"
-            for p in saved
-            if p not in nodes
-        ]
-        errors += [
-            f"{p}: the tree has {_kind(x.describe())} there, the checkpoint has none"
-            for p, x in nodes.items()
-            if p not in saved
-        ]
-        for p, x in nodes.items():
-            if p in saved:
-                errors += _compare(p, saved[p], x.describe())
-        opt_names: list[str] = []
-        opt_leaves: list[Any] = []
-        if opt_state is not None:
-            if "opt_state" not in meta:
-                errors.append("opt_state: a template was given, but the checkpoint has none")
-            else:
-                opt_names, opt_leaves = _opt_leaves(opt_state)
-                errors += _compare_opt(meta["opt_state"], opt_names, opt_leaves)
+        nodes = adapter_nodes(tree)
+        opt = None if opt_state is None else opt_leaves(opt_state)
+        errors = mismatches(meta, nodes, opt)
         if errors:
             head = f"checkpoint step {step} in {self.directory} does not fit:"
             raise ValueError("\n".join([head, *errors]))
-
-        ocp = _orbax()
-        sh = _shardings(shardings, nodes)
-        abstract = {}
-        for p, x in nodes.items():
-            for name, v in _children(x).items():
-                abstract[f"{p}/{name}"] = _abstract(v, sh[p].get(name))
-        items = {"adapters": ocp.args.StandardRestore(_nest(abstract))}
-        if opt_state is not None:
-            items["opt_state"] = ocp.args.StandardRestore(
-                {str(i): _abstract(x, None) for i, x in enumerate(opt_leaves)}
-            )
-        out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        arrays = out["adapters"]
-
-        def fill(path, x):
-            if not is_node(x):
-                return x
-            p = path_str(path)
-            if p not in nodes:
-                return x
-            kw = {name: _get(arrays, f"{p}/{name}") for name in _children(x)}
-            return dataclasses.replace(x, **kw)
-
-        restored = jax.tree_util.tree_map_with_path(fill, tree, is_leaf=is_node)
+        args = _restore_args(nodes, _shardings(shardings, nodes), None if opt is None else opt[1])
+        out = self._manager.restore(step, args=args)
+        restored = _fill(tree, nodes, out["adapters"])
         new_opt = None
         if opt_state is not None:
             treedef = jax.tree.structure(opt_state)
             new_opt = jax.tree.unflatten(
-                treedef, [out["opt_state"][str(i)] for i in range(len(opt_leaves))]
+                treedef, [out["opt_state"][str(i)] for i in range(len(opt[1]))]
             )
         return restored, new_opt, step
 
@@ -425,73 +292,116 @@ class AdapterCheckpointer:
         self.close()
 
 
+def _check_options(max_to_keep: Any, save_interval_steps: Any, best_mode: str) -> None:
+    """The `AdapterCheckpointer` options Orbax does not check itself."""
+    if best_mode not in ("min", "max"):
+        raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}.")
+    if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+        raise ValueError(f"`max_to_keep` must be a positive integer or None, got {max_to_keep!r}.")
+    if (
+        isinstance(save_interval_steps, bool)
+        or not isinstance(save_interval_steps, int)
+        or save_interval_steps < 1
+    ):
+        raise ValueError(
+            f"`save_interval_steps` must be a positive integer, got {save_interval_steps!r}."
+        )
+
+
+def _preservation(max_to_keep: int | None, best_metric: str | None, best_mode: str) -> Any:
+    """Orbax's preservation policy: the latest ``max_to_keep``, or the best ones plus the latest."""
+    policies = _orbax().checkpoint_managers
+    if best_metric is None:
+        return policies.LatestN(n=max_to_keep)
+    best = policies.BestN(
+        get_metric_fn=lambda m: m[best_metric],
+        reverse=best_mode == "min",
+        n=max_to_keep,
+        keep_checkpoints_without_metrics=True,
+    )
+    return policies.AnyPreservationPolicy([best, policies.LatestN(n=1)])
+
+
+def _save_items(
+    step: int,
+    nodes: dict[str, Any],
+    opt_state: Any,
+    config: LoraConfig | None,
+    metrics: dict[str, float] | None,
+) -> dict[str, Any]:
+    """The Orbax items of one step: ``adapters``, ``opt_state`` (when given) and ``meta``."""
+    ocp = _orbax()
+    arrays = {}
+    for path, x in nodes.items():
+        for name, v in saved_children(x).items():
+            arrays[f"{path}/{name}"] = v
+    meta: dict[str, Any] = {
+        "format": _FORMAT,
+        "step": step,
+        "config": None if config is None else config_to_json(config),
+        "adapters": {path: x.describe() for path, x in nodes.items()},
+        "metrics": metrics,
+    }
+    items = {
+        "adapters": ocp.args.StandardSave(_nest(arrays)),
+    }
+    if opt_state is not None:
+        names, leaves = opt_leaves(opt_state)
+        meta["opt_state"] = [
+            {"path": n, "shape": list(np.shape(x)), "dtype": dtype_name(x)}
+            for n, x in zip(names, leaves, strict=True)
+        ]
+        items["opt_state"] = ocp.args.StandardSave(
+            {str(i): _array(x) for i, x in enumerate(leaves)}
+        )
+    items["meta"] = ocp.args.JsonSave(meta)
+    return items
+
+
+def _restore_args(
+    nodes: dict[str, Any], sh: dict[str, dict[str, Any]], opt_leaves: list[Any] | None
+) -> Any:
+    """The Orbax restore args: every saved child at its target sharding, and the opt state."""
+    ocp = _orbax()
+    abstract = {}
+    for p, x in nodes.items():
+        for name, v in saved_children(x).items():
+            abstract[f"{p}/{name}"] = _abstract(v, sh[p].get(name))
+    items = {"adapters": ocp.args.StandardRestore(_nest(abstract))}
+    if opt_leaves is not None:
+        items["opt_state"] = ocp.args.StandardRestore(
+            {str(i): _abstract(x, None) for i, x in enumerate(opt_leaves)}
+        )
+    return ocp.args.Composite(**items)
+
+
+def _fill(tree: Any, nodes: dict[str, Any], arrays: dict[str, Any]) -> Any:
+    """``tree`` with the saved children of each adapter node replaced by the restored arrays."""
+
+    def fill(path, x):
+        if not is_node(x):
+            return x
+        p = path_str(path)
+        if p not in nodes:
+            return x
+        kw = {name: _get(arrays, f"{p}/{name}") for name in saved_children(x)}
+        return dataclasses.replace(x, **kw)
+
+    return jax.tree_util.tree_map_with_path(fill, tree, is_leaf=is_node)
+
+
 def _array(x: Any) -> Any:
     return x if isinstance(x, jax.Array) else np.asarray(x)
-
-
-def _kind(d: dict[str, Any]) -> str:
-    if d["kind"] == "lora":
-        parts = ", ".join(f"{n} {tuple(d[n])}" for n in d.get("children", ()))
-        return f"{d.get('variant', 'LoRA')} {parts} for a kernel of shape {tuple(d['shape'])}"
-    return f"trainable leaf of shape {tuple(d['shape'])}"
-
-
-def _compare(path: str, saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
-    """What differs between a saved node description and the tree's (`Node.describe`)."""
-    if saved["kind"] != here["kind"]:
-        return [f"{path}: checkpoint has a {_kind(saved)}, the tree a {_kind(here)}"]
-    errors = []
-    if tuple(saved["shape"]) != tuple(here["shape"]):
-        what = "kernel shape" if saved["kind"] == "lora" else "shape"
-        errors.append(
-            f"{path}: {what} {tuple(saved['shape'])} in the checkpoint, {tuple(here['shape'])} "
-            "in the tree"
-        )
-    names = dict.fromkeys([*saved.get("children", ()), *here.get("children", ())])
-    titles = {**saved.get("titles", {}), **here.get("titles", {})}
-    for n in names:
-        s, h = saved.get(n), here.get(n)
-        if s is None or h is None:
-            errors.append(
-                f"{path}: {titles.get(n, n)} shape {s!r} in the checkpoint, {h!r} in the tree"
-            )
-        elif tuple(s) != tuple(h):
-            errors.append(f"{path}: {n} shape {tuple(s)} in the checkpoint, {tuple(h)} in the tree")
-    skip = {"kind", "shape", "children", "titles", "dropout", "variant", *names}
-    for k in sorted(set(saved) | set(here)):
-        if k in skip or (k in saved and k in here and saved[k] == here[k]):
-            continue
-        if k.endswith("_dtype") and (k not in saved or k not in here):
-            continue  # reported with the child's shape
-        errors.append(
-            f"{path}: {k} {saved.get(k)!r} in the checkpoint, {here.get(k)!r} in the tree"
-        )
-    return errors
-
-
-def _compare_opt(saved: list[dict[str, Any]], names: list[str], leaves: list[Any]) -> list[str]:
-    if len(saved) != len(names):
-        return [
-            f"opt_state: {len(saved)} leaves in the checkpoint, {len(names)} in the template "
-            "(another optimizer, or another set of adapters)"
-        ]
-    errors = []
-    for s, n, x in zip(saved, names, leaves, strict=True):
-        here = (n, list(np.shape(x)), _dtype(x))
-        if (s["path"], s["shape"], s["dtype"]) != here:
-            errors.append(
-                f"opt_state{s['path']}: shape {tuple(s['shape'])} {s['dtype']} in the checkpoint, "
-                f"opt_state{n}: shape {tuple(here[1])} {here[2]} in the template"
-            )
-    return errors
 
 
 def _shardings(shardings: Any, nodes: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per adapter path, the target sharding of each saved child (None: as in the tree)."""
     if shardings is None:
-        return {p: {n: _sharding_of(v) for n, v in _children(x).items()} for p, x in nodes.items()}
+        return {
+            p: {n: _sharding_of(v) for n, v in saved_children(x).items()} for p, x in nodes.items()
+        }
     if isinstance(shardings, jax.sharding.Sharding):
-        return {p: {n: shardings for n in _children(x)} for p, x in nodes.items()}
+        return {p: {n: shardings for n in saved_children(x)} for p, x in nodes.items()}
     is_leaf = lambda x: is_node(x) or isinstance(x, jax.sharding.Sharding)  # noqa: E731
     given = {
         path_str(p): s
@@ -501,9 +411,9 @@ def _shardings(shardings: Any, nodes: dict[str, Any]) -> dict[str, dict[str, Any
     for p, x in nodes.items():
         s = given.get(p)
         if isinstance(s, Node):
-            out[p] = {n: getattr(s, n, None) for n in _children(x)}
+            out[p] = {n: getattr(s, n, None) for n in saved_children(x)}
         elif isinstance(s, jax.sharding.Sharding):
-            out[p] = {n: s for n in _children(x)}
+            out[p] = {n: s for n in saved_children(x)}
         else:
             raise ValueError(f"`shardings` has no sharding for the adapter at {p}.")
     return out
@@ -517,4 +427,4 @@ def _abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
     sharding = sharding if sharding is not None else _sharding_of(x)
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.ShapeDtypeStruct(np.shape(x), np.dtype(_dtype(x)), sharding=sharding)
+    return jax.ShapeDtypeStruct(np.shape(x), np.dtype(dtype_name(x)), sharding=sharding)

@@ -3,6 +3,8 @@
 * :class:`LlamaForCausalLM` — Llama / Mistral / Qwen2 decoders (``params["model"]["layers_0"]...``).
 * :class:`BertModel` — BERT encoders such as all-MiniLM-L6-v2, mean-pooled sentence embeddings.
 * :func:`from_pretrained` — a local HF checkpoint directory → ``(model, {"params": ...})``.
+* ``TENSOR_PARALLEL_RULES`` — the Megatron-style rules for these paths that the ``"tensor"``
+  sharding preset of `jlora.sharding` reads.
 """
 
 from jlora.interop.models.bert import BertConfig, BertModel, BertOutput, mean_pool
@@ -15,6 +17,7 @@ from jlora.interop.models.hub import (
     to_hf_state_dict,
 )
 from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from jlora.interop.models.parallel_rules import TENSOR_PARALLEL_RULES
 
 __all__ = [
     "BertConfig",
@@ -23,6 +26,7 @@ __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaModel",
+    "TENSOR_PARALLEL_RULES",
     "build_model",
     "config_from_hf",
     "from_pretrained",

@@ -1,0 +1,52 @@
+"""Megatron-style tensor-parallel rules for the reference models' parameter paths.
+
+The ``"tensor"`` preset of `jlora.sharding` consults these rules first:
+`jlora.sharding.preset_rules` imports this module by name (``jlora.scale.sharding.presets.
+RULE_MODULES``), so neither layer imports the other (this module is plain data: it needs nothing
+of `jlora.scale`).
+
+One table covers Llama / Mistral / Qwen2 (`jlora.interop.models.llama`), BERT
+(`jlora.interop.models.bert`) and the usual HF names (``wte``, ``lm_head``): the regexes are
+shared between the families, and their order matters (for a path, the first rule whose spec
+fits the shape wins; the embedding falls back to its feature axis). Column-parallel: output
+split; row-parallel: input split. The specs name the mesh axis ``"tensor"``
+(`jlora.sharding.TENSOR`; ``preset_rules(..., tensor=name)`` renames it).
+
+Example:
+  >>> for regex, spec in TENSOR_PARALLEL_RULES[-2:]:
+  ...     print(regex, spec)
+  (^|/)(embed_tokens|word_embeddings|wte)/embedding$ P('tensor', None)
+  (^|/)(embed_tokens|word_embeddings|wte)/embedding$ P(None, 'tensor')
+"""
+
+from __future__ import annotations
+
+from jax.sharding import PartitionSpec
+
+__all__ = ["TENSOR_PARALLEL_RULES"]
+
+#: Llama-family projections (q/k/v/gate/up), BERT query/key/value and the LM head.
+COLUMN = r"(^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|lm_head)"
+#: BERT's feed-forward input projection.
+COLUMN_BERT = r"(^|/)intermediate/dense"
+#: Llama-family output projections (o/down).
+ROW = r"(^|/)(o_proj|down_proj)"
+#: BERT's attention and feed-forward output projections.
+ROW_BERT = r"(^|/)output/dense"
+#: Token embeddings (Llama, BERT, GPT-2).
+EMBED = r"(^|/)(embed_tokens|word_embeddings|wte)/embedding$"
+
+TENSOR = "tensor"  # the mesh axis name (jlora.sharding.TENSOR)
+_COL, _ROW_SPEC = PartitionSpec(None, TENSOR), PartitionSpec(TENSOR, None)
+
+#: ``(regex, PartitionSpec)`` pairs, first fitting match wins.
+TENSOR_PARALLEL_RULES: list[tuple[str, PartitionSpec]] = [
+    (COLUMN + "/kernel$", _COL),
+    (COLUMN_BERT + "/kernel$", _COL),
+    (COLUMN + "/bias$", PartitionSpec(TENSOR)),
+    (COLUMN_BERT + "/bias$", PartitionSpec(TENSOR)),
+    (ROW + "/kernel$", _ROW_SPEC),
+    (ROW_BERT + "/kernel$", _ROW_SPEC),
+    (EMBED, _ROW_SPEC),  # vocab-parallel
+    (EMBED, _COL),  # else feature-parallel
+]
