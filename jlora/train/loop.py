@@ -1,0 +1,220 @@
+"""The training loop of a `jlora train` run: steps, logging, evaluation, checkpoints, stopping.
+
+`TrainingLoop` runs the optimizer steps ``run.start, ..., total_steps - 1`` of a `Run` set up by
+`jlora.train.phases.set_up`. The dropout key of step ``s`` is derived from ``(seed, s)`` and the
+data order from the seeded `jlora.train.data.Batcher`, so a resumed loop replays the steps of an
+uninterrupted one exactly. A non-finite loss or gradient norm raises `NonFiniteLossError` before
+anything computed from it is logged or checkpointed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+import jlora
+import jlora.train.data as D
+import jlora.train.scale as scale
+from jlora.train.config import RunConfig
+from jlora.train.evaluation import evaluate, format_results
+from jlora.train.metrics import MetricsLog
+from jlora.train.phases import Outcome, Run
+from jlora.train.steps import make_train_step, step_key
+
+__all__ = ["NonFiniteLossError", "TrainingLoop"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+class _Stopper:
+    """Early stopping on an eval metric, rebuilt from the logged evals when resuming."""
+
+    def __init__(self, metric: str, patience: int | None, history: list[dict]):
+        self.metric, self.patience = metric, patience
+        self.sign = -1.0 if metric == "accuracy" else 1.0
+        self.best, self.bad = math.inf, 0
+        for r in history:
+            self.update(r[metric])
+
+    def update(self, value: float) -> bool:
+        """Record an evaluation; True when training should stop."""
+        v = self.sign * value
+        if v < self.best:
+            self.best, self.bad = v, 0
+        else:
+            self.bad += 1
+        return self.patience is not None and self.bad >= self.patience
+
+
+class TrainingLoop:
+    """The optimizer steps of a run; `run_steps` updates ``run.adapters`` / ``run.opt_state``.
+
+    Attributes (what the loop did; `run_steps` returns them as an `Outcome`):
+      steps_done: the step count reached (``run.start`` when there was nothing to do).
+      stopped_early: early stopping ended the loop.
+      last_eval: the latest eval record (``{"step", "split", ...metrics}``), or None.
+      last_saved: the latest checkpointed step, or None.
+      tokens, t_train: the tokens trained on and the seconds spent in training steps.
+    """
+
+    def __init__(self, run: Run, *, resume: bool):
+        p, cfg = run.p, run.p.cfg
+        self.run, self.p, self.cfg = run, p, cfg
+        keep_until = run.start if resume else None
+        self.log = MetricsLog(run.out, tensorboard=cfg.output.tensorboard, keep_until=keep_until)
+        evals = [r for r in self.log.records if r["split"] == "eval"]
+        t = cfg.train
+        self.stopper = _Stopper(t.early_stopping_metric, t.early_stopping_patience, evals)
+        self.step_fn = scale.jit_train_step(make_train_step(p.task, run.tx), run.mesh)
+        self.eval_every = t.eval_every or p.steps_per_epoch
+        self.last_eval: dict[str, Any] | None = evals[-1] if evals else None
+        self.last_saved: int | None = max(run.existing) if resume and run.existing else None
+        self.stopped_early = False
+        self.steps_done = run.start
+        self.bar = _progress(cfg, p.total_steps, run.start) if scale.is_main_process() else None
+        self.window: list[tuple[float, float]] = []  # (loss, accuracy) since the last log line
+        self.tokens, self.t_train = 0, 0.0
+
+    def run_steps(self) -> Outcome:
+        """Train to ``total_steps`` (or an early stop); closes the log and the checkpointer."""
+        start, total = self.run.start, self.p.total_steps
+        step = start
+        try:
+            for step in range(start, total):
+                if self.step(step):
+                    break
+                if self.cfg.train.sleep_per_step:
+                    time.sleep(self.cfg.train.sleep_per_step)
+        finally:
+            self.close()
+        self.steps_done = step + 1 if total > start else start
+        return Outcome(
+            steps_done=self.steps_done,
+            stopped_early=self.stopped_early,
+            last_eval=self.last_eval,
+            last_saved=self.last_saved,
+            tokens=self.tokens,
+            t_train=self.t_train,
+        )
+
+    def step(self, step: int) -> bool:
+        """Optimizer step ``step`` (0-based) and what follows it; True to stop early."""
+        run, p, cfg = self.run, self.p, self.cfg
+        t = time.perf_counter()
+        batch = scale.place_batch(
+            D.train_batch(p.splits["train"], p.batcher, step, cfg.train.grad_accum), run.mesh
+        )
+        run.adapters, run.opt_state, m = self.step_fn(
+            run.adapters, run.opt_state, run.frozen, batch, step_key(cfg.train.seed, step)
+        )
+        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            raise self._non_finite(step, loss, gnorm)
+        self.t_train += time.perf_counter() - t
+        done = step + 1
+        self.tokens += int(m["tokens"])
+        self.window.append((loss, float(m["accuracy"])))
+        tok_s = self.tokens / max(self.t_train, 1e-9)
+        lr = float(run.schedule(step))
+        self._log_train(done, lr, gnorm, tok_s)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False
+            )
+        stop = self._evaluate(done)
+        self._checkpoint(done, final=stop or done == p.total_steps)
+        if stop:
+            self.stopped_early = True
+            run.echo(
+                f"[jlora] early stopping at step {done}: no better eval "
+                f"{cfg.train.early_stopping_metric} in {self.stopper.bad} evaluations"
+            )
+        return stop
+
+    def close(self) -> None:
+        """Close the progress bar and the metrics log; finish and close the checkpointer."""
+        if self.bar is not None:
+            self.bar.close()
+        self.log.close()
+        if self.run.ckpt is not None:
+            self.run.ckpt.wait()
+            self.run.ckpt.close()
+
+    def _non_finite(self, step: int, loss: float, gnorm: float) -> NonFiniteLossError:
+        kept = (
+            f"the last good checkpoint is step {self.last_saved}"
+            if self.last_saved is not None
+            else "no checkpoint was written"
+        )
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        return NonFiniteLossError(
+            f"non-finite {what} at step {step + 1} (loss={loss}, grad_norm={gnorm}); "
+            f"stopping. {kept} in {self.p.checkpoint_dir}. Lower optim.lr (now "
+            f"{self.cfg.optim.lr:g}) and resume with --resume, or start over."
+        )
+
+    def _log_train(self, done: int, lr: float, gnorm: float, tok_s: float) -> None:
+        if not (done % self.cfg.train.log_every == 0 or done == self.p.total_steps):
+            return
+        window = self.window
+        self.log.write(
+            done,
+            "train",
+            {
+                "loss": float(np.mean([w[0] for w in window])),
+                "lr": lr,
+                "grad_norm": gnorm,
+                "accuracy": float(np.mean([w[1] for w in window])),
+                "tokens_per_s": tok_s,
+                "epoch": done / self.p.steps_per_epoch,
+            },
+        )
+        self.window = []
+
+    def _evaluate(self, done: int) -> bool:
+        """Evaluate when it is time; True when early stopping says stop."""
+        if not (done % self.eval_every == 0 or done == self.p.total_steps):
+            return False
+        run = self.run
+        metrics, _ = evaluate(
+            self.p, run.eval_step, run.adapters, run.frozen, self.p.splits["eval"]
+        )
+        self.last_eval = {"step": done, "split": "eval", **metrics}
+        self.log.write(done, "eval", metrics)
+        if self.bar is not None:
+            self.bar.write(f"[jlora] step {done}: eval {format_results(metrics)}")
+        return self.stopper.update(metrics[self.cfg.train.early_stopping_metric])
+
+    def _checkpoint(self, done: int, *, final: bool) -> None:
+        run = self.run
+        if run.ckpt is None or not (done % self.cfg.checkpoint.every_steps == 0 or final):
+            return
+        ckpt_metrics = {
+            f"eval_{k}": v for k, v in (self.last_eval or {}).items() if k not in ("step", "split")
+        }
+        tree = jlora.combine(run.frozen, run.adapters)
+        if run.ckpt.save(
+            done,
+            tree,
+            opt_state=run.opt_state,
+            config=self.cfg.lora,
+            metrics=ckpt_metrics or None,
+            force=final,
+        ):
+            self.last_saved = done
+
+
+def _progress(cfg: RunConfig, total: int, start: int):
+    if not cfg.output.progress:
+        return None
+    from tqdm.auto import tqdm  # only when a bar is shown
+
+    return tqdm(
+        total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True, mininterval=0.5
+    )

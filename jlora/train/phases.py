@@ -1,0 +1,271 @@
+"""The phases of a `jlora train` run around its training loop (`jlora.train.loop`).
+
+`set_up` builds a `Run` (model, adapters, optimizer, mesh, checkpointer, run directory);
+`evaluate_before` evaluates the step-0 model and fits the linear probe; `restore` resumes from the
+latest checkpoint; `finish` evaluates after training, exports the adapters, plots the curves and
+writes the summary. `jlora.train.trainer.train` runs them in this order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import jlora
+import jlora.train.scale as scale
+from jlora.interop import peft
+from jlora.interop.checkpoint import AdapterCheckpointer
+from jlora.train.config import RunConfig, to_dict
+from jlora.train.evaluation import eval_all, format_results, split_name
+from jlora.train.metrics import plot_curves, read_metrics
+from jlora.train.probe import linear_probe
+from jlora.train.report import format_summary, load_json, save_json
+from jlora.train.sections import ConfigError
+from jlora.train.setup import Prepared, prepare
+from jlora.train.steps import make_eval_step, make_optimizer, make_schedule
+from jlora.train.task import base_name
+
+__all__ = ["Outcome", "Run", "evaluate_before", "finish", "restore", "set_up"]
+
+
+@dataclasses.dataclass
+class Run:
+    """A run between its phases: what `set_up` built, and the state the phases update."""
+
+    p: Prepared
+    out: Path  # the run directory
+    echo: Callable[[str], None]  # progress messages (a no-op on processes other than 0)
+    mesh: Any
+    ckpt: AdapterCheckpointer | None
+    existing: Sequence[int]  # checkpoint steps found at set-up
+    schedule: Callable
+    tx: Any  # the optax optimizer of the adapters
+    eval_step: Callable
+    summ: jlora.Summary
+    frozen: Any
+    adapters: Any
+    opt_state: Any
+    t_start: float  # perf_counter / process_time when the run began
+    cpu_start: float
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    start: int = 0  # the first step to train (after `restore`)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the training loop did, as `finish` reports it."""
+
+    steps_done: int
+    stopped_early: bool
+    last_eval: dict[str, Any] | None
+    last_saved: int | None
+    tokens: int
+    t_train: float
+
+
+def set_up(cfg: RunConfig, *, resume: bool, echo: Callable[[str], None]) -> Run:
+    """Prepare ``cfg``, create the run directory and the optimizer; ConfigError on old checkpoints."""
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    scale.init_distributed(cfg.distributed)
+    mesh = scale.make_mesh(cfg.mesh)
+    p = prepare(cfg)
+    out, echo = scale.process_outputs(p.out_dir, echo)  # multi-host: process 0 logs, exports
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = _checkpointer(p) if cfg.checkpoint.enabled else None
+    existing = ckpt.all_steps() if ckpt is not None else []
+    if existing and not resume:
+        raise ConfigError(
+            f"checkpoint dir {p.checkpoint_dir} already has steps {list(existing)}: pass --resume "
+            "to continue, or choose another output.dir / checkpoint.dir"
+        )
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    frozen, adapters = jlora.split(p.tree)
+    schedule = make_schedule(cfg.optim, p.total_steps)
+    tx = make_optimizer(cfg.optim, schedule, adapters)
+    opt_state = tx.init(adapters)
+    frozen = scale.place_state(frozen, mesh)
+    eval_step = scale.jit_eval_step(make_eval_step(p.task), mesh)
+    summ = jlora.summary(p.tree)
+    echo(f"[jlora] {cfg.name}: {summ}")
+    return Run(
+        p=p,
+        out=out,
+        echo=echo,
+        mesh=mesh,
+        ckpt=ckpt,
+        existing=existing,
+        schedule=schedule,
+        tx=tx,
+        eval_step=eval_step,
+        summ=summ,
+        frozen=frozen,
+        adapters=adapters,
+        opt_state=opt_state,
+        t_start=t_start,
+        cpu_start=cpu_start,
+    )
+
+
+def _checkpointer(p: Prepared) -> AdapterCheckpointer:
+    c = p.cfg.checkpoint
+    best_mode = "max" if c.best_metric == "eval_accuracy" else "min"
+    return AdapterCheckpointer(
+        p.checkpoint_dir,
+        max_to_keep=c.max_to_keep,
+        save_interval_steps=c.every_steps,
+        async_save=c.async_save,
+        best_metric=c.best_metric,
+        best_mode=best_mode,
+    )
+
+
+def evaluate_before(run: Run) -> tuple[dict | None, dict | None]:
+    """``(before, probe)``: the step-0 evaluation and the linear probe (as configured).
+
+    The step-0 model is the frozen base (B = 0), so its pooled embeddings are the frozen
+    encoder's features for the linear probe. Results already in the run directory (a resumed
+    run) are read, not recomputed.
+    """
+    p, out, cfg = run.p, run.out, run.p.cfg
+    before = load_json(out / "before.json")
+    probe = load_json(out / "probe.json")
+    need_probe = cfg.train.linear_probe and probe is None
+    if not ((cfg.train.eval_before and before is None) or need_probe):
+        return before, probe
+    t = time.perf_counter()
+    names = ("eval", "test", "train") if need_probe else ("eval", "test")
+    before, feats = eval_all(p, run.eval_step, run.adapters, run.frozen, names, features=need_probe)
+    save_json(out / "before.json", before)
+    run.timings["before_eval_s"] = time.perf_counter() - t
+    run.echo(
+        f"[jlora] before training: {format_results(before)} ({run.timings['before_eval_s']:.1f}s)"
+    )
+    if need_probe:
+        probe = _probe(run, feats)
+    return before, probe
+
+
+def _probe(run: Run, feats: dict[str, Any]) -> dict:
+    p = run.p
+    t = time.perf_counter()
+    labels = {k: p.splits[k].labels for k in feats}
+    res = linear_probe(feats, labels, p.task.model.config.num_labels, valid="eval")
+    probe = {
+        "l2": res["l2"],
+        **{split_name(p, k): {"accuracy": v} for k, v in res["accuracy"].items()},
+    }
+    save_json(run.out / "probe.json", probe)
+    run.timings["probe_s"] = time.perf_counter() - t
+    run.echo(
+        f"[jlora] linear probe (frozen encoder): {format_results(probe)} "
+        f"({run.timings['probe_s']:.1f}s)"
+    )
+    return probe
+
+
+def restore(run: Run, *, resume: bool) -> None:
+    """Resume from the latest checkpoint (when ``resume`` and there is one); place the state."""
+    if resume and run.existing:
+        tree, run.opt_state, run.start = run.ckpt.restore(
+            jlora.combine(run.frozen, run.adapters), opt_state=run.opt_state
+        )
+        _, run.adapters = jlora.split(tree)
+        run.echo(f"[jlora] resumed from step {run.start} ({run.p.checkpoint_dir})")
+    run.adapters = scale.place_state(run.adapters, run.mesh)
+    run.opt_state = scale.place_state(run.opt_state, run.mesh)
+
+
+def finish(run: Run, done: Outcome, before: dict | None, probe: dict | None) -> dict:
+    """Evaluate after training, export and plot; write, print and return the summary."""
+    after = _evaluate_after(run, done)
+    tree = jlora.combine(run.frozen, scale.gather(run.adapters))  # all processes: a collective
+    peft_dir = _export_peft(run, tree) if scale.is_main_process() else None
+    png = _plot(run, before) if run.p.cfg.output.plot and scale.is_main_process() else None
+    summary = _summary(run, done, before, probe, after)
+    summary["peft_dir"] = str(peft_dir) if peft_dir else None
+    summary["loss_png"] = str(png) if png else None
+    save_json(run.out / "summary.json", summary)
+    run.echo(format_summary(summary))
+    return summary
+
+
+def _evaluate_after(run: Run, done: Outcome) -> dict:
+    p, last_eval = run.p, done.last_eval
+    t = time.perf_counter()
+    after = {}
+    if last_eval is not None and last_eval["step"] == done.steps_done:  # evaluated just now
+        after[split_name(p, "eval")] = {
+            k: v for k, v in last_eval.items() if k not in ("step", "split")
+        }
+    todo = ("test",) if after else ("eval", "test")
+    after.update(eval_all(p, run.eval_step, run.adapters, run.frozen, todo)[0])
+    save_json(run.out / "after.json", after)
+    run.timings["after_eval_s"] = time.perf_counter() - t
+    return after
+
+
+def _export_peft(run: Run, tree: Any) -> Path | None:
+    cfg = run.p.cfg
+    if not cfg.output.peft:
+        return None
+    task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
+    try:
+        peft.save(
+            run.out / "peft",
+            tree,
+            cfg.lora,
+            base_model_name_or_path=base_name(cfg),
+            task_type=task_type,
+        )
+    except ValueError as e:
+        run.echo(f"[jlora] PEFT export skipped: {e}")
+        return None
+    return run.out / "peft"
+
+
+def _plot(run: Run, before: dict | None) -> Path:
+    cfg = run.p.cfg
+    png = run.out / "loss.png"
+    metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
+    records = read_metrics(run.out / "metrics.jsonl")
+    start_point = (before or {}).get(split_name(run.p, "eval"))
+    if start_point:
+        records = [{"step": 0, "split": "eval", **start_point}, *records]
+    plot_curves(records, png, title=cfg.name, metric=metric)
+    return png
+
+
+def _summary(run: Run, done: Outcome, before, probe, after) -> dict:
+    """The summary dict, up to ``peft_dir`` / ``loss_png`` (which `finish` appends)."""
+    cfg, p, summ, t_train = run.p.cfg, run.p, run.summ, done.t_train
+    return {
+        "name": cfg.name,
+        "task": cfg.model.task,
+        "model": cfg.model.path or f"random {cfg.model.random.get('model_type')}",
+        "steps": done.steps_done,
+        "total_steps": p.total_steps,
+        "epochs": done.steps_done / p.steps_per_epoch,
+        "stopped_early": done.stopped_early,
+        "trainable_params": summ.trainable,
+        "base_params": summ.base,
+        "trainable_percent": summ.percent,
+        "adapter_params": summ.adapter,
+        "adapter_bytes": summ.adapter_bytes,
+        "lora_targets": summ.targets,
+        "before": before,
+        "linear_probe": probe,
+        "after": after,
+        "train_time_s": t_train,
+        "tokens_per_s": done.tokens / t_train if t_train else None,
+        "wall_time_s": time.perf_counter() - run.t_start,
+        "cpu_time_s": time.process_time() - run.cpu_start,
+        "timings_s": run.timings,
+        "checkpoint_dir": str(p.checkpoint_dir) if run.ckpt is not None else None,
+        "last_checkpoint_step": done.last_saved,
+    }
