@@ -17,6 +17,7 @@ import numpy as np
 import safetensors.numpy
 
 import jlora
+from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.interop.models import to_hf_state_dict
 from jlora.train.config import RunConfig
 from jlora.train.data import load_labels
@@ -41,8 +42,6 @@ def from_checkpoint(
     Raises:
       ValueError: the directory holds no checkpoint (or not ``step``).
     """
-    from jlora.interop.checkpoint import AdapterCheckpointer
-
     if not Path(directory).is_dir():
         raise ValueError(f"no adapter checkpoint in {directory}")
     ckpt = AdapterCheckpointer(directory)
@@ -67,8 +66,6 @@ def to_checkpoint(
     directory: str | Path, tree: Any, lcfg: jlora.LoraConfig, *, step: int = 0
 ) -> None:
     """Write ``tree``'s adapters as an Orbax adapter checkpoint at ``step``."""
-    from jlora.interop.checkpoint import AdapterCheckpointer
-
     ckpt = AdapterCheckpointer(directory)
     try:
         if step in list(ckpt.all_steps()):

@@ -16,7 +16,7 @@ import jax
 from tokenizers import Tokenizer
 
 import jlora
-from jlora.train import data as D
+import jlora.train.data as D
 from jlora.train.config import RunConfig
 from jlora.train.sections import ConfigError
 from jlora.train.steps import INIT_STREAM, MODEL_STREAM
