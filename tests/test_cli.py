@@ -307,6 +307,31 @@ def test_missing_config_file_and_bad_usage(capsys, tmp_path):
     assert r.returncode == 2 and "the following arguments are required: --out" in r.stderr
 
 
+@pytest.mark.parametrize("command", ["info", "train"])
+def test_without_the_train_extra_one_line_names_it(capsys, monkeypatch, command):
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` raises ImportError
+    r = call(capsys, command, str(TINY))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines == [
+        "jlora: the command line needs the 'train' extra: pip install \"jlora[train]\" "
+        "(missing module: yaml)"
+    ], r.stderr
+    assert r.stdout == ""
+
+
+def test_import_jlora_and_jlora_cli_load_no_train_extra(env):
+    code = (
+        "import sys, jlora, jlora.cli; "
+        "print(sorted({'yaml', 'tokenizers', 'tqdm', 'matplotlib'} & set(sys.modules)))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_tpu_config_fails_cleanly_off_a_tpu_slice(env):
     # distributed.enabled with nothing to auto-detect (no TPU slice, no coordinator): exit 2.
     r = run(env, "train", str(ROOT / "configs" / "llama-tpu.yaml"))
