@@ -17,8 +17,8 @@ match, regex full match, ``"all-linear"``, ``exclude_modules``, ``layers_to_tran
 """
 
 from jlora.interop.peft.config import CONFIG_NAME, WEIGHTS_NAME
-from jlora.interop.peft.load import load
+from jlora.interop.peft.loading import load
 from jlora.interop.peft.names import torch_module_name
-from jlora.interop.peft.save import save
+from jlora.interop.peft.saving import save
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load", "save", "torch_module_name"]
