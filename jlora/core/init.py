@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jlora.core.config import LoraConfig
+from jlora.core.infer import infer_axes
 from jlora.core.kernel import LoraWeight, Trainable
 from jlora.core.registry import INITIALIZERS, VARIANTS, register_initializer, register_variant
 from jlora.core.targets import leaf_name, module_path, path_str, select_targets, select_trainable
@@ -94,7 +98,44 @@ def _make(path: Any, s: str, w: jax.Array, config: LoraConfig, key: jax.Array) -
     return VARIANTS[config.variant](node, config, s)
 
 
-def init(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
+def _with_inferred_axes(config: LoraConfig, inferred: dict[str, Any]) -> LoraConfig:
+    """``config`` with an exact-path ``axes_pattern`` entry per inferred target, after the
+    explicit entries (the first match wins, so an explicit pattern still decides)."""
+    explicit = [regex for regex, _ in config.axes_pattern]
+    extra = tuple(
+        (f"^{re.escape(path)}$", axes)
+        for path, axes in inferred.items()
+        if not any(re.search(r, path) for r in explicit)
+    )
+    return dataclasses.replace(config, axes_pattern=(*config.axes_pattern, *extra))
+
+
+def _warn_ambiguous(targets: dict[str, Any], config: LoraConfig) -> None:
+    for s, (path, leaf) in targets.items():
+        ndim = len(leaf.shape)
+        if ndim < 3 or "conv" in module_path(s).lower():
+            continue
+        if any(re.search(regex, s) for regex, _ in config.axes_pattern):
+            continue
+        warnings.warn(
+            f"jlora.init: the target {jax.tree_util.keystr(path)} has shape "
+            f"{tuple(leaf.shape)}; its layout is ambiguous (stacked layers? an Einsum kernel?), "
+            f"so the default is used: no stacked axes, input axes {tuple(range(ndim - 1))}. "
+            "Pass `apply=` (and example `args`) to infer it from the program, or set "
+            "`LoraConfig.axes_pattern`.",
+            stacklevel=3,
+        )
+
+
+def init(
+    params: Any,
+    config: LoraConfig,
+    *,
+    key: jax.Array,
+    apply: Callable[..., Any] | None = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
     """Give every targeted kernel a LoRA adapter.
 
     Args:
@@ -102,6 +143,12 @@ def init(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
       config: what to target and how.
       key: PRNG key; each target gets its own key, ``fold_in(key, crc32(path))``, so adding a
         target never changes another target's initialization.
+      apply: optional: the function that uses ``params``, called as
+        ``apply(params, *args, **kwargs)``. jlora then traces it abstractly (no FLOPs) and reads
+        each target's stacked, input and output axes from how the program consumes it
+        (`jlora.core.infer`): scanned layers, Einsum kernels and embeddings need no
+        ``axes_pattern``. An explicit ``axes_pattern`` still wins.
+      args, kwargs: example arguments for ``apply`` (arrays or `jax.ShapeDtypeStruct`).
 
     Returns:
       The same tree with each target replaced by a `LoraWeight` (or the node of
@@ -109,8 +156,12 @@ def init(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
       wrapped in `Trainable`; all else is unchanged.
 
     Raises:
-      ValueError: no leaf matched, a target has ndim < 2 or is not floating, or a rank exceeds
-        ``min(in, out)`` of its target.
+      ValueError: no leaf matched, a target has ndim < 2 or is not floating, a rank exceeds
+        ``min(in, out)`` of its target, or ``apply`` uses a kernel in two incompatible ways.
+
+    Warns:
+      UserWarning: without ``apply``, a target with 3 or more axes and no ``axes_pattern``
+        (its layout is ambiguous: stacked layers? an Einsum kernel?), unless it is a conv.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -120,6 +171,10 @@ def init(params: Any, config: LoraConfig, *, key: jax.Array) -> Any:
       ((1000, 5), (5, 3000))
     """
     targets = select_targets(params, config)
+    if apply is not None:
+        config = _with_inferred_axes(config, infer_axes(apply, params, targets, args, kwargs))
+    else:
+        _warn_ambiguous(targets, config)
     trainable = select_trainable(params, config)
     if config.bias == "lora_only":
         owners = {module_path(s) for s in targets}
