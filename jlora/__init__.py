@@ -16,7 +16,7 @@ from jlora.core.optim import optimizer, trainable_mask
 from jlora.core.targets import path_str
 from jlora.core.tree import LoraWeight, Summary, Trainable, combine, init, split, summary
 from jlora.interop import checkpoint, peft
-from jlora.variants import dora, inits, lora_fa, multi, quant
+from jlora.variants import dora, inits, lora_fa, merging, multi, quant
 
 _aliases.install()
 
@@ -46,6 +46,7 @@ __all__ = [
     "lora",
     "materialize",
     "merge",
+    "merging",
     "multi",
     "optimizer",
     "peft",

@@ -11,18 +11,18 @@ under every adapter, so adding, selecting, deleting or combining adapters never 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.kernel import LoraWeight, Trainable
 from jlora.core.node import Node, is_node
 from jlora.core.targets import path_str
+from jlora.variants.merging import SIGN_METHODS, check_density
 from jlora.variants.mixed import MultiLoraWeight, stack_adapters
+from jlora.variants.weighted_adapter import METHODS, combine_loras
 
 __all__ = ["AdapterSet"]
 
@@ -181,39 +181,70 @@ class AdapterSet:
         *,
         method: str = "cat",
         rank: int | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        key: jax.Array | None = None,
+        masks: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     ) -> AdapterSet:
-        """Add ``new_name`` = the weighted sum ``Σ wᵢ·sᵢ·aᵢ@bᵢ`` of adapters, as PEFT's
-        ``add_weighted_adapter`` (new scale 1).
+        """Add ``new_name``, a weighted combination of adapters with scale 1, as PEFT's
+        ``add_weighted_adapter(..., combination_type=method)`` computes it for LoRA layers
+        (`jlora.variants.weighted_adapter`; the merges are `jlora.variants.merging`'s).
 
         Args:
-          names: adapters to combine.
+          names: adapters to combine; at each path, those that adapt it.
           weights: one weight per adapter (may be negative).
           new_name: the name of the result.
-          method: ``"cat"``: ``a = [w₁s₁a₁, w₂s₂a₂, …]``, ``b = [b₁; b₂; …]`` (rank = Σ rᵢ,
-            exact); ``"svd"``: the rank-``rank`` truncated SVD of the summed ΔW (``a = U_r``,
-            ``b = S_r·V_rᵀ``; the best rank-``rank`` approximation).
-          rank: ``"svd"`` only: the new rank (default: the largest rank among ``names``).
+          method: ``"cat"``: ``a = [w₁s₁a₁, …]``, ``b = [b₁; …]`` (rank Σ rᵢ, exact).
+            ``"linear"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``:
+            the ``a`` and the ``b`` factors each merged entrywise, with weights
+            ``sign(wᵢsᵢ)·√|wᵢsᵢ|`` on ``a`` and ``√|wᵢsᵢ|`` on ``b`` (equal ranks; an
+            approximation of the summed ΔW). ``"svd"`` (task arithmetic), ``"ties_svd"``,
+            ``"dare_linear_svd"``, ``"dare_ties_svd"``, ``"magnitude_prune_svd"``: the
+            ``ΔWᵢ = sᵢ·aᵢ@bᵢ`` merged with weights ``wᵢ``, then the rank-``rank`` truncated SVD
+            (``a = U_r``, ``b = S_r·V_rᵀ``). Unlike PEFT, one adapter is not switched to
+            ``"linear"``: the method asked for runs.
+          rank: the ``*svd`` methods' rank (default: the largest rank at each path).
+          density: fraction of entries kept, in [0, 1] (DARE: (0, 1]); needed by the TIES, DARE
+            and magnitude-prune methods.
+          majority_sign_method: TIES' sign election, ``"total"`` or ``"frequency"``.
+          key: the DARE methods' PRNG key (a Bernoulli(density) keep-mask per factor/ΔW, per
+            adapter, per path).
+          masks: the DARE keep-masks instead of ``key``, ``{path: {"a": [...], "b": [...]}}``
+            (entrywise methods, shaped like each ``a`` / ``b``) or ``{path: {"delta": [...]}}``
+            (``_svd`` methods, shape ``batch + (prod(in), prod(out))``), one per adapter at the
+            path, in ``names`` order.
 
         Raises:
           ValueError: unknown ``method`` or names, ``weights`` of another length, ``new_name``
-            exists, ``rank`` given for "cat" or larger than a kernel allows, DoRA adapters,
-            mismatched kernel axes, or two adapters with a `Trainable` leaf at one path.
+            exists, ``rank`` for a non-SVD method or larger than a kernel allows, ``density``
+            missing / out of range / given to a method without pruning, ``key`` and ``masks``
+            both or neither for DARE (or given to another method), masks of the wrong paths or
+            shapes, unequal ranks for an entrywise method, DoRA adapters, mismatched kernel
+            axes, or two adapters with a `Trainable` leaf at one path.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, jlora
+          >>> cfg = jlora.LoraConfig(rank=2, alpha=2, targets="k")
+          >>> trees = [jlora.init({"k": jnp.ones((4, 3))}, cfg, key=jax.random.key(i))
+          ...          for i in range(2)]
+          >>> s = AdapterSet.from_tree(trees[0], "x").add("y", trees[1])
+          >>> s = s.combine(["x", "y"], [1.0, 1.0], "xy", method="ties", density=0.5)
+          >>> s.tree("xy")["k"].rank, s.tree("xy")["k"].scale
+          (2, 1.0)
         """
-        if method not in ("cat", "svd"):
-            raise ValueError(f"`method` must be 'cat' or 'svd', got {method!r}.")
         names = list(names)
-        if not names:
-            raise ValueError("`names` is empty: name at least one adapter to combine.")
-        if len(weights) != len(names):
-            raise ValueError(f"got {len(weights)} weights for {len(names)} adapters {names}.")
-        if rank is not None and method == "cat":
-            raise ValueError("`rank` applies to method='svd' only ('cat' keeps Σ rᵢ).")
+        _check_combine_args(method, names, weights, rank, density, majority_sign_method)
+        _check_dare_args(method, key, masks)
         _check_name(new_name)
         if new_name in self.adapters:
             raise ValueError(f"an adapter named {new_name!r} already exists.")
         parts = [self._get(n) for n in names]
+        paths = _ordered_paths(self, parts)
+        if masks is not None and (extra := sorted(set(masks) - set(paths))):
+            raise ValueError(f"`masks` has paths that no adapter of {names} adapts: {extra}.")
+        opts = dict(rank=rank, density=density, majority_sign_method=majority_sign_method)
         out: dict[str, Any] = {}
-        for s in _ordered_paths(self, parts):
+        for s in paths:
             have = [(p[s], float(w)) for p, w in zip(parts, weights, strict=True) if s in p]
             trainables = [n for n, _ in have if isinstance(n, Trainable)]
             if trainables:
@@ -225,7 +256,10 @@ class AdapterSet:
                 out[s] = trainables[0]
                 continue
             _same_axes(s, [n for n, _ in have])
-            out[s] = _cat(have) if method == "cat" else _svd(s, have, rank)
+            if masks is not None and s not in masks:
+                raise ValueError(f"`masks` has no entry for {s}, which {names} adapt.")
+            m = None if masks is None else masks[s]
+            out[s] = combine_loras(s, have, method, key=key, masks=m, **opts)
         return dataclasses.replace(self, adapters={**self.adapters, new_name: out})
 
     def stack(self, names: Sequence[str] | None = None) -> Any:
@@ -274,36 +308,34 @@ def _ordered_paths(aset: AdapterSet, parts: Sequence[Mapping[str, Any]]) -> list
     return [s for s in aset._base_leaves() if s in union]
 
 
-def _cat(have: list[tuple[LoraWeight, float]]) -> LoraWeight:
-    first = have[0][0]
-    nb = len(first.batch_axes)
-    a = jnp.concatenate([n.a * (w * n.scale) for n, w in have], axis=-1)
-    b = jnp.concatenate([n.b for n, _ in have], axis=nb)
-    return dataclasses.replace(
-        first, a=a.astype(first.a.dtype), b=b.astype(first.b.dtype), scale=1.0
-    )
-
-
-def _svd(path: str, have: list[tuple[LoraWeight, float]], rank: int | None) -> LoraWeight:
-    first = have[0][0]
-    nb = len(first.batch_axes)
-    in_shape = first.a.shape[nb:-1]
-    out_shape = first.b.shape[nb + 1 :]
-    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-    r = max(n.rank for n, _ in have) if rank is None else rank
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= min(n_in, n_out):
+def _check_combine_args(method, names, weights, rank, density, sign_method) -> None:
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if not names:
+        raise ValueError("`names` is empty: name at least one adapter to combine.")
+    if len(weights) != len(names):
+        raise ValueError(f"got {len(weights)} weights for {len(names)} adapters {names}.")
+    if rank is not None and not method.endswith("svd"):
         raise ValueError(
-            f"{path}: svd rank must be an integer in [1, min(in, out) = {min(n_in, n_out)}], "
-            f"got {r!r}."
+            f"`rank` applies to method='svd' only (and the other '*_svd' methods); "
+            f"method={method!r} keeps its rank."
         )
-    delta = 0.0
-    for n, w in have:
-        a = n.a.astype(jnp.float32).reshape(*n.a.shape[:nb], n_in, n.rank)
-        b = n.b.astype(jnp.float32).reshape(*n.b.shape[: nb + 1], n_out)
-        delta = delta + (w * n.scale) * (a @ b)
-    u, sv, vt = jnp.linalg.svd(delta, full_matrices=False)
-    a = u[..., :, :r].reshape(*first.a.shape[:nb], *in_shape, r)
-    b = (sv[..., :r, None] * vt[..., :r, :]).reshape(*first.b.shape[:nb], r, *out_shape)
-    return dataclasses.replace(
-        first, a=a.astype(first.a.dtype), b=b.astype(first.b.dtype), scale=1.0
-    )
+    pruning = method not in ("cat", "svd", "linear")
+    if pruning:
+        check_density(density, method)
+    elif density is not None:
+        raise ValueError(f"`density` applies to pruning methods, not method={method!r}.")
+    if sign_method not in SIGN_METHODS:
+        raise ValueError(
+            f"`majority_sign_method` must be one of {SIGN_METHODS}, got {sign_method!r}."
+        )
+
+
+def _check_dare_args(method: str, key: Any, masks: Any) -> None:
+    if method.startswith("dare"):
+        if (key is None) == (masks is None):
+            raise ValueError(
+                f"method={method!r} drops entries at random: pass exactly one of `key` and `masks`."
+            )
+    elif key is not None or masks is not None:
+        raise ValueError(f"`key` / `masks` apply to the DARE methods, not method={method!r}.")
