@@ -12,42 +12,6 @@ import pytest
 
 import jlora
 
-
-def _randomize(tree, seed=0, std=0.3):
-    """Give every adapter random non-zero a and b."""
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
-    rng = np.random.default_rng(seed)
-    out = []
-    for x in leaves:
-        if isinstance(x, jlora.LoraWeight):
-            x = dataclasses.replace(
-                x,
-                a=jnp.asarray(rng.normal(0, std, x.a.shape), x.a.dtype),
-                b=jnp.asarray(rng.normal(0, std, x.b.shape), x.b.dtype),
-            )
-        out.append(x)
-    return jax.tree.unflatten(treedef, out)
-
-
-def _np_delta(lw):
-    """s·a@b in W's layout, in float64 numpy (independent of LoraWeight.delta)."""
-    a = np.asarray(lw.a, np.float64)
-    b = np.asarray(lw.b, np.float64)
-    nb = len(lw.batch_axes)
-    a2 = a.reshape(*a.shape[:nb], -1, a.shape[-1])
-    b2 = b.reshape(*b.shape[: nb + 1], -1)
-    d = np.matmul(a2, b2)
-    in_shape = [lw.shape[i] for i in lw.in_axes]
-    out_shape = [lw.shape[i] for i in lw.out_axes]
-    d = d.reshape(*a.shape[:nb], *in_shape, *out_shape)
-    order = (*lw.batch_axes, *lw.in_axes, *lw.out_axes)
-    return lw.scale * np.transpose(d, np.argsort(order))
-
-
-def _np_merged(lw):
-    return np.asarray(lw.w, np.float64) + _np_delta(lw)
-
-
 # --- Seed figures and the worked example ------------------------------------------------------
 
 
@@ -127,26 +91,33 @@ def test_config_is_hashable_and_static():
     assert f(jnp.ones(()), cfg) == 4
 
 
-def test_scales_follow_rank_alpha_patterns_and_rslora():
-    cfg = jlora.LoraConfig(
-        rank=8, alpha=16, rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 2}
-    )
-    assert cfg.scale_for("a/q_proj/kernel") == 16 / 8
-    assert cfg.scale_for("a/v_proj/kernel") == 2 / 4
-    rs = jlora.LoraConfig(rank=8, alpha=16, use_rslora=True, rank_pattern={"v_proj": 4})
-    assert rs.scale_for("a/q_proj/kernel") == pytest.approx(16 / math.sqrt(8))
-    assert rs.scale_for("a/v_proj/kernel") == pytest.approx(16 / 2)
+@pytest.mark.usefixtures("np_ref_attr")
+class ScaleTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_scales_follow_rank_alpha_patterns_and_rslora(self):
+        cfg = jlora.LoraConfig(
+            rank=8, alpha=16, rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 2}
+        )
+        assert cfg.scale_for("a/q_proj/kernel") == 16 / 8
+        assert cfg.scale_for("a/v_proj/kernel") == 2 / 4
+        rs = jlora.LoraConfig(rank=8, alpha=16, use_rslora=True, rank_pattern={"v_proj": 4})
+        assert rs.scale_for("a/q_proj/kernel") == pytest.approx(16 / math.sqrt(8))
+        assert rs.scale_for("a/v_proj/kernel") == pytest.approx(16 / 2)
 
-    params = {"q_proj": {"kernel": jnp.ones((16, 16))}, "v_proj": {"kernel": jnp.ones((16, 16))}}
-    tree = jlora.init(params, rs, key=jax.random.key(0))
-    assert tree["v_proj"]["kernel"].rank == 4 and tree["q_proj"]["kernel"].rank == 8
-    tree = _randomize(tree)
-    # The forward's low-rank part is exactly scale * x a b (numpy float64 reference).
-    x = np.random.default_rng(1).normal(size=(3, 16))
-    out = jlora.lora(lambda p, x: x @ p["v_proj"]["kernel"])(tree, jnp.asarray(x, jnp.float32))
-    lw = tree["v_proj"]["kernel"]
-    ref = x @ (1.0 + 8.0 * np.asarray(lw.a, np.float64) @ np.asarray(lw.b, np.float64))
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+        params = {
+            "q_proj": {"kernel": jnp.ones((16, 16))},
+            "v_proj": {"kernel": jnp.ones((16, 16))},
+        }
+        tree = self.variant(lambda p: jlora.init(p, rs, key=jax.random.key(0)))(params)
+        assert tree["v_proj"]["kernel"].rank == 4 and tree["q_proj"]["kernel"].rank == 8
+        tree = self.np_ref.randomize(tree)
+        # The forward's low-rank part is exactly scale * x a b (numpy float64 reference).
+        x = np.random.default_rng(1).normal(size=(3, 16))
+        f = self.variant(jlora.lora(lambda p, x: x @ p["v_proj"]["kernel"]))
+        out = f(tree, jnp.asarray(x, jnp.float32))
+        lw = tree["v_proj"]["kernel"]
+        ref = x @ (1.0 + 8.0 * np.asarray(lw.a, np.float64) @ np.asarray(lw.b, np.float64))
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
 
 
 # --- init ----------------------------------------------------------------------------------------
@@ -215,39 +186,48 @@ def test_init_untargeted_leaves_unchanged_and_trainable_wrapping():
     assert isinstance(tree_all["attn"]["v_proj"]["bias"], jlora.Trainable)
 
 
-def test_init_distributions_follow_peft():
-    p = {"kernel": jnp.zeros((400, 300)), "embedding": jnp.zeros((500, 64))}
-    tree = jlora.init(
-        p, jlora.LoraConfig(rank=16, targets=["kernel", "embedding"]), key=jax.random.key(1)
-    )
-    lw = tree["kernel"]
-    a = np.asarray(lw.a)
-    bound = 1 / math.sqrt(
-        400
-    )  # kaiming-uniform with a=sqrt(5): gain*sqrt(3/fan_in) = 1/sqrt(fan_in)
-    assert np.abs(a).max() <= bound
-    assert np.var(a) == pytest.approx(bound**2 / 3, rel=0.05)
-    np.testing.assert_array_equal(lw.b, 0.0)
-    emb = tree["embedding"]  # PEFT: lora_embedding_A = 0, lora_embedding_B ~ N(0, 1)
-    np.testing.assert_array_equal(emb.a, 0.0)
-    assert np.std(np.asarray(emb.b)) == pytest.approx(1.0, rel=0.05)
-    g = jlora.init(
-        p, jlora.LoraConfig(rank=16, targets="kernel", init="gaussian"), key=jax.random.key(1)
-    )
-    assert np.std(np.asarray(g["kernel"].a)) == pytest.approx(1 / 16, rel=0.05)
+class InitTest(chex.TestCase):
+    """`jlora.init` itself, eager and under `jax.jit` (the key is a traced argument there)."""
 
+    def _init(self, p, cfg, key):
+        return self.variant(lambda p, key: jlora.init(p, cfg, key=key))(p, key)
 
-def test_init_keys_are_per_path_and_deterministic():
-    p = _params()
-    k = jax.random.key(7)
-    t1 = jlora.init(p, jlora.LoraConfig(rank=2, targets=["q_proj"]), key=k)
-    t2 = jlora.init(p, jlora.LoraConfig(rank=2, targets=["q_proj", "v_proj"]), key=k)
-    t3 = jlora.init(p, jlora.LoraConfig(rank=2, targets=["q_proj", "v_proj"]), key=k)
-    np.testing.assert_array_equal(
-        t1["attn"]["q_proj"]["kernel"].a, t2["attn"]["q_proj"]["kernel"].a
-    )
-    chex.assert_trees_all_equal(t2, t3)
-    assert not np.allclose(t2["attn"]["q_proj"]["kernel"].a, t2["attn"]["v_proj"]["kernel"].a)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_init_distributions_follow_peft(self):
+        p = {"kernel": jnp.zeros((400, 300)), "embedding": jnp.zeros((500, 64))}
+        tree = self._init(
+            p, jlora.LoraConfig(rank=16, targets=["kernel", "embedding"]), jax.random.key(1)
+        )
+        lw = tree["kernel"]
+        a = np.asarray(lw.a)
+        # kaiming-uniform with a=sqrt(5): gain*sqrt(3/fan_in) = 1/sqrt(fan_in)
+        bound = 1 / math.sqrt(400)
+        assert np.abs(a).max() <= bound
+        assert np.var(a) == pytest.approx(bound**2 / 3, rel=0.05)
+        np.testing.assert_array_equal(lw.b, 0.0)
+        emb = tree["embedding"]  # PEFT: lora_embedding_A = 0, lora_embedding_B ~ N(0, 1)
+        np.testing.assert_array_equal(emb.a, 0.0)
+        assert np.std(np.asarray(emb.b)) == pytest.approx(1.0, rel=0.05)
+        g = self._init(
+            p, jlora.LoraConfig(rank=16, targets="kernel", init="gaussian"), jax.random.key(1)
+        )
+        assert np.std(np.asarray(g["kernel"].a)) == pytest.approx(1 / 16, rel=0.05)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_init_keys_are_per_path_and_deterministic(self):
+        p = _params()
+        k = jax.random.key(7)
+        t1 = self._init(p, jlora.LoraConfig(rank=2, targets=["q_proj"]), k)
+        t2 = self._init(p, jlora.LoraConfig(rank=2, targets=["q_proj", "v_proj"]), k)
+        t3 = self._init(p, jlora.LoraConfig(rank=2, targets=["q_proj", "v_proj"]), k)
+        np.testing.assert_array_equal(
+            t1["attn"]["q_proj"]["kernel"].a, t2["attn"]["q_proj"]["kernel"].a
+        )
+        chex.assert_trees_all_equal(t2, t3)
+        assert not np.allclose(t2["attn"]["q_proj"]["kernel"].a, t2["attn"]["v_proj"]["kernel"].a)
+        # the same numbers eager and under jit
+        eager = jlora.init(p, jlora.LoraConfig(rank=2, targets=["q_proj", "v_proj"]), key=k)
+        chex.assert_trees_all_equal(t2, eager)
 
 
 def test_init_errors():
@@ -284,36 +264,40 @@ def test_init_errors():
 # --- split / combine / merge ---------------------------------------------------------------------
 
 
-def test_split_combine_roundtrip_and_merge_of_init_is_identity():
-    p = _params()
-    cfg = jlora.LoraConfig(rank=2, targets="all-linear", bias="all", trainable=["embed"])
-    tree = jlora.init(p, cfg, key=jax.random.key(0))
-    frozen, trainable = jlora.split(tree)
-    assert trainable["norm"]["weight"] is None and trainable["steps"] is None
-    assert frozen["attn"]["q_proj"]["kernel"].a is None
-    assert trainable["attn"]["q_proj"]["kernel"].w is None
-    chex.assert_trees_all_equal(jlora.combine(frozen, trainable), tree)
-    # B = 0 at init: merging gives back exactly the original params.
-    chex.assert_trees_all_equal(jlora.merge(tree), p)
-    chex.assert_trees_all_equal(jax.jit(jlora.merge)(tree), p)
+@pytest.mark.usefixtures("np_ref_attr")
+class SplitMergeTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_split_combine_roundtrip_and_merge_of_init_is_identity(self):
+        p = _params()
+        cfg = jlora.LoraConfig(rank=2, targets="all-linear", bias="all", trainable=["embed"])
+        tree = jlora.init(p, cfg, key=jax.random.key(0))
+        frozen, trainable = self.variant(jlora.split)(tree)
+        assert trainable["norm"]["weight"] is None and trainable["steps"] is None
+        assert frozen["attn"]["q_proj"]["kernel"].a is None
+        assert trainable["attn"]["q_proj"]["kernel"].w is None
+        chex.assert_trees_all_equal(self.variant(jlora.combine)(frozen, trainable), tree)
+        # B = 0 at init: merging gives back exactly the original params.
+        chex.assert_trees_all_equal(self.variant(jlora.merge)(tree), p)
+        chex.assert_trees_all_equal(jax.jit(jlora.merge)(tree), p)
 
-
-def test_merge_unmerge_against_numpy():
-    p = {"k": jnp.asarray(np.random.default_rng(0).normal(size=(12, 10)), jnp.float32)}
-    tree = _randomize(
-        jlora.init(p, jlora.LoraConfig(rank=3, alpha=6, targets="k"), key=jax.random.key(0))
-    )
-    merged = jlora.merge(tree)
-    np.testing.assert_allclose(merged["k"], _np_merged(tree["k"]), rtol=1e-6, atol=1e-6)
-    back = jlora.unmerge(merged, tree)
-    np.testing.assert_allclose(back["k"].w, p["k"], atol=1e-5)
-    # bf16 kernels: accumulate in float32, cast back to W's dtype.
-    tb = {"k": dataclasses.replace(tree["k"], w=tree["k"].w.astype(jnp.bfloat16))}
-    mb = jlora.merge(tb)["k"]
-    assert mb.dtype == jnp.bfloat16
-    np.testing.assert_allclose(
-        np.asarray(mb, np.float64), _np_merged(tb["k"]), rtol=1e-2, atol=2e-2
-    )
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_merge_unmerge_against_numpy(self):
+        np_ref = self.np_ref
+        p = {"k": jnp.asarray(np.random.default_rng(0).normal(size=(12, 10)), jnp.float32)}
+        tree = np_ref.randomize(
+            jlora.init(p, jlora.LoraConfig(rank=3, alpha=6, targets="k"), key=jax.random.key(0))
+        )
+        merged = self.variant(jlora.merge)(tree)
+        np.testing.assert_allclose(merged["k"], np_ref.merged(tree["k"]), rtol=1e-6, atol=1e-6)
+        back = self.variant(jlora.unmerge)(merged, tree)
+        np.testing.assert_allclose(back["k"].w, p["k"], atol=1e-5)
+        # bf16 kernels: accumulate in float32, cast back to W's dtype.
+        tb = {"k": dataclasses.replace(tree["k"], w=tree["k"].w.astype(jnp.bfloat16))}
+        mb = self.variant(jlora.merge)(tb)["k"]
+        assert mb.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            np.asarray(mb, np.float64), np_ref.merged(tb["k"]), rtol=1e-2, atol=2e-2
+        )
 
 
 def test_merge_and_unmerge_errors():
@@ -337,71 +321,82 @@ def _nbytes(tree):
     return sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
 
 
-def test_optimizer_updates_only_adapters_and_holds_no_frozen_state():
-    p = _params()
-    del p["steps"]  # jax.grad over the whole tree needs float leaves (split avoids this)
-    cfg = jlora.LoraConfig(rank=2, targets=["q_proj", "v_proj"], trainable=["head"])
-    tree = _randomize(jlora.init(p, cfg, key=jax.random.key(0)))
+@pytest.mark.usefixtures("np_ref_attr")
+class OptimizerTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_optimizer_updates_only_adapters_and_holds_no_frozen_state(self):
+        p = _params()
+        del p["steps"]  # jax.grad over the whole tree needs float leaves (split avoids this)
+        cfg = jlora.LoraConfig(rank=2, targets=["q_proj", "v_proj"], trainable=["head"])
+        tree = self.np_ref.randomize(jlora.init(p, cfg, key=jax.random.key(0)))
 
-    def loss(tree, x):
-        out = jlora.lora(
-            lambda p, x: (
-                (x @ p["attn"]["q_proj"]["kernel"] + x @ p["attn"]["v_proj"]["kernel"])
-                @ p["head"]["kernel"][:16]
-            )
-        )(tree, x)
-        return jnp.sum(out**2)
+        def loss(tree, x):
+            out = jlora.lora(
+                lambda p, x: (
+                    (x @ p["attn"]["q_proj"]["kernel"] + x @ p["attn"]["v_proj"]["kernel"])
+                    @ p["head"]["kernel"][:16]
+                )
+            )(tree, x)
+            return jnp.sum(out**2)
 
-    x = jnp.ones((4, 32))
-    tx = jlora.optimizer(optax.adam(1e-2), tree)
-    state = tx.init(tree)
-    # Adam keeps mu and nu for every trainable leaf (a, b, head kernel/bias) and a step count.
-    s = jlora.summary(tree)
-    trainable_bytes = 4 * s.trainable
-    assert _nbytes(state) == 2 * trainable_bytes + 4  # + adam's int32 step count
-    grads = jax.grad(loss)(tree, x)
-    updates, state = tx.update(grads, state, tree)
-    new = optax.apply_updates(tree, updates)
-    for path in (("attn", "q_proj", "kernel"), ("attn", "v_proj", "kernel")):
-        old_lw, new_lw = tree, new
-        for k in path:
-            old_lw, new_lw = old_lw[k], new_lw[k]
-        np.testing.assert_array_equal(new_lw.w, old_lw.w)  # frozen: bit-identical
-        assert not np.allclose(new_lw.a, old_lw.a) and not np.allclose(new_lw.b, old_lw.b)
-    np.testing.assert_array_equal(new["norm"]["weight"], p["norm"]["weight"])
-    np.testing.assert_array_equal(new["embed"]["embedding"], p["embed"]["embedding"])
-    np.testing.assert_array_equal(new["attn"]["q_proj"]["bias"], p["attn"]["q_proj"]["bias"])
-    assert not np.allclose(new["head"]["kernel"].value, p["head"]["kernel"])
+        x = jnp.ones((4, 32))
+        tx = jlora.optimizer(optax.adam(1e-2), tree)
+        state = self.variant(tx.init)(tree)
+        # Adam keeps mu and nu for every trainable leaf (a, b, head kernel/bias) and a step count.
+        s = jlora.summary(tree)
+        trainable_bytes = 4 * s.trainable
+        assert _nbytes(state) == 2 * trainable_bytes + 4  # + adam's int32 step count
 
+        @self.variant
+        def step(tree, state, x):
+            grads = jax.grad(loss)(tree, x)
+            updates, state = tx.update(grads, state, tree)
+            return optax.apply_updates(tree, updates), state
 
-def test_optimizer_on_split_adapters_and_trainable_mask():
-    tree = jlora.init(
-        _params(), jlora.LoraConfig(rank=2, targets=["q_proj"]), key=jax.random.key(0)
-    )
-    _, adapters = jlora.split(tree)
-    tx = jlora.optimizer(optax.adamw(1e-3), adapters)
-    state = tx.init(adapters)
-    lw = adapters["attn"]["q_proj"]["kernel"]
-    assert _nbytes(state) == 2 * (lw.a.nbytes + lw.b.nbytes) + 4
-    mask = jlora.trainable_mask(tree)
-    assert (
-        mask["attn"]["q_proj"]["kernel"].w is False and mask["attn"]["q_proj"]["kernel"].a is True
-    )
-    assert mask["norm"]["weight"] is False
-    # Composes with optax.masked too: the masked-out leaves get no state.
-    masked = optax.masked(optax.adam(1e-3), mask)
-    assert _nbytes(masked.init(tree)) == 2 * (lw.a.nbytes + lw.b.nbytes) + 4
+        new, state = step(tree, state, x)
+        for path in (("attn", "q_proj", "kernel"), ("attn", "v_proj", "kernel")):
+            old_lw, new_lw = tree, new
+            for k in path:
+                old_lw, new_lw = old_lw[k], new_lw[k]
+            np.testing.assert_array_equal(new_lw.w, old_lw.w)  # frozen: bit-identical
+            assert not np.allclose(new_lw.a, old_lw.a) and not np.allclose(new_lw.b, old_lw.b)
+        np.testing.assert_array_equal(new["norm"]["weight"], p["norm"]["weight"])
+        np.testing.assert_array_equal(new["embed"]["embedding"], p["embed"]["embedding"])
+        np.testing.assert_array_equal(new["attn"]["q_proj"]["bias"], p["attn"]["q_proj"]["bias"])
+        assert not np.allclose(new["head"]["kernel"].value, p["head"]["kernel"])
 
-
-def test_lora_plus_b_optimizer():
-    tree = _randomize(
-        jlora.init(
-            {"k": jnp.ones((8, 8))}, jlora.LoraConfig(rank=2, targets="k"), key=jax.random.key(0)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_optimizer_on_split_adapters_and_trainable_mask(self):
+        tree = jlora.init(
+            _params(), jlora.LoraConfig(rank=2, targets=["q_proj"]), key=jax.random.key(0)
         )
-    )
-    tx = jlora.optimizer(optax.sgd(1.0), tree, b_tx=optax.sgd(16.0))
-    grads = jax.tree.map(jnp.ones_like, tree)
-    updates, _ = tx.update(grads, tx.init(tree), tree)
-    np.testing.assert_array_equal(updates["k"].a, -1.0)
-    np.testing.assert_array_equal(updates["k"].b, -16.0)
-    np.testing.assert_array_equal(updates["k"].w, 0.0)
+        _, adapters = self.variant(jlora.split)(tree)
+        tx = jlora.optimizer(optax.adamw(1e-3), adapters)
+        state = self.variant(tx.init)(adapters)
+        lw = adapters["attn"]["q_proj"]["kernel"]
+        assert _nbytes(state) == 2 * (lw.a.nbytes + lw.b.nbytes) + 4
+        mask = jlora.trainable_mask(tree)
+        assert (
+            mask["attn"]["q_proj"]["kernel"].w is False
+            and mask["attn"]["q_proj"]["kernel"].a is True
+        )
+        assert mask["norm"]["weight"] is False
+        # Composes with optax.masked too: the masked-out leaves get no state.
+        masked = optax.masked(optax.adam(1e-3), mask)
+        assert _nbytes(self.variant(masked.init)(tree)) == 2 * (lw.a.nbytes + lw.b.nbytes) + 4
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_lora_plus_b_optimizer(self):
+        tree = self.np_ref.randomize(
+            jlora.init(
+                {"k": jnp.ones((8, 8))},
+                jlora.LoraConfig(rank=2, targets="k"),
+                key=jax.random.key(0),
+            )
+        )
+        tx = jlora.optimizer(optax.sgd(1.0), tree, b_tx=optax.sgd(16.0))
+        grads = jax.tree.map(jnp.ones_like, tree)
+        updates, _ = self.variant(tx.update)(grads, tx.init(tree), tree)
+        np.testing.assert_array_equal(updates["k"].a, -1.0)
+        np.testing.assert_array_equal(updates["k"].b, -16.0)
+        np.testing.assert_array_equal(updates["k"].w, 0.0)

@@ -1,7 +1,6 @@
 """DoRA: magnitude init, fused forward, gradients, merge, and parity with PEFT."""
 
 import dataclasses
-import os
 import warnings
 
 import chex
@@ -16,14 +15,7 @@ import jlora
 import jlora.interop.models
 from jlora import dora, quant
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RNG = np.random.default_rng(0)
-
-
-def _require(name):
-    if os.environ.get("CI"):
-        return __import__(name)
-    return pytest.importorskip(name)
 
 
 def _x(*shape):
@@ -46,31 +38,6 @@ def _randomize(tree, seed=0, std=0.3):
         return dataclasses.replace(x, b=b, m=m)
 
     return jax.tree.map(one, tree, is_leaf=jlora.weights.is_node)
-
-
-def _np_parts(lw):
-    """float64 (V = W + s·a@b in W's layout, per-axis info) computed with numpy only."""
-    nb = len(lw.batch_axes)
-    a, b = _f64(lw.a), _f64(lw.b)
-    bdims = "".join("bcd"[i] for i in range(nb))
-    ins = "".join("ijk"[i] for i in range(len(lw.in_axes)))
-    outs = "".join("opq"[i] for i in range(len(lw.out_axes)))
-    d = lw.scale * np.einsum(f"{bdims}{ins}r,{bdims}r{outs}->{bdims}{ins}{outs}", a, b)
-    canonical = (*lw.batch_axes, *lw.in_axes, *lw.out_axes)
-    w = lw.w.dequantize(jnp.float32) if hasattr(lw.w, "dequantize") else lw.w
-    return _f64(w) + np.transpose(d, np.argsort(canonical))
-
-
-def _np_dora_kernel(lw):
-    """m ⊙ V / ‖V‖ (norm over the input axes), float64."""
-    v = _np_parts(lw)
-    norm = np.sqrt((v**2).sum(axis=lw.in_axes, keepdims=True))
-    kept = sorted((*lw.batch_axes, *lw.out_axes))
-    m = np.transpose(
-        _f64(lw.m), np.argsort([(*lw.batch_axes, *lw.out_axes).index(ax) for ax in kept])
-    )
-    m = np.expand_dims(m, lw.in_axes)
-    return m * v / norm
 
 
 def test_magnitude_init_is_the_column_norm_for_each_layout():
@@ -103,6 +70,7 @@ def test_magnitude_init_is_the_column_norm_for_each_layout():
     np.testing.assert_allclose(t["k"].m, np.linalg.norm(_f64(e), axis=1), rtol=1e-6)
 
 
+@pytest.mark.usefixtures("np_ref_attr")
 class DoraFusedTest(chex.TestCase):
     def _check(self, fn, tree, *args, ref, tol=2e-4):
         with warnings.catch_warnings():
@@ -121,7 +89,7 @@ class DoraFusedTest(chex.TestCase):
         f = lambda p, x: m.apply({"params": p}, x)  # noqa: E731
         self._check(f, tree, x, ref=_f64(m.apply({"params": p}, x)))  # step 0 == base
         tree = _randomize(tree)
-        ref = _f64(x) @ _np_dora_kernel(tree["kernel"]) + _f64(p["bias"])
+        ref = _f64(x) @ self.np_ref.dora_kernel(tree["kernel"]) + _f64(p["bias"])
         self._check(f, tree, x, ref=ref)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -131,7 +99,7 @@ class DoraFusedTest(chex.TestCase):
         p = e.init(jax.random.key(0), x)["params"]
         cfg = jlora.LoraConfig(rank=2, use_dora=True, axes_pattern={"kernel": ((), (1,))})
         tree = _randomize(jlora.init(p, cfg, key=jax.random.key(1)))
-        ref = np.einsum("btd,ndh->btnh", _f64(x), _np_dora_kernel(tree["kernel"]))
+        ref = np.einsum("btd,ndh->btnh", _f64(x), self.np_ref.dora_kernel(tree["kernel"]))
         self._check(lambda p, x: e.apply({"params": p}, x), tree, x, ref=ref)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -142,7 +110,7 @@ class DoraFusedTest(chex.TestCase):
         tree = _randomize(
             jlora.init(p, jlora.LoraConfig(rank=2, use_dora=True), key=jax.random.key(1))
         )
-        merged = {"kernel": jnp.asarray(_np_dora_kernel(tree["kernel"]), jnp.float32)}
+        merged = {"kernel": jnp.asarray(self.np_ref.dora_kernel(tree["kernel"]), jnp.float32)}
         ref = _f64(m.apply({"params": merged}, x))
         self._check(lambda p, x: m.apply({"params": p}, x), tree, x, ref=ref)
 
@@ -155,7 +123,7 @@ class DoraFusedTest(chex.TestCase):
         tree = jlora.init(p, cfg, key=jax.random.key(1))
         lw = dataclasses.replace(tree["embedding"], a=_x(20, 2))
         tree = _randomize({"embedding": lw})
-        ref = _np_dora_kernel(tree["embedding"])[np.asarray(ids)]
+        ref = self.np_ref.dora_kernel(tree["embedding"])[np.asarray(ids)]
         self._check(lambda p, i: m.apply({"params": p}, i), tree, ids, ref=ref)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -171,7 +139,7 @@ class DoraFusedTest(chex.TestCase):
         cfg = jlora.LoraConfig(rank=2, use_dora=True, axes_pattern={"kernel": ((0,), (1,))})
         tree = _randomize(jlora.init(p, cfg, key=jax.random.key(1)))
         assert tree["Dense_0"]["kernel"].m.shape == (3, 8)
-        k = _np_dora_kernel(tree["Dense_0"]["kernel"])
+        k = self.np_ref.dora_kernel(tree["Dense_0"]["kernel"])
         h = _f64(x)
         for layer in range(3):
             h = np.tanh(h @ k[layer])
@@ -186,52 +154,80 @@ class DoraFusedTest(chex.TestCase):
             jlora.init(p, jlora.LoraConfig(rank=2, use_dora=True), key=jax.random.key(1))
         )
         q = quant.quantize(tree, method="nf4")
-        ref = _f64(x) @ _np_dora_kernel(q["kernel"])
+        ref = _f64(x) @ self.np_ref.dora_kernel(q["kernel"])
         self._check(lambda p, x: m.apply({"params": p}, x), q, x, ref=ref)
 
-
-def test_attend_with_dora_is_fused():
-    m = nn.Embed(12, 8)
-    p = m.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))["params"]
-    tree = jlora.init(
-        p, jlora.LoraConfig(rank=2, targets=["embedding"], use_dora=True), key=jax.random.key(1)
-    )
-    tree = _randomize({"embedding": dataclasses.replace(tree["embedding"], a=_x(12, 2))})
-    h = _x(3, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # x @ E.T: g scales x along the contracted features
-        out = jlora.lora(lambda p, h: m.apply({"params": p}, h, method=m.attend))(tree, h)
-    np.testing.assert_allclose(
-        _f64(out), _f64(h) @ _np_dora_kernel(tree["embedding"]).T, rtol=2e-4, atol=2e-4
-    )
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_attend_with_dora_is_fused(self):
+        m = nn.Embed(12, 8)
+        p = m.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))["params"]
+        cfg = jlora.LoraConfig(rank=2, targets=["embedding"], use_dora=True)
+        tree = jlora.init(p, cfg, key=jax.random.key(1))
+        tree = _randomize({"embedding": dataclasses.replace(tree["embedding"], a=_x(12, 2))})
+        h = _x(3, 8)
+        # x @ E.T: g scales x along the contracted features
+        ref = _f64(h) @ self.np_ref.dora_kernel(tree["embedding"]).T
+        self._check(lambda p, h: m.apply({"params": p}, h, method=m.attend), tree, h, ref=ref)
 
 
-def test_dropout_follows_peft_formula():
-    p = {"w": _x(8, 6)}
-    cfg = jlora.LoraConfig(rank=2, targets="w", dropout=0.5, use_dora=True)
-    tree = _randomize(jlora.init(p, cfg, key=jax.random.key(0)))
-    lw = tree["w"]
-    x = _x(16, 8)
-    key = jax.random.key(3)
-    out = jlora.lora(lambda p, x: x @ p["w"])(tree, x, dropout_key=key)
-    # the fused dot is the first op that draws a key: fold_in(key, 1)
-    mask = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, x.shape))
-    xd = np.where(mask, _f64(x) / 0.5, 0.0)
-    v = _np_parts(lw)
-    g = _f64(lw.m) / np.linalg.norm(v, axis=0)
-    w = _f64(lw.w)
-    low = lw.scale * (xd @ _f64(lw.a) @ _f64(lw.b))
-    ref = _f64(x) @ w + (g - 1) * (xd @ w) + g * low  # PEFT's DoraLinearLayer.forward
-    np.testing.assert_allclose(_f64(out), ref, rtol=2e-4, atol=2e-4)
+@pytest.mark.usefixtures("np_ref_attr")
+class DoraTransformTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_dropout_follows_peft_formula(self):
+        p = {"w": _x(8, 6)}
+        cfg = jlora.LoraConfig(rank=2, targets="w", dropout=0.5, use_dora=True)
+        tree = _randomize(jlora.init(p, cfg, key=jax.random.key(0)))
+        lw = tree["w"]
+        x = _x(16, 8)
+        key = jax.random.key(3)
+        out = self.variant(jlora.lora(lambda p, x: x @ p["w"]))(tree, x, dropout_key=key)
+        # the fused dot is the first op that draws a key: fold_in(key, 1)
+        mask = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, x.shape))
+        xd = np.where(mask, _f64(x) / 0.5, 0.0)
+        v = self.np_ref.merged(lw)
+        g = _f64(lw.m) / np.linalg.norm(v, axis=0)
+        w = _f64(lw.w)
+        low = lw.scale * (xd @ _f64(lw.a) @ _f64(lw.b))
+        ref = _f64(x) @ w + (g - 1) * (xd @ w) + g * low  # PEFT's DoraLinearLayer.forward
+        np.testing.assert_allclose(_f64(out), ref, rtol=2e-4, atol=2e-4)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_magnitude_is_trainable_everywhere(self):
+        p = {"w": _x(8, 6), "n": _x(6)}
+        tree = jlora.init(
+            p, jlora.LoraConfig(rank=2, targets="w", use_dora=True), key=jax.random.key(0)
+        )
+        frozen, train = jlora.split(tree)
+        assert frozen["w"].m is None and train["w"].m is not None and train["w"].w is None
+        assert jlora.combine(frozen, train)["w"].m is train["w"].m
+        assert jlora.trainable_mask(tree)["w"].m is True
+        s = jlora.summary(tree)
+        assert s.trainable == 8 * 2 + 2 * 6 + 6 and s.adapter_bytes == 4 * (16 + 12 + 6)
+        tx = jlora.optimizer(optax.adam(1e-2), tree)
+        state = self.variant(tx.init)(tree)
+        assert sum(x.size for x in jax.tree.leaves(state)) == 2 * (16 + 12 + 6) + 1
+        x = _x(5, 8)
+        f = jlora.lora(lambda p, x: jnp.sum(jnp.sin(x @ p["w"])))
+        g = self.variant(jax.grad(f))(tree, x)
+        assert float(jnp.abs(g["w"].m).sum()) > 0 and float(jnp.abs(g["w"].w).sum()) == 0
+
+        @self.variant
+        def step(g, state, tree):
+            upd, _ = tx.update(g, state, tree)
+            return optax.apply_updates(tree, upd)
+
+        new = step(g, state, tree)
+        assert not np.allclose(new["w"].m, tree["w"].m)
+        np.testing.assert_array_equal(new["w"].w, tree["w"].w)
 
 
-def test_merge_and_unmerge():
+def test_merge_and_unmerge(np_ref):
     p = {"w": _x(8, 6)}
     tree = _randomize(
         jlora.init(p, jlora.LoraConfig(rank=2, targets="w", use_dora=True), key=jax.random.key(0))
     )
     merged = jlora.merge(tree)["w"]
-    np.testing.assert_allclose(_f64(merged), _np_dora_kernel(tree["w"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_f64(merged), np_ref.dora_kernel(tree["w"]), rtol=1e-5, atol=1e-6)
     # the merged columns have norm m: DoRA's magnitude / direction split
     np.testing.assert_allclose(np.linalg.norm(_f64(merged), axis=0), _f64(tree["w"].m), rtol=1e-5)
     chex.assert_trees_all_close(jax.jit(jlora.merge)(tree)["w"], merged, atol=1e-6)
@@ -245,33 +241,9 @@ def test_merge_and_unmerge():
         dora.add_magnitudes(tree)
 
 
-def test_magnitude_is_trainable_everywhere():
-    p = {"w": _x(8, 6), "n": _x(6)}
-    tree = jlora.init(
-        p, jlora.LoraConfig(rank=2, targets="w", use_dora=True), key=jax.random.key(0)
-    )
-    frozen, train = jlora.split(tree)
-    assert frozen["w"].m is None and train["w"].m is not None and train["w"].w is None
-    assert jlora.combine(frozen, train)["w"].m is train["w"].m
-    assert jlora.trainable_mask(tree)["w"].m is True
-    s = jlora.summary(tree)
-    assert s.trainable == 8 * 2 + 2 * 6 + 6 and s.adapter_bytes == 4 * (16 + 12 + 6)
-    tx = jlora.optimizer(optax.adam(1e-2), tree)
-    state = tx.init(tree)
-    assert sum(x.size for x in jax.tree.leaves(state)) == 2 * (16 + 12 + 6) + 1
-    x = _x(5, 8)
-    f = jlora.lora(lambda p, x: jnp.sum(jnp.sin(x @ p["w"])))
-    g = jax.grad(f)(tree, x)
-    assert float(jnp.abs(g["w"].m).sum()) > 0 and float(jnp.abs(g["w"].w).sum()) == 0
-    upd, _ = tx.update(g, state, tree)
-    new = optax.apply_updates(tree, upd)
-    assert not np.allclose(new["w"].m, tree["w"].m)
-    np.testing.assert_array_equal(new["w"].w, tree["w"].w)
-
-
-def _peft_linear(w, a, b, m, alpha):
-    torch = _require("torch")
-    peft = _require("peft")
+def _peft_linear(require, w, a, b, m, alpha):
+    torch = require("torch")
+    peft = require("peft")
     lin = torch.nn.Linear(w.shape[0], w.shape[1], bias=False)
     pm = peft.get_peft_model(
         torch.nn.Sequential(lin),
@@ -286,7 +258,7 @@ def _peft_linear(w, a, b, m, alpha):
     return torch, pm, layer
 
 
-def test_forward_and_gradients_match_peft():
+def test_forward_and_gradients_match_peft(require):
     p = {"w": _x(10, 7)}
     tree = _randomize(
         jlora.init(
@@ -295,7 +267,7 @@ def test_forward_and_gradients_match_peft():
     )
     lw = tree["w"]
     x = _x(4, 10)
-    torch, pm, layer = _peft_linear(lw.w, lw.a, lw.b, lw.m, 6)
+    torch, pm, layer = _peft_linear(require, lw.w, lw.a, lw.b, lw.m, 6)
     # PEFT initializes m from W (b = 0) the same way
     tx = torch.tensor(np.asarray(x))
     out_t = pm(tx)
@@ -312,8 +284,8 @@ def test_forward_and_gradients_match_peft():
     np.testing.assert_allclose(_f64(g.m), gm, rtol=1e-4, atol=1e-5)
 
 
-def test_init_matches_peft_magnitude():
-    torch = _require("torch")
+def test_init_matches_peft_magnitude(require):
+    torch = require("torch")
     w = RNG.normal(size=(9, 5)).astype(np.float32)
     tree = jlora.init(
         {"w": jnp.asarray(w)},
@@ -321,7 +293,12 @@ def test_init_matches_peft_magnitude():
         key=jax.random.key(0),
     )
     _, _, layer = _peft_linear(
-        w, np.zeros((9, 2), np.float32), np.zeros((2, 5), np.float32), np.zeros(5, np.float32), 4
+        require,
+        w,
+        np.zeros((9, 2), np.float32),
+        np.zeros((2, 5), np.float32),
+        np.zeros(5, np.float32),
+        4,
     )
     # recompute PEFT's init on its own layer (B = 0, so the norm of W alone)
     with torch.no_grad():
@@ -332,13 +309,12 @@ def test_init_matches_peft_magnitude():
 
 
 @pytest.mark.slow
-def test_jlora_dora_adapter_runs_in_peft_and_back(tmp_path):
+def test_jlora_dora_adapter_runs_in_peft_and_back(tmp_path, require, hf, np_ref):
     """jlora.init(use_dora) on a tiny HF Llama, one training step, PEFT format both ways."""
-    torch, peft = _require("torch"), _require("peft")
-    transformers = _require("transformers")
-    from _hf_utils import tiny_causal_lm
+    torch, peft = require("torch"), require("peft")
+    transformers = require("transformers")
 
-    tiny_causal_lm().save_pretrained(tmp_path / "base", safe_serialization=True)
+    hf.tiny_causal_lm().save_pretrained(tmp_path / "base", safe_serialization=True)
     model, params = jlora.models.from_pretrained(tmp_path / "base")
     cfg = jlora.LoraConfig(
         rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], use_dora=True
@@ -357,7 +333,9 @@ def test_jlora_dora_adapter_runs_in_peft_and_back(tmp_path):
     train = optax.apply_updates(train, tx.update(g, tx.init(train), train)[0])
     tree = jlora.combine(frozen, train)
     q = tree["params"]["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
-    assert not np.allclose(q.m, weight_norm_of(q))  # the magnitude trained away from ‖W + sBA‖
+    assert not np.allclose(
+        q.m, np.linalg.norm(np_ref.merged(q), axis=0)
+    )  # the magnitude trained away from ‖W + sBA‖
     got = np.asarray(jax.jit(f)(tree, jnp.asarray(ids)), np.float64)
 
     jlora.peft.save(tmp_path / "adapter", tree, cfg)
@@ -378,7 +356,3 @@ def test_jlora_dora_adapter_runs_in_peft_and_back(tmp_path):
     back, back_cfg = jlora.peft.load(tmp_path / "adapter", params)
     assert back_cfg.use_dora
     chex.assert_trees_all_close(jax.jit(f)(back, jnp.asarray(ids)), got, atol=1e-5)
-
-
-def weight_norm_of(lw):
-    return np.linalg.norm(_np_parts(lw), axis=0)

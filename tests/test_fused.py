@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_core import _np_delta, _np_merged, _randomize
 
 import jlora
 
@@ -26,6 +25,7 @@ def _f64(x):
     return np.asarray(x, np.float64)
 
 
+@pytest.mark.usefixtures("np_ref_attr")
 class FusedTest(chex.TestCase):
     """Each layer type: fused output == numpy float64 forward with merged weights."""
 
@@ -40,8 +40,10 @@ class FusedTest(chex.TestCase):
         m = nn.Dense(12)
         x = _x(2, 5, 8)
         p = m.init(jax.random.key(0), x)["params"]
-        tree = _randomize(jlora.init(p, jlora.LoraConfig(rank=3, alpha=5), key=jax.random.key(1)))
-        ref = _f64(x) @ _np_merged(tree["kernel"]) + _f64(p["bias"])
+        tree = self.np_ref.randomize(
+            jlora.init(p, jlora.LoraConfig(rank=3, alpha=5), key=jax.random.key(1))
+        )
+        ref = _f64(x) @ self.np_ref.merged(tree["kernel"]) + _f64(p["bias"])
         self._check(lambda p, x: m.apply({"params": p}, x), tree, x, ref=ref)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -50,9 +52,9 @@ class FusedTest(chex.TestCase):
         x = _x(2, 5, 6)
         p = m.init(jax.random.key(0), x)["params"]  # kernel (5, 6, 3, 4)
         cfg = jlora.LoraConfig(rank=2, axes_pattern={"kernel": ((), (0, 1))})
-        tree = _randomize(jlora.init(p, cfg, key=jax.random.key(1)))
+        tree = self.np_ref.randomize(jlora.init(p, cfg, key=jax.random.key(1)))
         assert tree["kernel"].a.shape == (5, 6, 2) and tree["kernel"].b.shape == (2, 3, 4)
-        ref = np.einsum("bij,ijkl->bkl", _f64(x), _np_merged(tree["kernel"]))
+        ref = np.einsum("bij,ijkl->bkl", _f64(x), self.np_ref.merged(tree["kernel"]))
         self._check(lambda p, x: m.apply({"params": p}, x), tree, x, ref=ref)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -66,13 +68,13 @@ class FusedTest(chex.TestCase):
         cfg = jlora.LoraConfig(
             rank=2, axes_pattern={"q/kernel": ((), (0,)), "o/kernel": ((), (0, 1))}
         )
-        tree = _randomize(jlora.init(p, cfg, key=jax.random.key(2)))
+        tree = self.np_ref.randomize(jlora.init(p, cfg, key=jax.random.key(2)))
 
         def f(p, x):
             return o.apply({"params": p["o"]}, q.apply({"params": p["q"]}, x))
 
-        h = np.einsum("btd,dnh->btnh", _f64(x), _np_merged(tree["q"]["kernel"]))
-        ref = np.einsum("btnh,nhd->btd", h, _np_merged(tree["o"]["kernel"]))
+        h = np.einsum("btd,dnh->btnh", _f64(x), self.np_ref.merged(tree["q"]["kernel"]))
+        ref = np.einsum("btnh,nhd->btd", h, self.np_ref.merged(tree["o"]["kernel"]))
         self._check(f, tree, x, ref=ref)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -80,8 +82,8 @@ class FusedTest(chex.TestCase):
         m = nn.Conv(5, (3, 3), padding="VALID", use_bias=False)
         x = _x(2, 7, 6, 4)
         p = m.init(jax.random.key(0), x)["params"]  # kernel (3, 3, 4, 5)
-        tree = _randomize(jlora.init(p, jlora.LoraConfig(rank=2), key=jax.random.key(1)))
-        k = _np_merged(tree["kernel"])
+        tree = self.np_ref.randomize(jlora.init(p, jlora.LoraConfig(rank=2), key=jax.random.key(1)))
+        k = self.np_ref.merged(tree["kernel"])
         win = np.lib.stride_tricks.sliding_window_view(_f64(x), (3, 3), axis=(1, 2))
         ref = np.einsum("bhwcij,ijco->bhwo", win, k)
         self._check(lambda p, x: m.apply({"params": p}, x), tree, x, ref=ref)
@@ -92,8 +94,8 @@ class FusedTest(chex.TestCase):
         ids = jnp.asarray(RNG.integers(0, 30, (2, 5)))
         p = m.init(jax.random.key(0), ids)["params"]
         cfg = jlora.LoraConfig(rank=2, targets="embedding")
-        tree = _randomize(jlora.init(p, cfg, key=jax.random.key(1)))
-        table = _np_merged(tree["embedding"])
+        tree = self.np_ref.randomize(jlora.init(p, cfg, key=jax.random.key(1)))
+        table = self.np_ref.merged(tree["embedding"])
         self._check(lambda p, i: m.apply({"params": p}, i), tree, ids, ref=table[np.asarray(ids)])
         h = _x(2, 5, 8)
         self._check(
@@ -122,17 +124,17 @@ class FusedTest(chex.TestCase):
         x = _x(4, 8)
         p = m.init(jax.random.key(0), x)["params"]
         cfg = jlora.LoraConfig(rank=2, targets="kernel", axes_pattern={"layers": ((0,), (1,))})
-        tree = _randomize(jlora.init(p, cfg, key=jax.random.key(1)))
+        tree = self.np_ref.randomize(jlora.init(p, cfg, key=jax.random.key(1)))
         lw = tree["layers"]["fc"]["kernel"]
         assert lw.a.shape == (3, 8, 2) and lw.b.shape == (3, 2, 8)
-        k = _np_merged(lw)
+        k = self.np_ref.merged(lw)
         h = _f64(x)
         for i in range(3):
             h = h + np.tanh(h @ k[i] + _f64(p["layers"]["fc"]["bias"][i]))
         self._check(lambda p, x: m.apply({"params": p}, x), tree, x, ref=h)
 
 
-def test_init_output_equals_base_output_for_a_transformer_block():
+def test_init_output_equals_base_output_for_a_transformer_block(np_ref):
     class Block(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -156,71 +158,147 @@ def test_init_output_equals_base_output_for_a_transformer_block():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(jlora.lora(f)(tree, x), f(p, x))
-        rnd = _randomize(tree)
+        rnd = np_ref.randomize(tree)
+        # the oracle: the model itself on the kernels merged in float64 numpy
         np.testing.assert_allclose(
-            jax.jit(jlora.lora(f))(rnd, x), f(jlora.merge(rnd), x), rtol=1e-4, atol=1e-4
+            jax.jit(jlora.lora(f))(rnd, x), f(np_ref.merged_params(rnd), x), rtol=1e-4, atol=1e-4
         )
 
 
-def test_nnx_module_through_split():
-    class MLP(nnx.Module):
-        def __init__(self, rngs):
-            self.l1 = nnx.Linear(8, 16, rngs=rngs)
-            self.l2 = nnx.Linear(16, 4, rngs=rngs)
+@pytest.mark.usefixtures("np_ref_attr")
+class FusedTransformTest(chex.TestCase):
+    """`jlora.lora` composed with grad, vmap, dropout and nnx, eager and under `jax.jit`."""
 
-        def __call__(self, x):
-            return self.l2(jax.nn.relu(self.l1(x)))
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_nnx_module_through_split(self):
+        class MLP(nnx.Module):
+            def __init__(self, rngs):
+                self.l1 = nnx.Linear(8, 16, rngs=rngs)
+                self.l2 = nnx.Linear(16, 4, rngs=rngs)
 
-    graphdef, state = nnx.split(MLP(nnx.Rngs(0)))
+            def __call__(self, x):
+                return self.l2(jax.nn.relu(self.l1(x)))
 
-    def f(state, x):
-        return nnx.merge(graphdef, state)(x)
+        graphdef, state = nnx.split(MLP(nnx.Rngs(0)))
 
-    x = _x(3, 8)
-    tree = jlora.init(state, jlora.LoraConfig(rank=2, targets="kernel"), key=jax.random.key(0))
-    np.testing.assert_array_equal(jlora.lora(f)(tree, x), f(state, x))
-    tree = _randomize(tree)
-    l1, l2 = tree["l1"]["kernel"].value, tree["l2"]["kernel"].value
-    h = np.maximum(_f64(x) @ _np_merged(l1) + _f64(state["l1"]["bias"].value), 0)
-    ref = h @ _np_merged(l2) + _f64(state["l2"]["bias"].value)
-    np.testing.assert_allclose(jax.jit(jlora.lora(f))(tree, x), ref, rtol=1e-4, atol=1e-4)
+        def f(state, x):
+            return nnx.merge(graphdef, state)(x)
 
+        x = _x(3, 8)
+        tree = jlora.init(state, jlora.LoraConfig(rank=2, targets="kernel"), key=jax.random.key(0))
+        np.testing.assert_array_equal(self.variant(jlora.lora(f))(tree, x), f(state, x))
+        tree = self.np_ref.randomize(tree)
+        l1, l2 = tree["l1"]["kernel"].value, tree["l2"]["kernel"].value
+        h = np.maximum(_f64(x) @ self.np_ref.merged(l1) + _f64(state["l1"]["bias"].value), 0)
+        ref = h @ self.np_ref.merged(l2) + _f64(state["l2"]["bias"].value)
+        np.testing.assert_allclose(self.variant(jlora.lora(f))(tree, x), ref, rtol=1e-4, atol=1e-4)
 
-def test_plain_jax_function_with_grad_vmap_and_no_weight_gradient_matmul():
-    p = {"w1": _x(16, 32), "w2": _x(32, 4)}
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_plain_jax_function_with_grad_vmap_and_no_weight_gradient_matmul(self):
+        p = {"w1": _x(16, 32), "w2": _x(32, 4)}
 
-    def f(p, x):
-        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+        def f(p, x):
+            return jnp.tanh(x @ p["w1"]) @ p["w2"]
 
-    tree = _randomize(
-        jlora.init(p, jlora.LoraConfig(rank=2, targets=["w1", "w2"]), key=jax.random.key(0))
-    )
-    frozen, adapters = jlora.split(tree)
-    x = _x(5, 16)
+        tree = self.np_ref.randomize(
+            jlora.init(p, jlora.LoraConfig(rank=2, targets=["w1", "w2"]), key=jax.random.key(0))
+        )
+        frozen, adapters = self.variant(jlora.split)(tree)
+        x = _x(5, 16)
 
-    def loss(adapters):
-        return jnp.mean(jlora.lora(f)(jlora.combine(frozen, adapters), x) ** 2)
+        def loss(adapters):
+            return jnp.mean(jlora.lora(f)(jlora.combine(frozen, adapters), x) ** 2)
 
-    g = jax.grad(loss)(adapters)
-    g_ref = jax.grad(lambda ad: jnp.mean(f(jlora.merge(jlora.combine(frozen, ad)), x) ** 2))(
-        adapters
-    )
-    chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-5)
-    # No dot_general in the gradient computation produces a W-shaped (16x32 or 32x4) result:
-    # the weight-gradient matmuls of the frozen kernels are never computed.
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(adapters)
-    shapes = [
-        tuple(e.outvars[0].aval.shape)
-        for e in jaxpr.jaxpr.eqns
-        if e.primitive.name == "dot_general"
-    ]
-    assert (16, 32) not in shapes and (32, 4) not in shapes, shapes
-    # Full-tree gradient: W gets stop_gradient (zero), adapters do not.
-    gfull = jax.grad(lambda t: jnp.mean(jlora.lora(f)(t, x) ** 2))(tree)
-    np.testing.assert_array_equal(gfull["w1"].w, 0.0)
-    # vmap over examples equals the batched call.
-    yv = jax.vmap(lambda xi: jlora.lora(f)(tree, xi[None])[0])(x)
-    np.testing.assert_allclose(yv, jlora.lora(f)(tree, x), rtol=1e-5, atol=1e-5)
+        g = self.variant(jax.grad(loss))(adapters)
+        # float64 numpy backward of mean(tanh(x M1) M2)^2 with M = W + s·a@b:
+        # dM = Xᵀ·dPre per kernel, then d(a) = s·dM·bᵀ and d(b) = s·aᵀ·dM.
+        l1, l2 = tree["w1"], tree["w2"]
+        x64, m1, m2 = _f64(x), self.np_ref.merged(l1), self.np_ref.merged(l2)
+        h = np.tanh(x64 @ m1)
+        y = h @ m2
+        dy = 2 * y / y.size
+        dm2 = h.T @ dy
+        dm1 = x64.T @ ((dy @ m2.T) * (1 - h**2))
+        g_ref = {
+            name: {
+                "a": lw.scale * dm @ _f64(lw.b).T,
+                "b": lw.scale * _f64(lw.a).T @ dm,
+            }
+            for name, lw, dm in (("w1", l1, dm1), ("w2", l2, dm2))
+        }
+        g_got = {name: {"a": g[name].a, "b": g[name].b} for name in ("w1", "w2")}
+        chex.assert_trees_all_close(g_got, g_ref, rtol=1e-4, atol=1e-5)
+        assert g["w1"].w is None and g["w2"].w is None  # the frozen half has no gradient
+        # No dot_general in the gradient computation produces a W-shaped (16x32 or 32x4) result:
+        # the weight-gradient matmuls of the frozen kernels are never computed.
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(adapters)
+        shapes = [
+            tuple(e.outvars[0].aval.shape)
+            for e in jaxpr.jaxpr.eqns
+            if e.primitive.name == "dot_general"
+        ]
+        assert (16, 32) not in shapes and (32, 4) not in shapes, shapes
+        # Full-tree gradient: W gets stop_gradient (zero), adapters do not.
+        gfull = self.variant(jax.grad(lambda t: jnp.mean(jlora.lora(f)(t, x) ** 2)))(tree)
+        np.testing.assert_array_equal(gfull["w1"].w, 0.0)
+        # vmap over examples equals the batched call.
+        yv = self.variant(jax.vmap(lambda xi: jlora.lora(f)(tree, xi[None])[0]))(x)
+        np.testing.assert_allclose(yv, jlora.lora(f)(tree, x), rtol=1e-5, atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_bf16_compute_dtype_with_fp32_adapters(self):
+        m = nn.Dense(16, dtype=jnp.bfloat16)
+        x = _x(4, 16)
+        p = m.init(jax.random.key(0), x)["params"]
+        tree = self.np_ref.randomize(
+            jlora.init(p, jlora.LoraConfig(rank=2), key=jax.random.key(1)), std=0.2
+        )
+        assert tree["kernel"].a.dtype == jnp.float32
+        out = self.variant(jlora.lora(lambda p, x: m.apply({"params": p}, x)))(tree, x)
+        assert out.dtype == jnp.bfloat16
+        ref = _f64(x) @ self.np_ref.merged(tree["kernel"]) + _f64(p["bias"])
+        np.testing.assert_allclose(_f64(out), ref, rtol=3e-2, atol=5e-2)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_dropout_only_on_the_lora_path(self):
+        p = {"w": _x(8, 8)}
+        cfg = jlora.LoraConfig(rank=2, targets="w", dropout=0.5)
+        tree = jlora.init(p, cfg, key=jax.random.key(0))
+        f = self.variant(jlora.lora(lambda p, x: x @ p["w"]))
+        x = _x(32, 8)
+        # B = 0: dropout on the LoRA input path cannot change the output.
+        np.testing.assert_array_equal(f(tree, x, dropout_key=jax.random.key(1)), f(tree, x))
+        rnd = self.np_ref.randomize(tree)
+        a = f(rnd, x, dropout_key=jax.random.key(1))
+        b = f(rnd, x, dropout_key=jax.random.key(2))
+        det = f(rnd, x)
+        assert not np.allclose(a, b) and not np.allclose(a, det)
+        lw = rnd["w"]
+        np.testing.assert_allclose(det, _f64(x) @ self.np_ref.merged(lw), rtol=1e-4, atol=1e-4)
+        # Each example's LoRA contribution is s * (mask * x / keep) @ a @ b; the frozen path is
+        # exact.
+        low = np.asarray(a, np.float64) - _f64(x) @ _f64(lw.w)
+        ratio = np.linalg.norm(low) / np.linalg.norm(_f64(x) @ self.np_ref.delta(lw))
+        assert 0.5 < ratio < 2.0
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_unsupported_use_materializes_once_with_a_warning(self):
+        p = {"w": _x(4, 4)}
+        tree = self.np_ref.randomize(
+            jlora.init(p, jlora.LoraConfig(rank=2, targets="w"), key=jax.random.key(0))
+        )
+
+        def f(p, x):
+            return x @ jnp.tanh(p["w"])  # tanh of a kernel has no fused rule
+
+        x = _x(3, 4)
+        with pytest.warns(
+            UserWarning, match=r"primitive `tanh` consumes a LoRA kernel of shape \(4, 4\)"
+        ):
+            out = self.variant(jlora.lora(f))(tree, x)
+        np.testing.assert_allclose(
+            out, _f64(x) @ np.tanh(self.np_ref.merged(tree["w"])), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_training_reduces_loss_and_keeps_frozen_bits():
@@ -252,57 +330,11 @@ def test_training_reduces_loss_and_keeps_frozen_bits():
     np.testing.assert_array_equal(jlora.combine(frozen, adapters)["w"].w, p["w"])
 
 
-def test_bf16_compute_dtype_with_fp32_adapters():
-    m = nn.Dense(16, dtype=jnp.bfloat16)
-    x = _x(4, 16)
-    p = m.init(jax.random.key(0), x)["params"]
-    tree = _randomize(jlora.init(p, jlora.LoraConfig(rank=2), key=jax.random.key(1)), std=0.2)
-    assert tree["kernel"].a.dtype == jnp.float32
-    out = jlora.lora(lambda p, x: m.apply({"params": p}, x))(tree, x)
-    assert out.dtype == jnp.bfloat16
-    ref = _f64(x) @ _np_merged(tree["kernel"]) + _f64(p["bias"])
-    np.testing.assert_allclose(_f64(out), ref, rtol=3e-2, atol=5e-2)
-
-
-def test_dropout_only_on_the_lora_path():
-    p = {"w": _x(8, 8)}
-    cfg = jlora.LoraConfig(rank=2, targets="w", dropout=0.5)
-    tree = jlora.init(p, cfg, key=jax.random.key(0))
-    f = jlora.lora(lambda p, x: x @ p["w"])
-    x = _x(32, 8)
-    # B = 0: dropout on the LoRA input path cannot change the output.
-    np.testing.assert_array_equal(f(tree, x, dropout_key=jax.random.key(1)), f(tree, x))
-    rnd = _randomize(tree)
-    a = f(rnd, x, dropout_key=jax.random.key(1))
-    b = f(rnd, x, dropout_key=jax.random.key(2))
-    det = f(rnd, x)
-    assert not np.allclose(a, b) and not np.allclose(a, det)
-    lw = rnd["w"]
-    np.testing.assert_allclose(det, _f64(x) @ _np_merged(lw), rtol=1e-4, atol=1e-4)
-    # Each example's LoRA contribution is s * (mask * x / keep) @ a @ b; the frozen path is exact.
-    low = np.asarray(a, np.float64) - _f64(x) @ _f64(lw.w)
-    ratio = np.linalg.norm(low) / np.linalg.norm(_f64(x) @ _np_delta(lw))
-    assert 0.5 < ratio < 2.0
-
-
-def test_unsupported_use_materializes_once_with_a_warning():
-    p = {"w": _x(4, 4)}
-    tree = _randomize(jlora.init(p, jlora.LoraConfig(rank=2, targets="w"), key=jax.random.key(0)))
-
-    def f(p, x):
-        return x @ jnp.tanh(p["w"])  # tanh of a kernel has no fused rule
-
-    x = _x(3, 4)
-    with pytest.warns(
-        UserWarning, match=r"primitive `tanh` consumes a LoRA kernel of shape \(4, 4\)"
-    ):
-        out = jlora.lora(f)(tree, x)
-    np.testing.assert_allclose(out, _f64(x) @ np.tanh(_np_merged(tree["w"])), rtol=1e-4, atol=1e-4)
-
-
-def test_dot_with_unexpected_axes_warns_with_the_fix():
+def test_dot_with_unexpected_axes_warns_with_the_fix(np_ref):
     p = {"k": _x(4, 3, 5)}  # default LoRA axes: in (0, 1), out (2,)
-    tree = _randomize(jlora.init(p, jlora.LoraConfig(rank=2, targets="k"), key=jax.random.key(0)))
+    tree = np_ref.randomize(
+        jlora.init(p, jlora.LoraConfig(rank=2, targets="k"), key=jax.random.key(0))
+    )
     x = _x(2, 4)
 
     def f(p, x):
@@ -311,14 +343,14 @@ def test_dot_with_unexpected_axes_warns_with_the_fix():
     with pytest.warns(UserWarning, match=r"match neither the LoRA in_axes \(0, 1\) nor out_axes"):
         out = jlora.lora(f)(tree, x)
     np.testing.assert_allclose(
-        out, np.einsum("bi,ijk->bjk", _f64(x), _np_merged(tree["k"])), rtol=1e-4, atol=1e-4
+        out, np.einsum("bi,ijk->bjk", _f64(x), np_ref.merged(tree["k"])), rtol=1e-4, atol=1e-4
     )
     # With the axes declared, the same use is fused (no warning) and gives the same result.
     cfg = jlora.LoraConfig(rank=2, targets="k", axes_pattern={"k": ((), (0,))})
-    tree2 = _randomize(jlora.init(p, cfg, key=jax.random.key(0)))
+    tree2 = np_ref.randomize(jlora.init(p, cfg, key=jax.random.key(0)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out2 = jax.jit(jlora.lora(f))(tree2, x)
     np.testing.assert_allclose(
-        out2, np.einsum("bi,ijk->bjk", _f64(x), _np_merged(tree2["k"])), rtol=1e-4, atol=1e-4
+        out2, np.einsum("bi,ijk->bjk", _f64(x), np_ref.merged(tree2["k"])), rtol=1e-4, atol=1e-4
     )

@@ -1,7 +1,6 @@
 """PiSSA / OLoRA inits against numpy float64 SVD / QR, the frozen residual, and PEFT."""
 
 import dataclasses
-import os
 
 import chex
 import flax.linen as nn
@@ -9,77 +8,86 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import jlora
 from jlora import inits, quant
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RNG = np.random.default_rng(0)
-
-
-def _require(name):
-    if os.environ.get("CI"):
-        return __import__(name)
-    return pytest.importorskip(name)
 
 
 def _f64(x):
     return np.asarray(x, np.float64)
 
 
-def _w(*shape):
-    return jnp.asarray(RNG.normal(size=shape), jnp.float32)
+def _w(*shape, rng=RNG):
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
 
 def _init(params, **kw):
     return jlora.init(params, jlora.LoraConfig(**kw), key=jax.random.key(0))
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_pissa_is_the_principal_svd_part(use_rslora):
-    w = _w(24, 16)
-    lw = _init({"k": w}, rank=4, alpha=8, targets="k", init="pissa", use_rslora=use_rslora)["k"]
-    s = 8 / 2 if use_rslora else 8 / 4
-    assert lw.scale == s
-    u, sv, vt = np.linalg.svd(_f64(w), full_matrices=False)
-    principal = (u[:, :4] * sv[:4]) @ vt[:4]
-    np.testing.assert_allclose(lw.scale * _f64(lw.a) @ _f64(lw.b), principal, atol=2e-5)
-    np.testing.assert_allclose(_f64(lw.w), _f64(w) - principal, atol=2e-5)
-    # the factors themselves, up to the sign of each singular pair
-    a_ref = u[:, :4] * np.sqrt(sv[:4] / s)
-    b_ref = np.sqrt(sv[:4] / s)[:, None] * vt[:4]
-    sign = np.sign(np.sum(_f64(lw.a) * a_ref, axis=0))
-    np.testing.assert_allclose(_f64(lw.a) * sign, a_ref, atol=2e-5)
-    np.testing.assert_allclose(_f64(lw.b) * sign[:, None], b_ref, atol=2e-5)
+class DecomposeTest(chex.TestCase):
+    """The decomposing inits, eager and with `jlora.init` under `jax.jit` (each test draws its
+    own kernel, the same in both variants)."""
 
+    def setUp(self):
+        super().setUp()
+        self.rng = np.random.default_rng(0)
 
-def test_olora_is_the_qr_of_the_peft_layout_weight():
-    w = _w(24, 16)  # jlora (in, out); PEFT's weight is its transpose (out, in)
-    lw = _init({"k": w}, rank=3, alpha=6, targets="k", init="olora")["k"]
-    q, r = np.linalg.qr(_f64(w).T)
-    np.testing.assert_allclose(_f64(lw.a), r[:3].T, atol=2e-5)
-    np.testing.assert_allclose(_f64(lw.b), q[:, :3].T, atol=2e-5)
-    np.testing.assert_allclose(_f64(lw.w), _f64(w) - 2.0 * r[:3].T @ q[:, :3].T, atol=2e-5)
+    def _init(self, params, **kw):
+        cfg = jlora.LoraConfig(**kw)
+        return self.variant(lambda p: jlora.init(p, cfg, key=jax.random.key(0)))(params)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(False, True)
+    def test_pissa_is_the_principal_svd_part(self, use_rslora):
+        w = _w(24, 16, rng=self.rng)
+        lw = self._init(
+            {"k": w}, rank=4, alpha=8, targets="k", init="pissa", use_rslora=use_rslora
+        )["k"]
+        s = 8 / 2 if use_rslora else 8 / 4
+        assert lw.scale == s
+        u, sv, vt = np.linalg.svd(_f64(w), full_matrices=False)
+        principal = (u[:, :4] * sv[:4]) @ vt[:4]
+        np.testing.assert_allclose(lw.scale * _f64(lw.a) @ _f64(lw.b), principal, atol=2e-5)
+        np.testing.assert_allclose(_f64(lw.w), _f64(w) - principal, atol=2e-5)
+        # the factors themselves, up to the sign of each singular pair
+        a_ref = u[:, :4] * np.sqrt(sv[:4] / s)
+        b_ref = np.sqrt(sv[:4] / s)[:, None] * vt[:4]
+        sign = np.sign(np.sum(_f64(lw.a) * a_ref, axis=0))
+        np.testing.assert_allclose(_f64(lw.a) * sign, a_ref, atol=2e-5)
+        np.testing.assert_allclose(_f64(lw.b) * sign[:, None], b_ref, atol=2e-5)
 
-@pytest.mark.parametrize("method", ["pissa", "olora"])
-def test_stacked_and_multi_axis_kernels_decompose_per_slice(method):
-    w = _w(3, 4, 5, 6)  # (layers, in, in, out)
-    cfg = dict(rank=2, alpha=2, targets="k", init=method, axes_pattern={"k": ((0,), (1, 2))})
-    lw = _init({"k": w}, **cfg)["k"]
-    assert lw.a.shape == (3, 4, 5, 2) and lw.b.shape == (3, 2, 6)
-    for layer in range(3):
-        mat = _f64(w[layer]).reshape(20, 6)
-        if method == "pissa":
-            u, sv, vt = np.linalg.svd(mat, full_matrices=False)
-            ref = (u[:, :2] * sv[:2]) @ vt[:2]
-        else:
-            q, r = np.linalg.qr(mat.T)
-            ref = r[:2].T @ q[:, :2].T
-        got = _f64(lw.a[layer]).reshape(20, 2) @ _f64(lw.b[layer])
-        np.testing.assert_allclose(got, ref, atol=3e-5)
-    # the residual plus the adapter is W again
-    np.testing.assert_allclose(_f64(lw.w) + _f64(lw.delta()), _f64(w), atol=3e-5)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_olora_is_the_qr_of_the_peft_layout_weight(self):
+        w = _w(24, 16, rng=self.rng)  # jlora (in, out); PEFT's weight is its transpose (out, in)
+        lw = self._init({"k": w}, rank=3, alpha=6, targets="k", init="olora")["k"]
+        q, r = np.linalg.qr(_f64(w).T)
+        np.testing.assert_allclose(_f64(lw.a), r[:3].T, atol=2e-5)
+        np.testing.assert_allclose(_f64(lw.b), q[:, :3].T, atol=2e-5)
+        np.testing.assert_allclose(_f64(lw.w), _f64(w) - 2.0 * r[:3].T @ q[:, :3].T, atol=2e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("pissa", "olora")
+    def test_stacked_and_multi_axis_kernels_decompose_per_slice(self, method):
+        w = _w(3, 4, 5, 6, rng=self.rng)  # (layers, in, in, out)
+        cfg = dict(rank=2, alpha=2, targets="k", init=method, axes_pattern={"k": ((0,), (1, 2))})
+        lw = self._init({"k": w}, **cfg)["k"]
+        assert lw.a.shape == (3, 4, 5, 2) and lw.b.shape == (3, 2, 6)
+        for layer in range(3):
+            mat = _f64(w[layer]).reshape(20, 6)
+            if method == "pissa":
+                u, sv, vt = np.linalg.svd(mat, full_matrices=False)
+                ref = (u[:, :2] * sv[:2]) @ vt[:2]
+            else:
+                q, r = np.linalg.qr(mat.T)
+                ref = r[:2].T @ q[:, :2].T
+            got = _f64(lw.a[layer]).reshape(20, 2) @ _f64(lw.b[layer])
+            np.testing.assert_allclose(got, ref, atol=3e-5)
+        # the residual plus the adapter is W again
+        np.testing.assert_allclose(_f64(lw.w) + _f64(lw.delta()), _f64(w), atol=3e-5)
 
 
 @pytest.mark.parametrize("method", ["pissa", "olora"])
@@ -136,9 +144,9 @@ def test_errors():
 
 
 @pytest.mark.parametrize("method", ["pissa", "olora"])
-def test_matches_peft(method):
-    torch = _require("torch")
-    peft = _require("peft")
+def test_matches_peft(method, require):
+    torch = require("torch")
+    peft = require("peft")
     w = RNG.normal(size=(12, 9)).astype(np.float32)  # jlora (in, out)
     lin = torch.nn.Linear(12, 9, bias=False)
     with torch.no_grad():

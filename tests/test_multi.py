@@ -41,10 +41,6 @@ def _adapter(params, seed, **kw):
     return jax.tree.map(one, tree, is_leaf=jlora.weights.is_node)
 
 
-def _np_delta(lw):
-    return lw.scale * _f64(lw.a).reshape(-1, lw.rank) @ _f64(lw.b).reshape(lw.rank, -1)
-
-
 MLP = nn.Sequential([nn.Dense(32), nn.gelu, nn.Dense(8)])
 X = _x(6, 16)
 PARAMS = MLP.init(jax.random.key(0), X)["params"]
@@ -54,25 +50,27 @@ def _apply(p, x):
     return MLP.apply({"params": p}, x)
 
 
-def test_add_select_delete_share_the_frozen_arrays():
-    s = AdapterSet.from_tree(_adapter(PARAMS, 1), "one")
-    s = s.add("two", _adapter(PARAMS, 2)).add("three", jlora.split(_adapter(PARAMS, 3))[1])
-    assert s.names == ("one", "two", "three") and s.active == "one"
-    base_k = s.base["layers_0"]["kernel"]
-    for name in s.names:
-        t = s.tree(name)
-        assert t["layers_0"]["kernel"].w is base_k  # no copy of W, ever
-        assert t["layers_2"]["bias"] is s.base["layers_2"]["bias"]
-    assert s.base["layers_0"]["kernel"] is PARAMS["layers_0"]["kernel"]
-    f = jlora.lora(_apply)
-    two = s.select("two")
-    chex.assert_trees_all_close(f(two.tree(), X), f(_adapter(PARAMS, 2), X))
-    assert not np.allclose(f(s.tree("one"), X), f(s.tree("two"), X))
-    gone = two.delete("two")
-    assert gone.names == ("one", "three") and gone.active is None
-    assert jax.tree.leaves(gone.tree())[0] is jax.tree.leaves(gone.base)[0]
-    chex.assert_trees_all_close(_apply(gone.tree(), X), _apply(PARAMS, X))
-    assert s.names == ("one", "two", "three")  # immutable: the old set is unchanged
+class AdapterSetTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_add_select_delete_share_the_frozen_arrays(self):
+        s = AdapterSet.from_tree(_adapter(PARAMS, 1), "one")
+        s = s.add("two", _adapter(PARAMS, 2)).add("three", jlora.split(_adapter(PARAMS, 3))[1])
+        assert s.names == ("one", "two", "three") and s.active == "one"
+        base_k = s.base["layers_0"]["kernel"]
+        for name in s.names:
+            t = s.tree(name)
+            assert t["layers_0"]["kernel"].w is base_k  # no copy of W, ever
+            assert t["layers_2"]["bias"] is s.base["layers_2"]["bias"]
+        assert s.base["layers_0"]["kernel"] is PARAMS["layers_0"]["kernel"]
+        f = self.variant(jlora.lora(_apply))
+        two = s.select("two")
+        chex.assert_trees_all_close(f(two.tree(), X), f(_adapter(PARAMS, 2), X))
+        assert not np.allclose(f(s.tree("one"), X), f(s.tree("two"), X))
+        gone = two.delete("two")
+        assert gone.names == ("one", "three") and gone.active is None
+        assert jax.tree.leaves(gone.tree())[0] is jax.tree.leaves(gone.base)[0]
+        chex.assert_trees_all_close(_apply(gone.tree(), X), _apply(PARAMS, X))
+        assert s.names == ("one", "two", "three")  # immutable: the old set is unchanged
 
 
 def test_trainable_leaves_are_per_adapter():
@@ -116,7 +114,7 @@ def test_add_errors():
         s.delete("nope")
 
 
-def test_combine_cat_is_the_exact_weighted_sum():
+def test_combine_cat_is_the_exact_weighted_sum(np_ref):
     a1 = _adapter(PARAMS, 1, rank=2, alpha=4)
     a2 = _adapter(PARAMS, 2, rank=3, alpha=9, targets="layers_0")  # only the first kernel
     s = AdapterSet.from_tree(a1, "a").add("b", a2)
@@ -124,13 +122,17 @@ def test_combine_cat_is_the_exact_weighted_sum():
     new = s.tree("ab")
     k0, k2 = new["layers_0"]["kernel"], new["layers_2"]["kernel"]
     assert k0.rank == 5 and k2.rank == 2 and k0.scale == 1.0
-    ref0 = 0.7 * _np_delta(a1["layers_0"]["kernel"]) - 1.5 * _np_delta(a2["layers_0"]["kernel"])
-    np.testing.assert_allclose(_np_delta(k0), ref0, atol=1e-5)
-    np.testing.assert_allclose(_np_delta(k2), 0.7 * _np_delta(a1["layers_2"]["kernel"]), atol=1e-5)
+    ref0 = 0.7 * np_ref.delta(a1["layers_0"]["kernel"]) - 1.5 * np_ref.delta(
+        a2["layers_0"]["kernel"]
+    )
+    np.testing.assert_allclose(np_ref.delta(k0), ref0, atol=1e-5)
+    np.testing.assert_allclose(
+        np_ref.delta(k2), 0.7 * np_ref.delta(a1["layers_2"]["kernel"]), atol=1e-5
+    )
     assert k0.w is s.base["layers_0"]["kernel"]
 
 
-def test_combine_svd_is_the_truncated_svd_of_the_weighted_sum():
+def test_combine_svd_is_the_truncated_svd_of_the_weighted_sum(np_ref):
     a1 = _adapter(PARAMS, 1, rank=2, alpha=4)
     a2 = _adapter(PARAMS, 2, rank=3, alpha=6)
     s = AdapterSet.from_tree(a1, "a").add("b", a2)
@@ -140,9 +142,9 @@ def test_combine_svd_is_the_truncated_svd_of_the_weighted_sum():
             lw = out[name]["kernel"]
             r = 3 if rank is None else rank  # default: the largest rank among the inputs
             assert lw.rank == r and lw.scale == 1.0
-            total = _np_delta(a1[name]["kernel"]) + 0.5 * _np_delta(a2[name]["kernel"])
+            total = np_ref.delta(a1[name]["kernel"]) + 0.5 * np_ref.delta(a2[name]["kernel"])
             u, sv, vt = np.linalg.svd(total, full_matrices=False)
-            np.testing.assert_allclose(_np_delta(lw), (u[:, :r] * sv[:r]) @ vt[:r], atol=1e-5)
+            np.testing.assert_allclose(np_ref.delta(lw), (u[:, :r] * sv[:r]) @ vt[:r], atol=1e-5)
             # a = U_r, b = S_r V_rᵀ (PEFT's lora_A = V_rᵀ... in its transposed layout)
             np.testing.assert_allclose(np.abs(_f64(lw.a)), np.abs(u[:, :r]), atol=1e-4)
 
@@ -254,26 +256,28 @@ def test_mixed_batch_through_a_tiny_llama_and_a_quantized_base():
     chex.assert_trees_all_close(out, _per_adapter(q, q.names, which, fn, ids), atol=2e-5)
 
 
-def test_mixed_batch_inside_scan():
-    class Block(nn.Module):
-        @nn.compact
-        def __call__(self, h, _):
-            return jnp.tanh(nn.Dense(8)(h)), None
+class MixedScanTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mixed_batch_inside_scan(self):
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, h, _):
+                return jnp.tanh(nn.Dense(8)(h)), None
 
-    model = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
-    x = _x(3, 8)
-    p = model.init(jax.random.key(0), x, None)["params"]
-    kw = dict(axes_pattern={"kernel": ((0,), (1,))}, targets="kernel")
-    s = AdapterSet.from_tree(_adapter(p, 1, **kw), "a").add("b", _adapter(p, 2, rank=3, **kw))
-    st = s.stack()
-    assert st["Dense_0"]["kernel"].a.shape == (3, 2, 8, 3)  # (layers, adapters, in, r)
+        model = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
+        x = _x(3, 8)
+        p = model.init(jax.random.key(0), x, None)["params"]
+        kw = dict(axes_pattern={"kernel": ((0,), (1,))}, targets="kernel")
+        s = AdapterSet.from_tree(_adapter(p, 1, **kw), "a").add("b", _adapter(p, 2, rank=3, **kw))
+        st = s.stack()
+        assert st["Dense_0"]["kernel"].a.shape == (3, 2, 8, 3)  # (layers, adapters, in, r)
 
-    def fn(p, x):
-        return model.apply({"params": p}, x, None)[0]
+        def fn(p, x):
+            return model.apply({"params": p}, x, None)[0]
 
-    which = jnp.array([1, -1, 0])
-    out = jax.jit(lambda t, w, x: jlora.lora(fn)(route(t, w), x))(st, which, x)
-    chex.assert_trees_all_close(out, _per_example(s, s.names, which, fn, x), atol=1e-5)
+        which = jnp.array([1, -1, 0])
+        out = self.variant(lambda t, w, x: jlora.lora(fn)(route(t, w), x))(st, which, x)
+        chex.assert_trees_all_close(out, _per_example(s, s.names, which, fn, x), atol=1e-5)
 
 
 def test_route_and_rule_errors():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import warnings
+import zlib
 
 import chex
 import flax.linen as nn
@@ -135,32 +136,28 @@ def _lora_tree(params, cfg, seed=1):
 
     def rnd(path, x):
         if isinstance(x, jlora.LoraWeight):
-            k = jax.random.fold_in(jax.random.key(seed + 1), hash(jlora.path_str(path)) % 1000)
+            k = jax.random.fold_in(
+                jax.random.key(seed + 1), zlib.crc32(jlora.path_str(path).encode()) % 1000
+            )
             return dataclasses.replace(x, b=0.1 * jax.random.normal(k, x.b.shape, x.b.dtype))
         return x
 
     return jax.tree_util.tree_map_with_path(rnd, tree, is_leaf=jlora.weights.is_node)
 
 
-def _np_merged(lw):
-    """float64 W_deq + s·a@b in W's layout, from the dequantized W (independent of merge)."""
-    w = np.asarray(lw.w.dequantize(jnp.float32), np.float64)
-    nb = len(lw.batch_axes)
-    a, b = np.asarray(lw.a, np.float64), np.asarray(lw.b, np.float64)
-    assert nb == 0
-    d = lw.scale * np.tensordot(a, b, axes=1)
-    canonical = (*lw.in_axes, *lw.out_axes)
-    return w + np.transpose(d, np.argsort(canonical))
+def _f64(x):
+    return np.asarray(x, np.float64)
 
 
+@pytest.mark.usefixtures("np_ref_attr")
 class QuantFusedTest(chex.TestCase):
-    """Each fused rule with a quantized W == the model applied to the merged (dequantized) kernel."""
+    """Each fused rule with a quantized W == a float64 numpy forward with W dequantized from its
+    codes (int8 ``data·scale``, NF4 through the code book) and ``+ s·a@b`` (`np_ref.merged`)."""
 
-    def _check(self, fn, qtree, *args, tol=2e-4):
+    def _check(self, fn, qtree, *args, ref, tol=2e-4):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback that materializes the kernel
             out = self.variant(jlora.lora(fn))(qtree, *args)
-        ref = fn(jlora.merge(qtree), *args)
         chex.assert_trees_all_close(out, ref, rtol=tol, atol=tol)
         return out
 
@@ -172,17 +169,20 @@ class QuantFusedTest(chex.TestCase):
         tree = _lora_tree(p, jlora.LoraConfig(rank=4))
         for method in ("nf4", "int8"):
             q = quant.quantize(tree, method=method)
-            out = self._check(lambda p, x: m.apply({"params": p}, x), q, x)
-            ref = np.asarray(x, np.float64) @ _np_merged(q["kernel"]) + np.asarray(p["bias"])
-            np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-4, atol=2e-4)
+            ref = _f64(x) @ self.np_ref.merged(q["kernel"]) + _f64(p["bias"])
+            self._check(lambda p, x: m.apply({"params": p}, x), q, x, ref=ref)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_conv(self):
-        m = nn.Conv(8, (3, 3), use_bias=False)
+        m = nn.Conv(8, (3, 3), use_bias=False)  # padding SAME: one pixel on each side
         x = jnp.asarray(RNG.normal(size=(2, 6, 6, 4)), jnp.float32)
         p = m.init(jax.random.key(0), x)["params"]
         q = quant.quantize(_lora_tree(p, jlora.LoraConfig(rank=2)), method="nf4", double_quant=True)
-        self._check(lambda p, x: m.apply({"params": p}, x), q, x)
+        k = self.np_ref.merged(q["kernel"])  # (3, 3, 4, 8)
+        padded = np.pad(_f64(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        win = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))
+        ref = np.einsum("bhwcij,ijco->bhwo", win, k)
+        self._check(lambda p, x: m.apply({"params": p}, x), q, x, ref=ref)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_embedding_lookup_and_attend(self):
@@ -198,7 +198,9 @@ class QuantFusedTest(chex.TestCase):
             h = m.apply({"params": p}, ids)
             return h, m.apply({"params": p}, h, method=m.attend)
 
-        self._check(f, q, ids)
+        table = self.np_ref.merged(q["embedding"])
+        h = table[np.asarray(ids)]
+        self._check(f, q, ids, ref=(h, h @ table.T))
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_transpose_and_convert_to_bf16(self):
@@ -211,7 +213,7 @@ class QuantFusedTest(chex.TestCase):
             w = jnp.transpose(p["k"])  # transpose rule
             return (x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(jnp.float32)
 
-        self._check(f, q, x, tol=0.1)
+        self._check(f, q, x, ref=_f64(x) @ self.np_ref.merged(q["k"]).T, tol=0.1)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_scan_over_stacked_quantized_kernels(self):
@@ -233,21 +235,76 @@ class QuantFusedTest(chex.TestCase):
                 assert w.data.shape == (3, 512) and w.absmax.shape == (3, 16)
                 one = quant.NF4Weight.quantize(p["Dense_0"]["kernel"][1], double_quant=True)
                 chex.assert_trees_all_close(w.dequantize()[1], one.dequantize())
-            self._check(lambda p, x: model.apply({"params": p}, x, None)[0], q, x)
+            k = self.np_ref.merged(q["Dense_0"]["kernel"])  # (layers, in, out)
+            h = _f64(x)
+            for layer in range(3):
+                h = np.tanh(h @ k[layer])
+            self._check(lambda p, x: model.apply({"params": p}, x, None)[0], q, x, ref=h)
 
 
-def test_merge_dequantizes_merges_in_fp32_and_returns_plain_arrays():
-    p = {"d": {"kernel": jnp.asarray(RNG.normal(size=(64, 32)), jnp.bfloat16)}}
-    tree = _lora_tree(p, jlora.LoraConfig(rank=3, alpha=6))
-    q = quant.quantize(tree, method="nf4", double_quant=True)
-    merged = jlora.merge(q)["d"]["kernel"]
-    assert isinstance(merged, jax.Array) and merged.dtype == jnp.bfloat16
-    lw = q["d"]["kernel"]
-    ref = np.asarray(lw.w.dequantize(jnp.float32), np.float64) + 2.0 * (
-        np.asarray(lw.a, np.float64) @ np.asarray(lw.b, np.float64)
+def test_numpy_dequantize_reference_agrees_with_the_nodes(np_ref):
+    """The float64 references used above read the codes the way the nodes do."""
+    w = jnp.asarray(RNG.normal(size=(3, 40, 24)), jnp.float32)
+    quantizers = (
+        lambda w: quant.Int8Weight.quantize(w, in_axes=(1,)),
+        lambda w: quant.NF4Weight.quantize(w),  # 45 blocks, across the leading axis
+        lambda w: quant.NF4Weight.quantize(w, lead=1, double_quant=True, dq_block_size=4),
     )
-    np.testing.assert_allclose(np.asarray(merged, np.float64), ref, rtol=1e-2, atol=1e-2)
-    assert jlora.merge(jlora.quant.dequantize(q))["d"]["kernel"].dtype == jnp.bfloat16
+    for quantize in quantizers:
+        q = jax.jit(quantize)(w)  # one compile instead of one per eager op
+        ref = np_ref.dequantize(q)
+        assert ref.dtype == np.float64 and ref.shape == w.shape
+        got = jax.jit(lambda q: q.dequantize())(q)
+        np.testing.assert_allclose(ref, np.asarray(got), rtol=1e-6, atol=1e-7)
+        assert np.abs(ref - _f64(w)).max() < 0.2 * np.abs(_f64(w)).max()
+
+
+@pytest.mark.usefixtures("np_ref_attr")
+class QuantTransformTest(chex.TestCase):
+    """merge and grad over quantized kernels, eager and under `jax.jit`, against numpy."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_merge_dequantizes_merges_in_fp32_and_returns_plain_arrays(self):
+        p = {"d": {"kernel": jnp.asarray(RNG.normal(size=(64, 32)), jnp.bfloat16)}}
+        tree = _lora_tree(p, jlora.LoraConfig(rank=3, alpha=6))
+        q = quant.quantize(tree, method="nf4", double_quant=True)
+        merged = self.variant(jlora.merge)(q)["d"]["kernel"]
+        assert isinstance(merged, jax.Array) and merged.dtype == jnp.bfloat16
+        lw = q["d"]["kernel"]
+        ref = self.np_ref.dequantize(lw.w) + 2.0 * (_f64(lw.a) @ _f64(lw.b))
+        np.testing.assert_allclose(np.asarray(merged, np.float64), ref, rtol=1e-2, atol=1e-2)
+        deq = self.variant(jlora.quant.dequantize)(q)
+        assert self.variant(jlora.merge)(deq)["d"]["kernel"].dtype == jnp.bfloat16
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gradients_flow_to_adapters_only_and_match_dequantized_reference(self):
+        m = nn.Dense(16, use_bias=False)
+        x = jnp.asarray(RNG.normal(size=(4, 64)), jnp.float32)
+        p = m.init(jax.random.key(0), x)["params"]
+        q = quant.quantize(_lora_tree(p, jlora.LoraConfig(rank=2)))
+        deq = jax.tree.map(
+            lambda v: (
+                dataclasses.replace(v, w=v.w.dequantize()) if isinstance(v, jlora.LoraWeight) else v
+            ),
+            q,
+            is_leaf=jlora.weights.is_node,
+        )
+        f = jlora.lora(lambda p, x: jnp.sum(m.apply({"params": p}, x) ** 2))
+        frozen, train = jlora.split(q)
+        g = self.variant(jax.grad(lambda t: f(jlora.combine(frozen, t), x)))(train)
+        g_deq = jax.grad(lambda t: f(jlora.combine(jlora.split(deq)[0], t), x))(jlora.split(deq)[1])
+        chex.assert_trees_all_close(g, g_deq, rtol=1e-5, atol=1e-5)
+        # float64 numpy: L = sum((x M)^2), M = deq(W) + s·a@b; dM = xᵀ·2xM
+        lw = q["kernel"]
+        x64 = _f64(x)
+        dm = x64.T @ (2 * x64 @ self.np_ref.merged(lw))
+        np.testing.assert_allclose(
+            g["kernel"].a, lw.scale * dm @ _f64(lw.b).T, rtol=1e-4, atol=1e-4
+        )
+        np.testing.assert_allclose(
+            g["kernel"].b, lw.scale * _f64(lw.a).T @ dm, rtol=1e-4, atol=1e-4
+        )
+        assert g["kernel"].w is None  # the frozen (quantized) half gets no gradient
 
 
 def test_byte_ratios():
@@ -263,7 +320,7 @@ def test_byte_ratios():
     assert i8 == pytest.approx((8 + 32 / 512) / 16)
 
 
-def test_plain_kernels_selected_by_targets_stay_bare_quantized_nodes(tmp_path):
+def test_plain_kernels_selected_by_targets_stay_bare_quantized_nodes(tmp_path, np_ref):
     m = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(8)])
     x = jnp.asarray(RNG.normal(size=(3, 16)), jnp.float32)
     p = m.init(jax.random.key(0), x)["params"]
@@ -276,7 +333,14 @@ def test_plain_kernels_selected_by_targets_stay_bare_quantized_nodes(tmp_path):
     merged = jlora.merge(q)
     assert isinstance(merged["layers_2"]["kernel"], jax.Array)
     np.testing.assert_allclose(merged["layers_2"]["kernel"], q["layers_2"]["kernel"].dequantize())
-    ref = m.apply({"params": merged}, x)
+    w2 = np_ref.dequantize(q["layers_2"]["kernel"])  # the bare node, from its codes
+    np.testing.assert_allclose(merged["layers_2"]["kernel"], w2, rtol=1e-6, atol=1e-7)
+    # float64 numpy forward: relu(x (W0 + s·a@b) + b0) W2 + b2
+    h = np.maximum(
+        _f64(x) @ np_ref.merged(q["layers_0"]["kernel"]) + _f64(p["layers_0"]["bias"]), 0
+    )
+    ref = h @ w2 + _f64(p["layers_2"]["bias"])
+    chex.assert_trees_all_close(m.apply({"params": merged}, x), ref, atol=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         chex.assert_trees_all_close(jax.jit(f)(q, x), ref, atol=1e-4)
@@ -291,25 +355,6 @@ def test_plain_kernels_selected_by_targets_stay_bare_quantized_nodes(tmp_path):
     jlora.peft.save(tmp_path, q, cfg)  # only the real adapter is written
     loaded, _ = jlora.peft.load(tmp_path, p)
     chex.assert_trees_all_close(loaded["layers_0"]["kernel"].b, tree["layers_0"]["kernel"].b)
-
-
-def test_gradients_flow_to_adapters_only_and_match_dequantized_reference():
-    m = nn.Dense(16, use_bias=False)
-    x = jnp.asarray(RNG.normal(size=(4, 64)), jnp.float32)
-    p = m.init(jax.random.key(0), x)["params"]
-    q = quant.quantize(_lora_tree(p, jlora.LoraConfig(rank=2)))
-    deq = jax.tree.map(
-        lambda v: (
-            dataclasses.replace(v, w=v.w.dequantize()) if isinstance(v, jlora.LoraWeight) else v
-        ),
-        q,
-        is_leaf=jlora.weights.is_node,
-    )
-    f = jlora.lora(lambda p, x: jnp.sum(m.apply({"params": p}, x) ** 2))
-    frozen, train = jlora.split(q)
-    g = jax.grad(lambda t: f(jlora.combine(frozen, t), x))(train)
-    g_ref = jax.grad(lambda t: f(jlora.combine(jlora.split(deq)[0], t), x))(jlora.split(deq)[1])
-    chex.assert_trees_all_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_qlora_training_tracks_lora():
