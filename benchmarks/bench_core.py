@@ -6,6 +6,11 @@ is used.
 
     python benchmarks/bench_core.py                 # d_model 1024, 4 layers, seq 256 (CPU: ~3 min)
     python benchmarks/bench_core.py --layers 2 --repeats 3   # quicker
+
+With torch + transformers + peft installed (the test extra), the same LoRA step written with
+transformers' LlamaForCausalLM + peft (same shapes, same targets, AdamW, torch's CPU threads)
+is timed in the same rotation. "LoRA, unshared" is jlora's step with the shared q/k/v and
+gate/up low-rank projections turned off (`jlora.core.fusion.disabled`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import optax
 from _timing import interleaved_medians  # benchmarks/ is on sys.path when run as a script
 
 import jlora
+from jlora.core import fusion
 from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM
 
 _time = interleaved_medians
@@ -101,6 +107,12 @@ def main() -> None:
     lora_c = (
         jax.jit(lora_step, donate_argnums=(0, 1)).lower(adapters, lora_state, frozen, x).compile()
     )
+    with fusion.disabled():
+        unshared_c = (
+            jax.jit(lambda *a: lora_step(*a), donate_argnums=(0, 1))
+            .lower(adapters, lora_state, frozen, x)
+            .compile()
+        )
     rnd_tree = jax.tree.map(  # non-zero b so the forward does the real work
         lambda t: dataclasses.replace(t, b=t.b + 0.01) if isinstance(t, jlora.LoraWeight) else t,
         tree,
@@ -114,6 +126,7 @@ def main() -> None:
     state = {
         "full": (jax.tree.map(jnp.copy, params), full_state),
         "lora": (jax.tree.map(jnp.copy, adapters), lora_state),
+        "unshared": (jax.tree.map(jnp.copy, adapters), jax.tree.map(jnp.copy, lora_state)),
     }
 
     def run_full():
@@ -126,7 +139,16 @@ def main() -> None:
         state["lora"] = (ad, s)
         return loss
 
-    steps = _time({"full": run_full, "lora": run_lora}, args.repeats)
+    def run_unshared():
+        ad, s, loss = unshared_c(*state["unshared"], frozen, x)
+        state["unshared"] = (ad, s)
+        return loss
+
+    runs = {"full": run_full, "lora": run_lora, "unshared": run_unshared}
+    torch_step = _torch_step(cfg, lcfg, args, ids)
+    if torch_step is not None:
+        runs["torch"] = torch_step
+    steps = _time(runs, args.repeats)
     fwd = _time(
         {
             "base": lambda: base_fwd(params, x),
@@ -146,6 +168,10 @@ def main() -> None:
         "step_full_s": steps["full"],
         "step_lora_s": steps["lora"],
         "step_ratio": steps["lora"] / steps["full"],
+        "step_unshared_s": steps["unshared"],
+        "step_shared_ratio": steps["lora"] / steps["unshared"],
+        "step_torch_peft_s": steps.get("torch"),
+        "step_over_two_forwards": steps["lora"] / (2 * fwd["base"]),
         "fwd_base_s": fwd["base"],
         "fwd_lora_ratio": fwd["lora"] / fwd["base"],
         "fwd_merged_ratio": fwd["merged"] / fwd["base"],
@@ -165,6 +191,16 @@ def main() -> None:
         f"| train step, LoRA / full fine-tune (adamw, jit) | **{res['step_ratio']:.3f}** "
         f"({steps['lora'] * 1e3:.0f} ms / {steps['full'] * 1e3:.0f} ms) |"
     )
+    print(
+        f"| train step, shared / unshared q,k,v and gate,up low-rank projections | "
+        f"**{res['step_shared_ratio']:.3f}** ({steps['unshared'] * 1e3:.0f} ms unshared) |"
+    )
+    print(f"| LoRA train step / (2 × base forward) | **{res['step_over_two_forwards']:.3f}** |")
+    if "torch" in steps:
+        print(
+            f"| LoRA train step, jlora / transformers + peft + torch | "
+            f"**{steps['lora'] / steps['torch']:.3f}** ({steps['torch'] * 1e3:.0f} ms torch) |"
+        )
     print(f"| forward, unmerged LoRA / base | **{res['fwd_lora_ratio']:.3f}** |")
     print(f"| forward, merged / base | **{res['fwd_merged_ratio']:.3f}** |")
     print(
@@ -174,6 +210,45 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
+
+
+def _torch_step(cfg, lcfg, args, ids):
+    """The same LoRA step in transformers + peft + torch, or None when they are not installed."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        print("(torch / transformers / peft not installed: no PyTorch figure)")
+        return None
+    torch.manual_seed(0)
+    hf = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+    )
+    model = transformers.LlamaForCausalLM(hf)
+    pcfg = peft.LoraConfig(r=lcfg.rank, lora_alpha=lcfg.alpha, target_modules=list(lcfg.targets))
+    model = peft.get_peft_model(model, pcfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    t_ids = torch.tensor(jax.device_get(ids).tolist())
+    x, y = t_ids[:, :-1], t_ids[:, 1:]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        )
+        loss.backward()
+        opt.step()
+        return jnp.asarray(loss.item())
+
+    return step
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ the rule registered for its type (`jlora.core.node.register`; LoRA's are in `jlo
 emits the fused computation, e.g. the frozen path plus the low-rank path ``x·W + s·(x·a)·b``, so
 ΔW is never formed. Nodes flow through ``transpose`` and ``convert_element_type`` (e.g. a bf16
 compute dtype) and into nested ``jit``, ``scan`` (stacked per-layer kernels), ``checkpoint``
-(remat) and ``cond``: these structural rules are registered for every `Node`. A primitive with
+(remat) and ``cond``: these structural rules are registered for every `Node`; ``while``,
+custom derivatives, ``shard_map`` and sharding constraints are in `jlora.core.control`, the
+per-layer slice of a stacked kernel in `jlora.core.slicing`. A primitive with
 no rule calls the node's ``fallback`` (materialize once, with a warning naming the primitive).
 """
 
@@ -22,7 +24,12 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-import jlora.core.rules  # noqa: F401  (registers LoRA's fused rules)
+# Imported for their registered rules: LoRA's fused rules; while, custom derivatives,
+# shard_map and sharding constraints; the per-layer slice of a stacked kernel.
+import jlora.core.control
+import jlora.core.rules
+import jlora.core.slicing  # noqa: F401
+from jlora.core.fusion import Fusion
 from jlora.core.node import Node, is_node, register, rule_for
 
 __all__ = ["Context", "lora", "materialize"]
@@ -34,6 +41,13 @@ class Context:
     def __init__(self, key: jax.Array | None):
         self.key = key
         self.count = 0
+        self.fusion: Fusion | None = None  # the current jaxpr's shared projections
+        self.index = -1  # the eqn being evaluated
+
+    def precomputed(self) -> jax.Array | None:
+        """A shared low-rank projection ``x·a`` computed ahead for the current eqn
+        (`jlora.core.fusion`), or None."""
+        return None if self.fusion is None else self.fusion.take(self.index)
 
     def next_key(self) -> jax.Array:
         self.count += 1
@@ -163,10 +177,14 @@ def _eval(jaxpr, consts, args, ctx: Context) -> list[Any]:
         env[v] = c
     for v, a in zip(jaxpr.invars, args, strict=True):
         env[v] = a
-    for eqn in jaxpr.eqns:
+    fusion = Fusion(jaxpr)
+    for i, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
         outs = None
         if any(isinstance(x, Node) for x in invals):
+            if i in fusion.groups:
+                fusion.prepare(i, jaxpr.eqns, read, dropout_on=ctx.key is not None)
+            ctx.fusion, ctx.index = fusion, i
             rule = rule_for(eqn.primitive.name, invals)
             outs = rule(eqn, invals, ctx) if rule is not None else None
             if outs is None:

@@ -66,7 +66,9 @@ def _dot_rhs(prim: Any, x: jax.Array, lw: LoraWeight, params: dict, ctx: Any) ->
     kw = dict(precision=params.get("precision"), preferred_element_type=y.dtype)
     ct = x.dtype
     xd = ctx.dropout(x, lw.dropout)
-    t = lax.dot_general(xd, first.astype(ct), ((lc, f_c), (lb, f_b)), **kw).astype(ct)
+    t = ctx.precomputed() if case == "in" and xd is x else None  # shared with siblings
+    if t is None:
+        t = lax.dot_general(xd, first.astype(ct), ((lc, f_c), (lb, f_b)), **kw).astype(ct)
     yl = lax.dot_general(
         t, second.astype(ct), (((t.ndim - 1,), (s_c,)), (tuple(range(nb)), f_b)), **kw
     )
