@@ -29,9 +29,10 @@ def main() -> None:
     k_data, k_teacher, k_base, k_lora = jax.random.split(jax.random.key(0), 4)
     model = MLP()
     x = jax.random.normal(k_data, (4096, 32))
-    y = model.apply(model.init(k_teacher, x[:1]), x).argmax(-1)  # labels of a random teacher
+    init = jax.jit(model.init)
+    y = jax.jit(model.apply)(init(k_teacher, x[:1]), x).argmax(-1)  # labels of a random teacher
     x_train, y_train, x_test, y_test = x[:3072], y[:3072], x[3072:], y[3072:]
-    params = model.init(k_base, x[:1])["params"]  # the frozen base model
+    params = init(k_base, x[:1])["params"]  # the frozen base model
 
     # 1. Put adapters on the targets; the head trains fully (PEFT's modules_to_save).
     config = jlora.LoraConfig(rank=4, alpha=8, targets=["fc1", "fc2"], trainable=["head"])
@@ -40,7 +41,7 @@ def main() -> None:
 
     # 2. Split into frozen weights and trainable adapters; differentiate the adapters only.
     frozen, adapters = jlora.split(tree)
-    forward = jlora.lora(model.apply)  # fused x@W + s*(x@a)@b, W never updated
+    forward = jax.jit(jlora.lora(model.apply))  # fused x@W + s*(x@a)@b, W never updated
 
     def loss_fn(adapters, xb, yb):
         logits = forward({"params": jlora.combine(frozen, adapters)}, xb)
