@@ -2,11 +2,14 @@
 
 `infer_axes` traces ``apply`` abstractly (``jax.make_jaxpr`` on shapes: no FLOPs) and follows
 every target kernel through the program: into nested ``jit`` / ``pjit``, ``checkpoint``,
-``custom_jvp`` / ``custom_vjp`` calls, ``cond`` branches and ``scan`` bodies, through
-``transpose`` and dtype casts. Each place that consumes the kernel says something:
+``custom_jvp`` / ``custom_vjp`` calls, ``shard_map``, ``cond`` branches and ``scan`` /
+``while`` bodies (and back out of a call's outputs), through ``transpose``, dtype casts and
+sharding constraints. Each place that consumes the kernel says something:
 
 * entering ``scan`` as a scanned operand: its leading axis is a stacked (batch) axis (nested
   scans: several);
+* indexed (a ``slice`` / ``dynamic_slice`` then ``squeeze``, as ``W[i]`` in a ``fori_loop`` or
+  ``while_loop`` over the layers): the squeezed axis is a stacked axis;
 * ``dot_general``: the kernel's contracting dimensions are input axes, its batch dimensions
   stacked axes;
 * ``gather`` (an embedding lookup): the indexed axes are input axes;
@@ -32,7 +35,11 @@ from jlora.core.targets import path_str
 __all__ = ["Use", "infer_axes"]
 
 Axes = tuple[tuple[int, ...], tuple[int, ...]]
-_PASS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+_PASS = frozenset(
+    {"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint", "pvary"}
+)
+#: Slices keep the kernel's axes (a ``squeeze`` after one says which axis is stacked).
+_SLICES = frozenset({"slice", "dynamic_slice"})
 _CALLS = {
     "jit": "jaxpr",
     "pjit": "jaxpr",
@@ -44,6 +51,7 @@ _CALLS = {
     "custom_jvp_call": "call_jaxpr",
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "shard_map": "jaxpr",
 }
 
 
@@ -82,16 +90,29 @@ class _Walker:
         i = tuple(sorted(a for a in inputs if a is not None))
         self.uses.setdefault(kid, []).append(Use(prim, b, i))
 
-    def _into(self, sub: Any, pos: int, kid: int, axes) -> None:
+    def _into(self, sub: Any, pos: int, kid: int, axes) -> dict[int, tuple[int | None, ...]]:
+        """Walk ``sub`` with its input ``pos`` tracked; the axes of each output that is still
+        the kernel (by output position), so the caller can follow it on."""
         sub = _jaxpr(sub)
-        if pos < len(sub.invars):
-            self.walk(sub, {sub.invars[pos]: (kid, axes)})
+        if pos >= len(sub.invars):
+            return {}
+        tracked = {sub.invars[pos]: (kid, axes)}
+        self.walk(sub, tracked)
+        return {
+            i: tracked[v][1]
+            for i, v in enumerate(sub.outvars)
+            if not isinstance(v, jcore.Literal) and v in tracked
+        }
 
     def _eqn(self, eqn, pos: int, kid: int, axes, tracked) -> None:
         name = eqn.primitive.name
         p = eqn.params
-        if name in _PASS:
+        if name in _PASS or (name in _SLICES and pos == 0):
             tracked[eqn.outvars[0]] = (kid, axes)
+        elif name == "squeeze":  # indexing one layer out of a stack: a stacked axis
+            dims = {d % len(axes) for d in p["dimensions"]}
+            self._record(kid, "index", [axes[d] for d in dims], [])
+            tracked[eqn.outvars[0]] = (kid, tuple(a for d, a in enumerate(axes) if d not in dims))
         elif name == "transpose":
             tracked[eqn.outvars[0]] = (kid, tuple(axes[i] for i in p["permutation"]))
         elif name == "dot_general":
@@ -107,12 +128,15 @@ class _Walker:
             spec = p["dimension_numbers"].rhs_spec
             self._record(kid, name, [], [axes[i] for i in spec[1:]])
         elif name in _CALLS:
-            self._into(p[_CALLS[name]], pos, kid, axes)
+            for i, out in self._into(p[_CALLS[name]], pos, kid, axes).items():
+                tracked[eqn.outvars[i]] = (kid, out)
         elif name == "cond" and pos > 0:
             for br in p["branches"]:
                 self._into(br, pos - 1, kid, axes)
         elif name == "scan":
             self._scan(eqn, pos, kid, axes)
+        elif name == "while":
+            self._while(eqn, pos, kid, axes)
         else:
             self._record(kid, name, [], [])
 
@@ -126,6 +150,16 @@ class _Walker:
         else:
             self._record(kid, "scan", [axes[0]], [])
             self._into(p["jaxpr"], pos, kid, axes[1:])
+
+    def _while(self, eqn, pos: int, kid: int, axes) -> None:
+        p = eqn.params
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        if pos < nc:
+            self._into(p["cond_jaxpr"], pos, kid, axes)
+        elif pos < nc + nb:
+            self._into(p["body_jaxpr"], pos - nc, kid, axes)
+        else:
+            self._record(kid, "while (carry)", [], [])
 
 
 def _combine(path: str, ndim: int, uses: list[Use]) -> Axes | None:
