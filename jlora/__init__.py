@@ -16,9 +16,14 @@ from jlora.core.optim import optimizer, trainable_mask
 from jlora.core.targets import path_str
 from jlora.core.tree import LoraWeight, Summary, Trainable, combine, init, split, summary
 from jlora.interop import checkpoint, peft
+from jlora.interop.parallel_rules import TENSOR_PARALLEL_RULES
+from jlora.scale.sharding.presets import register_tensor_rules as _register_tensor_rules
 from jlora.variants import dora, inits, lora_fa, merging, multi, quant
 
 _aliases.install()
+# The reference models' Megatron-style rules for the "tensor" sharding preset: wired here, above
+# both layers, because interop (the models) and scale (sharding) never import each other.
+_register_tensor_rules(TENSOR_PARALLEL_RULES)
 
 
 def __getattr__(name: str):

@@ -17,7 +17,7 @@ from jlora.interop.models.hub import (
     to_hf_state_dict,
 )
 from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
-from jlora.interop.models.parallel_rules import TENSOR_PARALLEL_RULES
+from jlora.interop.parallel_rules import TENSOR_PARALLEL_RULES
 
 __all__ = [
     "BertConfig",

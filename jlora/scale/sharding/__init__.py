@@ -36,13 +36,11 @@ alike.
 * ``"fsdp+tensor"``: tensor rules first, then FSDP on the largest remaining dimension.
 
 **Where the tensor rules come from.** The rules above are the models', not scale's:
-``TENSOR_PARALLEL_RULES`` in ``jlora.interop.models.parallel_rules``, next to the models they
-describe. `jlora.interop` and `jlora.scale` sit side by side and neither imports the other, so
-`preset_rules` imports that module by name (``importlib``, on its first ``"tensor"`` call; the
-names are in ``presets.RULE_MODULES``): ``preset_rules("tensor")`` starts with those rules, in
-their order, whether or not ``jlora.interop.models`` was imported before, and neither ``import
-jlora`` nor ``import jlora.sharding`` pays for importing flax. Other code adds rules for its own
-paths with `register_tensor_rules`; they come after.
+``TENSOR_PARALLEL_RULES`` in `jlora.interop.parallel_rules`, beside the models they describe.
+`jlora.interop` and `jlora.scale` sit side by side and neither imports the other; the top package
+(``jlora/__init__.py``) registers the models' rules with `register_tensor_rules` on import, so
+``preset_rules("tensor")`` starts with them, in their order, followed by any rules other code
+registers.
 
 **Layout.** `presets` (mesh axes, `make_mesh`, preset names and their rules), `specs`
 (`base_specs`, `lora_specs`, `opt_state_specs`, spec checks), `placement` (`shard`,

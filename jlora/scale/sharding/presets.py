@@ -1,18 +1,15 @@
 """Sharding presets: the mesh axes, `make_mesh`, preset parsing and the preset path rules.
 
 The ``"tensor"`` preset's path rules are not written here, and scale never imports the models
-(`jlora.interop` and `jlora.scale` are side by side: neither imports the other). The models
-declare their Megatron-style rules as data, ``TENSOR_PARALLEL_RULES`` in
-``jlora.interop.models.parallel_rules`` (named in `RULE_MODULES`); `preset_rules` imports that
-module by name with ``importlib`` on its first ``"tensor"`` call, so the reference rules come
-first and in their order whether or not ``jlora.interop.models`` was imported before, and neither
-``import jlora`` nor ``import jlora.sharding`` pays for importing flax. Other code adds rules
-with `register_tensor_rules`; they follow the reference ones.
+(`jlora.interop` and `jlora.scale` sit side by side: neither imports the other). The reference
+models declare their Megatron-style rules as data, ``TENSOR_PARALLEL_RULES`` in
+`jlora.interop.parallel_rules`, and the top package (``jlora/__init__.py``, which sits above
+both layers) registers them with `register_tensor_rules` when jlora is imported, so they come
+first and in their order; rules other code registers follow them.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Sequence
@@ -39,10 +36,6 @@ AXES = (DATA, FSDP, TENSOR)
 PRESETS = ("data", "fsdp", "tensor", "fsdp+tensor")
 
 Rules = Sequence[tuple[str, PartitionSpec]]
-
-#: Modules whose ``TENSOR_PARALLEL_RULES`` (``(regex, PartitionSpec)`` pairs) the ``"tensor"``
-#: preset consults first, in this order; imported by name on first use (see the module docstring).
-RULE_MODULES = ("jlora.interop.models.parallel_rules",)
 
 # The rules added with register_tensor_rules, written for the mesh axis TENSOR, in order.
 _registered: list[tuple[str, PartitionSpec]] = []
@@ -78,8 +71,8 @@ def register_tensor_rules(rules: Rules) -> None:
     """Add ``(regex, PartitionSpec)`` rules to the ``"tensor"`` preset (`preset_rules`).
 
     The specs name the tensor-parallel mesh axis `TENSOR` (``"tensor"``); `preset_rules` renames
-    it to its ``tensor=`` axis. Added rules are consulted after those of `RULE_MODULES`, in the
-    order they were added; adding a rule that is already there does nothing.
+    it to its ``tensor=`` axis. Rules are consulted in the order they were added (the reference models' come
+    first: ``import jlora`` registers them); adding a rule that is already there does nothing.
 
     Raises:
       TypeError, ValueError: malformed rules (as for ``base_specs(rules=...)``).
@@ -90,12 +83,8 @@ def register_tensor_rules(rules: Rules) -> None:
 
 
 def tensor_rules() -> list[tuple[str, PartitionSpec]]:
-    """Every ``"tensor"`` rule, written for the mesh axis `TENSOR`: `RULE_MODULES`' rules, then
-    the registered ones."""
-    out: list[tuple[str, PartitionSpec]] = []
-    for name in RULE_MODULES:
-        out += validate_rules(importlib.import_module(name).TENSOR_PARALLEL_RULES)
-    return out + [r for r in _registered if r not in out]
+    """Every registered ``"tensor"`` rule, written for the mesh axis `TENSOR`, in order."""
+    return list(_registered)
 
 
 def _rename(entry: Any, tensor: str) -> Any:

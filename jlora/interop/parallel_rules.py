@@ -1,9 +1,9 @@
 """Megatron-style tensor-parallel rules for the reference models' parameter paths.
 
-The ``"tensor"`` preset of `jlora.sharding` consults these rules first:
-`jlora.sharding.preset_rules` imports this module by name (``jlora.scale.sharding.presets.
-RULE_MODULES``), so neither layer imports the other (this module is plain data: it needs nothing
-of `jlora.scale`).
+The ``"tensor"`` preset of `jlora.sharding` consults these rules first: ``import jlora``
+registers them (`jlora.sharding.register_tensor_rules`), so neither layer imports the other. This
+module is plain data, outside the `jlora.interop.models` package so that registering it does not
+import flax.
 
 One table covers Llama / Mistral / Qwen2 (`jlora.interop.models.llama`), BERT
 (`jlora.interop.models.bert`) and the usual HF names (``wte``, ``lm_head``): the regexes are
