@@ -3,6 +3,11 @@
 Parameter paths mirror the Hugging Face module names, so HF tensor ``model.layers.3.mlp.up_proj.weight``
 lives at ``params["model"]["layers_3"]["mlp"]["up_proj"]["kernel"]`` (transposed to ``(in, out)``).
 Every projection is a plain 2-D :class:`flax.linen.Dense` kernel, which is what LoRA targets.
+
+Incremental decoding: pass a preallocated `KVCache` (an explicit pytree argument, returned
+updated: no flax mutable collection) and the model writes the new tokens' keys and values at
+``cache.index`` and attends over every written slot. Without a cache the forward is unchanged.
+Packed rows: ``segment_ids`` keep attention (and the default positions) within each segment.
 """
 
 from __future__ import annotations
@@ -16,6 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jlora.interop.models.kv_cache import (
+    KVCache,
+    LayerCache,
+    cached_masks,
+    segment_positions,
+    write,
+)
+
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -26,6 +39,8 @@ class LlamaConfig:
     ``attention_bias`` adds a bias to q/k/v; ``o_proj_bias`` to the output projection (HF Llama's
     ``attention_bias`` sets both, Qwen2 has q/k/v bias only). ``layer_types`` holds one entry per
     layer, ``"full_attention"`` or ``"sliding_attention"`` (the latter uses ``sliding_window``).
+    ``bos/eos/pad_token_id`` are the defaults of `jlora.models.generate` (``eos_token_id`` may
+    be several ids).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -51,6 +66,9 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -123,6 +141,9 @@ class LlamaConfig:
             mlp_bias=c.get("mlp_bias", False),
             sliding_window=window,
             layer_types=tuple(layer_types) if layer_types else None,
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos := c.get("eos_token_id"), list) else eos,
+            pad_token_id=c.get("pad_token_id"),
         )
 
 
@@ -155,6 +176,27 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return out.astype(x.dtype)
 
 
+def init_cache(
+    config: LlamaConfig, *, batch: int, length: int, dtype: Any = jnp.float32
+) -> KVCache:
+    """An empty `KVCache` of ``length`` slots per row for a model of ``config``.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+        >>> init_cache(cfg, batch=3, length=10).keys[1].shape
+        (3, 10, 1, 8)
+    """
+    return KVCache.init(
+        layers=config.num_hidden_layers,
+        batch=batch,
+        length=length,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        dtype=dtype,
+    )
+
+
 class RMSNorm(nn.Module):
     """RMS normalization with an HF-named ``weight`` parameter (computed in float32)."""
 
@@ -177,7 +219,13 @@ class LlamaAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None
+    ) -> Any:
+        """Self-attention of ``x`` (batch, seq, hidden); ``mask`` (batch, seq, keys) is True
+        where a query may attend. With ``cache = (keys, values, index)`` the new keys and values
+        are written at slot ``index`` and the queries attend over all cache slots; returns
+        ``(out, (keys, values))`` then."""
         cfg = self.config
         b, s, _ = x.shape
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -192,13 +240,16 @@ class LlamaAttention(nn.Module):
         v = dense(nkv * hd, "v_proj", cfg.attention_bias)(x).reshape(b, s, nkv, hd)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            k, v = write(cache[0], k, cache[2]), write(cache[1], v, cache[2])
         q = q.reshape(b, s, nkv, nh // nkv, hd)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / math.sqrt(hd)
         scores = scores.astype(jnp.float32)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, nh * hd)
-        return dense(cfg.hidden_size, "o_proj", cfg.o_proj_bias)(out)
+        out = dense(cfg.hidden_size, "o_proj", cfg.o_proj_bias)(out)
+        return out if cache is None else (out, (k, v))
 
 
 class LlamaMLP(nn.Module):
@@ -221,13 +272,19 @@ class LlamaDecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None
+    ) -> Any:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, name="input_layernorm", **kw)(x)
-        x = x + LlamaAttention(self.config, name="self_attn", **kw)(h, positions, mask)
+        attn = LlamaAttention(self.config, name="self_attn", **kw)(h, positions, mask, cache)
+        if cache is not None:
+            attn, kv = attn
+        x = x + attn
         h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x)
-        return x + LlamaMLP(self.config, name="mlp", **kw)(h)
+        x = x + LlamaMLP(self.config, name="mlp", **kw)(h)
+        return x if cache is None else (x, kv)
 
 
 class LlamaModel(nn.Module):
@@ -254,14 +311,26 @@ class LlamaModel(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
-    ) -> jax.Array:
+        *,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> Any:
+        """The final hidden states; ``(hidden, updated cache)`` when a ``cache`` is given."""
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids cannot be combined with a KV cache.")
+            return self._cached(input_ids, attention_mask, position_ids, cache)
         b, s = input_ids.shape
+        if position_ids is None and segment_ids is not None:
+            position_ids = segment_positions(segment_ids)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
         q_idx, k_idx = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
         causal = (k_idx <= q_idx)[None]
         pad = jnp.ones((b, 1, s), bool) if attention_mask is None else attention_mask[:, None] > 0
         full = causal & pad
+        if segment_ids is not None:
+            full = full & (segment_ids[:, :, None] == segment_ids[:, None, :])
         windowed = full
         if self.config.sliding_window:
             windowed = full & (q_idx - k_idx < self.config.sliding_window)[None]
@@ -269,6 +338,32 @@ class LlamaModel(nn.Module):
         for layer, kind in zip(self.layers, self.config.layer_types, strict=True):
             h = layer(h, position_ids, windowed if kind == "sliding_attention" else full)
         return self.norm(h)
+
+    def _cached(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        position_ids: jax.Array | None,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]:
+        """The forward of new tokens at slots ``cache.index + arange(seq)``: each attends to
+        the written slots up to its own (and within the sliding window, counted in slots)."""
+        b, s = input_ids.shape
+        start = cache.index
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s), bool)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(start + jnp.arange(s), (b, s))
+        kv_mask, full, windowed = cached_masks(cache, attention_mask, self.config.sliding_window)
+        h = self.embed_tokens(input_ids)
+        keys, values = [], []
+        layers = zip(self.layers, self.config.layer_types, cache.keys, cache.values, strict=True)
+        for layer, kind, k, v in layers:
+            mask = windowed if kind == "sliding_attention" else full
+            h, (k, v) = layer(h, position_ids, mask, (k, v, start))
+            keys.append(k)
+            values.append(v)
+        return self.norm(h), KVCache(tuple(keys), tuple(values), kv_mask, start + s)
 
     def attend(self, h: jax.Array) -> jax.Array:
         return self.embed_tokens.attend(h)
@@ -278,7 +373,10 @@ class LlamaForCausalLM(nn.Module):
     """Llama-family causal LM returning logits of shape ``(batch, seq, vocab)``.
 
     Args (call): ``input_ids`` (batch, seq) int; optional ``attention_mask`` (batch, seq) with 1 for
-    tokens to attend to; optional ``position_ids`` (default ``arange(seq)``, as HF).
+    tokens to attend to; optional ``position_ids`` (default ``arange(seq)``, as HF); keyword-only
+    ``segment_ids`` (batch, seq) int for packed rows (tokens attend only within their segment;
+    default positions restart at each segment); keyword-only ``cache``, a `KVCache`: then the
+    call returns ``(logits, updated cache)`` (see `jlora.models.generate`).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -317,6 +415,13 @@ class LlamaForCausalLM(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        h = self.model(input_ids, attention_mask, position_ids)
-        return self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        *,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> Any:
+        out = self.model(
+            input_ids, attention_mask, position_ids, segment_ids=segment_ids, cache=cache
+        )
+        h, new_cache = (out, None) if cache is None else out
+        logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return logits if cache is None else (logits, new_cache)
