@@ -257,3 +257,35 @@ def test_exported_adapter_in_torch_peft_gives_the_same_logits(tmp_path, require)
     got = _f64(jax.jit(jlora.lora(_apply))(tree, x))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(want, _np_forward(tree, x), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_fa_refuses_an_embedding_target():
+    params = {"embed": {"embedding": jnp.ones((10, 4))}}
+    with pytest.raises(ValueError, match=r"LoRA-FA cannot adapt the embedding embed/embedding"):
+        jlora.init(
+            params,
+            jlora.LoraConfig(rank=2, targets="embedding", variant="lora_fa"),
+            key=jax.random.key(0),
+        )
+
+
+def test_optimizer_accepts_a_callable_params_tree():
+    """An equinox-style Module is a callable pytree; optax must not take it for a label fn."""
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass(frozen=True)
+    class Module:
+        kernel: jax.Array
+
+        def __call__(self, x):
+            return x @ self.kernel
+
+    tree = jlora.init(Module(jnp.ones((4, 3))), jlora.LoraConfig(rank=2, targets="kernel"),
+                      key=jax.random.key(0))  # fmt: skip
+    tx = jlora.optimizer(optax.adam(1e-3), tree)
+    state = tx.init(tree)
+    grads = jax.tree.map(jnp.ones_like, tree)
+    updates, _ = tx.update(grads, state, tree)
+    assert (
+        float(jnp.abs(updates.kernel.b).sum()) > 0 and float(jnp.abs(updates.kernel.w).sum()) == 0
+    )

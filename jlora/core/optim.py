@@ -77,4 +77,5 @@ def optimizer(
     transforms = {"lora": tx, "frozen": optax.set_to_zero()}
     if b_tx is not None:
         transforms["lora_b"] = b_tx
-    return optax.partition(transforms, labels)
+    # a callable label tree (e.g. an equinox Module) would be taken for a labelling function
+    return optax.partition(transforms, (lambda _: labels) if callable(labels) else labels)

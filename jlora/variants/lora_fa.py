@@ -34,6 +34,7 @@ from jlora.core.config import LoraConfig
 from jlora.core.kernel import LoraWeight
 from jlora.core.node import fixed_field
 from jlora.core.registry import register_variant
+from jlora.core.targets import leaf_name
 
 __all__ = ["LoraFAWeight"]
 
@@ -50,4 +51,10 @@ class LoraFAWeight(LoraWeight):
 
 @register_variant("lora_fa")
 def _variant(node: LoraWeight, config: LoraConfig, path: str) -> LoraFAWeight:
+    if leaf_name(path) == "embedding":
+        raise ValueError(
+            f"LoRA-FA cannot adapt the embedding {path} (shape {tuple(node.shape)}): embeddings "
+            "start from A = 0 (PEFT's init), and a frozen A = 0 never learns; exclude it from "
+            "`targets` (or use variant='lora' for it)."
+        )
     return LoraFAWeight(**{f.name: getattr(node, f.name) for f in dataclasses.fields(node)})
