@@ -3,35 +3,48 @@
 A step directory holds three Orbax items: ``adapters`` (the arrays, nested like the tree:
 ``.../q_proj/kernel/lora_a``), ``opt_state`` (the optimizer state's leaves, when given) and
 ``meta`` (JSON: the `LoraConfig`, every adapter's shapes, dtype, scale and axes, the optimizer
-state's leaf paths). No frozen weight is ever written. `AdapterCheckpointer.restore` fills a
-freshly built tree (``jlora.init`` on a freshly loaded base) after checking every saved shape
-against it, so a checkpoint of another base, other targets or another rank is refused whole.
+state's leaf paths, and the checksums of every array written; `jlora.interop.checkpoint_integrity`).
+No frozen weight is ever written. `AdapterCheckpointer.restore` fills a freshly built tree
+(``jlora.init`` on a freshly loaded base) after checking every saved shape against it, so a
+checkpoint of another base, other targets or another rank is refused whole; then it verifies
+what it read against the checksums. A damaged step (unreadable or missing items, data that does
+not match its checksums) is skipped, reported in one line, for the newest step that verifies.
+Nothing is ever deleted by a restore.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
 from jlora.core.config import LoraConfig
-from jlora.core.node import Node, is_node
 from jlora.core.targets import path_str
-from jlora.interop.checkpoint_schema import (
-    adapter_nodes,
-    dtype_name,
-    mismatches,
-    opt_leaves,
-    saved_children,
+from jlora.interop.checkpoint_integrity import (
+    CorruptCheckpointError,
+    agree,
+    compare_checksums,
+    meta_problem,
+    quiet_failed_reads,
+    short_error,
 )
+from jlora.interop.checkpoint_orbax import (
+    check_options,
+    fill_tree,
+    flat_items,
+    preservation,
+    restore_args,
+    save_items,
+    target_shardings,
+)
+from jlora.interop.checkpoint_schema import adapter_nodes, mismatches, opt_leaves
 from jlora.interop.config_json import config_from_json, config_to_json
 
-__all__ = ["AdapterCheckpointer", "config_from_json", "config_to_json"]
-
-_FORMAT = "jlora.adapters/1"
+__all__ = ["AdapterCheckpointer", "CorruptCheckpointError", "config_from_json", "config_to_json"]
 
 
 def _orbax() -> Any:
@@ -39,23 +52,6 @@ def _orbax() -> Any:
     import orbax.checkpoint
 
     return orbax.checkpoint
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return out
-
-
-def _get(nested: dict[str, Any], path: str) -> Any:
-    for k in path.split("/"):
-        nested = nested[k]
-    return nested
 
 
 def _du(path: str) -> int:
@@ -101,17 +97,18 @@ class AdapterCheckpointer:
         best_metric: str | None = None,
         best_mode: str = "min",
     ) -> None:
-        _check_options(max_to_keep, save_interval_steps, best_mode)
+        check_options(max_to_keep, save_interval_steps, best_mode)
         ocp = _orbax()
         self.directory = os.path.abspath(os.fspath(directory))
         self.best_metric = best_metric
         self._best_mode = best_mode
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-            preservation_policy=_preservation(max_to_keep, best_metric, best_mode),
+            preservation_policy=preservation(max_to_keep, best_metric, best_mode),
             best_fn=None if best_metric is None else (lambda m: m[best_metric]),
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
+            create=False,  # nothing is written (the directory is made) until the first save
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -156,7 +153,8 @@ class AdapterCheckpointer:
         metrics = self._check_metrics(metrics)
         if step in self.all_steps():
             return False
-        items = _save_items(step, nodes, opt_state, config, metrics)
+        items = save_items(step, nodes, opt_state, config, metrics)
+        os.makedirs(self.directory, exist_ok=True)
         return self._manager.save(
             step, args=ocp.args.Composite(**items), metrics=metrics, force=force
         )
@@ -181,9 +179,25 @@ class AdapterCheckpointer:
         step = steps[-1] if step is None else step
         if step not in steps:
             raise ValueError(f"no checkpoint for step {step} in {self.directory}; steps: {steps}.")
+        return step, self._read_meta(step)
+
+    def _read_meta(self, step: int) -> dict[str, Any]:
+        """The ``meta`` item of ``step``, checked against its digest (`CorruptCheckpointError`)."""
         ocp = _orbax()
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return step, meta["meta"]
+        problem = self._missing(step, ["meta"])
+        if problem is not None:
+            raise CorruptCheckpointError(step, self.directory, problem)
+        try:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            meta = self._manager.restore(step, args=args)["meta"]
+        except Exception as e:  # broken JSON, an unreadable file
+            raise CorruptCheckpointError(
+                step, self.directory, f"its meta/ item cannot be read ({short_error(e)})"
+            ) from e
+        problem = meta_problem(meta)
+        if problem is not None:
+            raise CorruptCheckpointError(step, self.directory, problem)
+        return meta
 
     def config(self, step: int | None = None) -> LoraConfig:
         """The `LoraConfig` saved with ``step`` (default: the latest).
@@ -191,6 +205,7 @@ class AdapterCheckpointer:
         Raises:
           ValueError: no such checkpoint, it was saved without ``config``, or the config had a
             callable ``targets``.
+          CorruptCheckpointError: the step's metadata is unreadable or does not match its digest.
         """
         step, meta = self._meta(step)
         if meta.get("config") is None:
@@ -204,46 +219,167 @@ class AdapterCheckpointer:
         step: int | None = None,
         opt_state: Any = None,
         shardings: Any = None,
+        require_opt_state: bool = True,
+        on_skip: Callable[[int, str], None] | None = None,
     ) -> tuple[Any, Any, int]:
-        """Restore the adapters saved at ``step`` into ``tree``.
+        """Restore the adapters saved at ``step`` into ``tree``, verified against their checksums.
 
         Args:
           tree: a freshly built tree with adapters of the same shapes (``jlora.init(params,
             config, key=...)`` on a freshly loaded base, or its `jax.eval_shape`); its frozen
             leaves are kept, its ``a``, ``b`` and `Trainable` values are replaced.
-          step: which step (default: the latest).
+          step: which step. Default: the newest step that verifies; each newer, damaged step
+            is skipped (never deleted) and reported through ``on_skip``.
           opt_state: the optimizer state as a template (e.g. ``tx.init(adapters)``); restored
             when given.
           shardings: where the restored adapters go: one `jax.sharding.Sharding`, or a tree
             like ``tree`` (e.g. ``jax.tree.map(lambda x: x.sharding, tree)``) with shardings
             at ``a`` / ``b`` / `Trainable` positions. Default: the shardings of ``tree``'s
             arrays (else the default device). The optimizer state follows its template's.
+          require_opt_state: with False, a checkpoint without optimizer state (e.g. written by
+            ``jlora import-peft``) restores too, with ``opt_state`` None in the result.
+          on_skip: ``on_skip(step, reason)`` for each damaged step skipped; default: a warning.
 
         Returns:
-          ``(tree, opt_state, step)`` with ``opt_state`` None unless a template was given.
+          ``(tree, opt_state, step)`` with ``opt_state`` None unless a template was given (and
+          the checkpoint has one).
 
         Raises:
           ValueError: no checkpoint; or the checkpoint does not fit ``tree`` / ``opt_state``
             (another base, other targets, rank, dtype, scale or optimizer) -- every mismatch is
-            listed, with the path and both shapes, and nothing is restored.
+            listed, with the path and both shapes, and nothing is restored; or no step verifies.
+          CorruptCheckpointError: the given ``step`` is damaged (incomplete, unreadable, or its
+            data does not match its checksums).
+
+        Example:
+          >>> import tempfile, jax, jax.numpy as jnp, jlora
+          >>> cfg = jlora.LoraConfig(rank=2, targets="k")
+          >>> tree = jlora.init({"k": jnp.ones((4, 4))}, cfg, key=jax.random.key(0))
+          >>> d = tempfile.mkdtemp()
+          >>> with AdapterCheckpointer(d) as ckpt:
+          ...     ckpt.save(1, tree); ckpt.save(2, tree)
+          True
+          True
+          >>> import os, shutil; shutil.rmtree(os.path.join(d, "2", "meta"))  # damage step 2
+          >>> with AdapterCheckpointer(d) as ckpt:
+          ...     _, _, step = ckpt.restore(tree, on_skip=lambda s, why: print("skip", s))
+          skip 2
+          >>> step
+          1
         """
-        step, meta = self._meta(step)
+        steps = self.all_steps()
+        if not steps:
+            raise ValueError(f"no checkpoint in {self.directory}.")
+        if step is not None:
+            if step not in steps:
+                raise ValueError(
+                    f"no checkpoint for step {step} in {self.directory}; steps: {steps}."
+                )
+            return self._restore_step(step, tree, opt_state, shardings, require_opt_state)
+        report = on_skip or self._warn_skip
+        damaged = []
+        for s in reversed(steps):
+            try:
+                return self._restore_step(s, tree, opt_state, shardings, require_opt_state)
+            except CorruptCheckpointError as e:
+                damaged.append(f"step {s}: {e.reason}")
+                report(s, e.reason)
+        raise ValueError(f"no intact checkpoint in {self.directory}: {'; '.join(damaged)}.")
+
+    def _warn_skip(self, step: int, reason: str) -> None:
+        warnings.warn(
+            f"skipping checkpoint step {step} in {self.directory}: {reason}", stacklevel=3
+        )
+
+    def _restore_step(
+        self, step: int, tree: Any, opt_state: Any, shardings: Any, require_opt_state: bool
+    ) -> tuple[Any, Any, int]:
+        meta = self._read_meta(step)
         nodes = adapter_nodes(tree)
-        opt = None if opt_state is None else opt_leaves(opt_state)
+        with_opt = opt_state is not None and (require_opt_state or "opt_state" in meta)
+        opt = opt_leaves(opt_state) if with_opt else None
         errors = mismatches(meta, nodes, opt)
         if errors:
             head = f"checkpoint step {step} in {self.directory} does not fit:"
             raise ValueError("\n".join([head, *errors]))
-        args = _restore_args(nodes, _shardings(shardings, nodes), None if opt is None else opt[1])
-        out = self._manager.restore(step, args=args)
-        restored = _fill(tree, nodes, out["adapters"])
+        args = restore_args(
+            nodes, target_shardings(shardings, nodes), None if opt is None else opt[1]
+        )
+        out, reason = self._read_items(step, args)
+        if reason is None:
+            read = flat_items(out, nodes, None if opt is None else len(opt[1]))
+            saved = {
+                k: v
+                for k, v in meta.get("checksums", {}).items()
+                if k.startswith("adapters/") or (opt is not None and k.startswith("opt_state/"))
+            }
+            reason = compare_checksums(saved, read)
+        if not agree(reason is None):  # every process takes the same decision
+            raise CorruptCheckpointError(step, self.directory, reason or "damaged on a process")
+        restored = fill_tree(tree, nodes, out["adapters"])
         new_opt = None
-        if opt_state is not None:
+        if opt is not None:
             treedef = jax.tree.structure(opt_state)
             new_opt = jax.tree.unflatten(
                 treedef, [out["opt_state"][str(i)] for i in range(len(opt[1]))]
             )
         return restored, new_opt, step
+
+    def _read_items(self, step: int, args: Any) -> tuple[Any, str | None]:
+        """``(items, None)``, or ``(None, why)`` when Orbax / TensorStore cannot read them."""
+        missing = self._missing(step, list(args.keys()))
+        if missing is not None:
+            return None, missing
+        try:
+            return self._manager.restore(step, args=args), None
+        except Exception as e:  # a truncated or damaged data file
+            quiet_failed_reads()
+            names = "/, ".join(args.keys()) + "/"
+            return None, f"its {names} cannot be read ({short_error(e)})"
+
+    def _missing(self, step: int, items: list[str]) -> str | None:
+        """What is missing from a local step directory (for a remote one, Orbax says it)."""
+        d = os.path.join(self.directory, str(step))
+        if not os.path.isdir(d):
+            return None
+        if not os.listdir(d):
+            return "its directory is empty"
+        gone = [f"{n}/" for n in items if not os.path.isdir(os.path.join(d, n))]
+        return f"its {', '.join(gone)} item is missing" if gone else None
+
+    def verify(self, step: int | None = None) -> str | None:
+        """Why ``step`` (default: the latest) cannot be restored, or None when it verifies.
+
+        Reads every item the step holds (as saved, onto this process's default device) and
+        compares it with the checksums in its metadata, without a template. Steps written by
+        jlora before checksums were recorded (format ``jlora.adapters/1``) are only read.
+
+        Example:
+          >>> import tempfile, jax, jax.numpy as jnp, jlora
+          >>> tree = jlora.init({"k": jnp.ones((4, 4))}, jlora.LoraConfig(rank=2, targets="k"),
+          ...                   key=jax.random.key(0))
+          >>> with AdapterCheckpointer(tempfile.mkdtemp()) as ckpt:
+          ...     ckpt.save(3, tree)
+          ...     ckpt.verify(3) is None
+          True
+          True
+        """
+        step, _ = self._meta(None) if step is None else (step, None)
+        try:
+            meta = self._read_meta(step)
+        except CorruptCheckpointError as e:
+            return e.reason
+        ocp = _orbax()
+        names = ["adapters"] + (["opt_state"] if "opt_state" in meta else [])
+        args = ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names})
+        out, reason = self._read_items(step, args)
+        if reason is not None:
+            return reason
+        read = {}
+        for name in names:
+            leaves = jax.tree_util.tree_flatten_with_path(out[name])[0]
+            read.update({f"{name}/{path_str(p)}": x for p, x in leaves})
+        return compare_checksums(meta.get("checksums", {}), read)
 
     # Bookkeeping ---------------------------------------------------------------------------
 
@@ -256,19 +392,28 @@ class AdapterCheckpointer:
         return sorted(self._manager.all_steps())
 
     def best_step(self) -> int | None:
-        """The kept step with the best ``best_metric`` (ties: the earliest); None if none."""
+        """The kept step with the best ``best_metric`` (ties: the earliest); None if none.
+
+        Steps whose metadata is damaged are left out."""
         if self.best_metric is None:
             return None
         sign = 1.0 if self._best_mode == "min" else -1.0
-        scored = [
-            (sign * m[self.best_metric], s)
-            for s in self.all_steps()
-            if (m := self.metrics(s)) and self.best_metric in m
-        ]
+        scored = []
+        for s in self.all_steps():
+            try:
+                m = self.metrics(s)
+            except CorruptCheckpointError:
+                continue
+            if m and self.best_metric in m:
+                scored.append((sign * m[self.best_metric], s))
         return min(scored)[1] if scored else None
 
     def metrics(self, step: int | None = None) -> dict[str, float] | None:
-        """The ``metrics`` saved with ``step`` (default: the latest), or None."""
+        """The ``metrics`` saved with ``step`` (default: the latest), or None.
+
+        Raises:
+          CorruptCheckpointError: the step's metadata is unreadable or does not match its digest.
+        """
         return self._meta(step)[1].get("metrics")
 
     def nbytes(self, step: int | None = None) -> int:
@@ -290,141 +435,3 @@ class AdapterCheckpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _check_options(max_to_keep: Any, save_interval_steps: Any, best_mode: str) -> None:
-    """The `AdapterCheckpointer` options Orbax does not check itself."""
-    if best_mode not in ("min", "max"):
-        raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}.")
-    if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
-        raise ValueError(f"`max_to_keep` must be a positive integer or None, got {max_to_keep!r}.")
-    if (
-        isinstance(save_interval_steps, bool)
-        or not isinstance(save_interval_steps, int)
-        or save_interval_steps < 1
-    ):
-        raise ValueError(
-            f"`save_interval_steps` must be a positive integer, got {save_interval_steps!r}."
-        )
-
-
-def _preservation(max_to_keep: int | None, best_metric: str | None, best_mode: str) -> Any:
-    """Orbax's preservation policy: the latest ``max_to_keep``, or the best ones plus the latest."""
-    policies = _orbax().checkpoint_managers
-    if best_metric is None:
-        return policies.LatestN(n=max_to_keep)
-    best = policies.BestN(
-        get_metric_fn=lambda m: m[best_metric],
-        reverse=best_mode == "min",
-        n=max_to_keep,
-        keep_checkpoints_without_metrics=True,
-    )
-    return policies.AnyPreservationPolicy([best, policies.LatestN(n=1)])
-
-
-def _save_items(
-    step: int,
-    nodes: dict[str, Any],
-    opt_state: Any,
-    config: LoraConfig | None,
-    metrics: dict[str, float] | None,
-) -> dict[str, Any]:
-    """The Orbax items of one step: ``adapters``, ``opt_state`` (when given) and ``meta``."""
-    ocp = _orbax()
-    arrays = {}
-    for path, x in nodes.items():
-        for name, v in saved_children(x).items():
-            arrays[f"{path}/{name}"] = v
-    meta: dict[str, Any] = {
-        "format": _FORMAT,
-        "step": step,
-        "config": None if config is None else config_to_json(config),
-        "adapters": {path: x.describe() for path, x in nodes.items()},
-        "metrics": metrics,
-    }
-    items = {
-        "adapters": ocp.args.StandardSave(_nest(arrays)),
-    }
-    if opt_state is not None:
-        names, leaves = opt_leaves(opt_state)
-        meta["opt_state"] = [
-            {"path": n, "shape": list(np.shape(x)), "dtype": dtype_name(x)}
-            for n, x in zip(names, leaves, strict=True)
-        ]
-        items["opt_state"] = ocp.args.StandardSave(
-            {str(i): _array(x) for i, x in enumerate(leaves)}
-        )
-    items["meta"] = ocp.args.JsonSave(meta)
-    return items
-
-
-def _restore_args(
-    nodes: dict[str, Any], sh: dict[str, dict[str, Any]], opt_leaves: list[Any] | None
-) -> Any:
-    """The Orbax restore args: every saved child at its target sharding, and the opt state."""
-    ocp = _orbax()
-    abstract = {}
-    for p, x in nodes.items():
-        for name, v in saved_children(x).items():
-            abstract[f"{p}/{name}"] = _abstract(v, sh[p].get(name))
-    items = {"adapters": ocp.args.StandardRestore(_nest(abstract))}
-    if opt_leaves is not None:
-        items["opt_state"] = ocp.args.StandardRestore(
-            {str(i): _abstract(x, None) for i, x in enumerate(opt_leaves)}
-        )
-    return ocp.args.Composite(**items)
-
-
-def _fill(tree: Any, nodes: dict[str, Any], arrays: dict[str, Any]) -> Any:
-    """``tree`` with the saved children of each adapter node replaced by the restored arrays."""
-
-    def fill(path, x):
-        if not is_node(x):
-            return x
-        p = path_str(path)
-        if p not in nodes:
-            return x
-        kw = {name: _get(arrays, f"{p}/{name}") for name in saved_children(x)}
-        return dataclasses.replace(x, **kw)
-
-    return jax.tree_util.tree_map_with_path(fill, tree, is_leaf=is_node)
-
-
-def _array(x: Any) -> Any:
-    return x if isinstance(x, jax.Array) else np.asarray(x)
-
-
-def _shardings(shardings: Any, nodes: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per adapter path, the target sharding of each saved child (None: as in the tree)."""
-    if shardings is None:
-        return {
-            p: {n: _sharding_of(v) for n, v in saved_children(x).items()} for p, x in nodes.items()
-        }
-    if isinstance(shardings, jax.sharding.Sharding):
-        return {p: {n: shardings for n in saved_children(x)} for p, x in nodes.items()}
-    is_leaf = lambda x: is_node(x) or isinstance(x, jax.sharding.Sharding)  # noqa: E731
-    given = {
-        path_str(p): s
-        for p, s in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_leaf)[0]
-    }
-    out: dict[str, dict[str, Any]] = {}
-    for p, x in nodes.items():
-        s = given.get(p)
-        if isinstance(s, Node):
-            out[p] = {n: getattr(s, n, None) for n in saved_children(x)}
-        elif isinstance(s, jax.sharding.Sharding):
-            out[p] = {n: s for n in saved_children(x)}
-        else:
-            raise ValueError(f"`shardings` has no sharding for the adapter at {p}.")
-    return out
-
-
-def _sharding_of(x: Any) -> Any:
-    return getattr(x, "sharding", None)
-
-
-def _abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
-    sharding = sharding if sharding is not None else _sharding_of(x)
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.ShapeDtypeStruct(np.shape(x), np.dtype(dtype_name(x)), sharding=sharding)
