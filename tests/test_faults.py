@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 
 import jax
@@ -133,9 +134,7 @@ DAMAGE = {
         "the metadata does not match its digest",
     ),
     "checksum edited": (
-        lambda s: _edit_meta(
-            s, lambda m: m["checksums"]["adapters/k/b"].update(sha256="0" * 64)
-        ),
+        lambda s: _edit_meta(s, lambda m: m["checksums"]["adapters/k/b"].update(sha256="0" * 64)),
         "the metadata does not match its digest",
     ),
     "unknown format": (
@@ -161,9 +160,10 @@ def test_a_damaged_latest_step_is_reported_and_skipped(saved, kind):
         tree, opt, step = ckpt.restore(
             template, opt_state=opt0, on_skip=lambda s, r: skipped.append((s, r))
         )
-        with pytest.raises(CorruptCheckpointError, match=f"checkpoint step 3 in {d} is damaged"):
+        with pytest.raises(CorruptCheckpointError, match=re.escape(f"step 3 in {d} is damaged")):
             ckpt.restore(template, step=3, opt_state=opt0)
     assert step == 2 and [s for s, _ in skipped] == [3]
+    assert jax.tree.structure(opt) == jax.tree.structure(opt0)
     assert reason in skipped[0][1] and "\n" not in skipped[0][1]
     for got, w in zip(_host(tree), want[2], strict=True):
         np.testing.assert_array_equal(got, w)
@@ -233,7 +233,7 @@ def test_metadata_readers_name_the_damaged_step(saved):
     d, _ = saved
     _write("meta/metadata", "{")(str(d / "2"))
     with AdapterCheckpointer(d, best_metric="loss") as ckpt:
-        with pytest.raises(CorruptCheckpointError, match="checkpoint step 2 .* is damaged"):
+        with pytest.raises(CorruptCheckpointError, match=r"checkpoint step 2 .* is damaged"):
             ckpt.config(2)
         with pytest.raises(CorruptCheckpointError, match="checkpoint step 2"):
             ckpt.metrics(2)
