@@ -11,7 +11,7 @@ sharding constraints. Each place that consumes the kernel says something:
 * indexed (a ``slice`` / ``dynamic_slice`` then ``squeeze``, as ``W[i]`` in a ``fori_loop`` or
   ``while_loop`` over the layers): the squeezed axis is a stacked axis;
 * ``dot_general``: the kernel's contracting dimensions are input axes, its batch dimensions
-  stacked axes;
+  stacked axes; ``ragged_dot`` (MoE experts): its group dimension is a stacked axis too;
 * ``gather`` (an embedding lookup): the indexed axes are input axes;
 * ``conv_general_dilated``: the kernel's input-feature and spatial dimensions are input axes.
 
@@ -119,6 +119,11 @@ class _Walker:
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             c, b = (lc, lb) if pos == 0 else (rc, rb)
             self._record(kid, name, [axes[i] for i in b], [axes[i] for i in c])
+        elif name == "ragged_dot_general" and pos == 1:  # MoE experts: the group axis stacks
+            rdn = p["ragged_dot_dimension_numbers"]
+            (_, rc), (_, rb) = rdn.dot_dimension_numbers
+            batch = [axes[i] for i in (*rdn.rhs_group_dimensions, *rb)]
+            self._record(kid, name, batch, [axes[i] for i in rc])
         elif name == "gather":
             dn = p["dimension_numbers"]
             batch = [axes[i] for i in dn.operand_batching_dims] if pos == 0 else []

@@ -1,0 +1,74 @@
+"""LoRA's fused rule for ``ragged_dot`` (``lax.ragged_dot``): per-group (per-expert) adapters.
+
+A mixture-of-experts layer sorts its tokens by expert and multiplies each group of rows by its
+expert's kernel: ``ragged_dot(x, W, group_sizes)`` with ``W`` of shape ``(E, in, out)``. With
+LoRA on ``W`` (``batch_axes=(0,)``: one adapter per expert, ``a`` ``(E, in, r)``, ``b``
+``(E, r, out)``) the rule computes ``ragged_dot(x, W) + s·ragged_dot(ragged_dot(x, a), b)``
+with the same groups, so each row gets its own expert's low-rank update and ΔW is never formed.
+A variant that rescales the output per expert (DoRA) is not fused here (it materializes, with
+the fallback warning): the ragged output has no expert axis to rescale along.
+`jlora.init(..., apply=...)` reads the group axis of such a kernel as a stacked axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax import lax
+
+from jlora.core.kernel import LoraWeight
+from jlora.core.node import Node, as_array, register
+
+__all__ = ["ragged_dot_rule"]
+
+
+def _standard(lw: LoraWeight, params: dict[str, Any]) -> bool:
+    """``ragged_dot(x (m, in), W (E, in, out), group_sizes (E,))`` with W's group axis its
+    (only) batch axis and its contracting axis its input axis."""
+    rdn = params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
+    return (
+        params.get("group_offset") is None
+        and not lb
+        and not rb
+        and tuple(rdn.lhs_ragged_dimensions) == (0,)
+        and tuple(rdn.rhs_group_dimensions) == lw.batch_axes
+        and len(lw.batch_axes) == 1
+        and tuple(rc) == lw.in_axes
+        and len(lw.in_axes) == 1
+        and len(lw.out_axes) == 1
+        and len(lc) == 1
+    )
+
+
+@register(LoraWeight, "ragged_dot_general")
+def ragged_dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+    """``ragged_dot`` with a `LoraWeight` of per-group adapters as the right operand.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> w = jnp.ones((2, 3, 4))  # two experts of (in 3, out 4)
+      >>> lw = jlora.LoraWeight(w, jnp.ones((2, 3, 1)), jnp.ones((2, 1, 4)), batch_axes=(0,))
+      >>> x, groups = jnp.ones((5, 3)), jnp.array([2, 3], jnp.int32)  # rows 0-1: expert 0
+      >>> y = jlora.lora(jax.lax.ragged_dot)(x, lw, groups)
+      >>> bool(jnp.allclose(y, x @ (w[0] + 3.0)))  # W + a@b = 1 + 3 for every expert
+      True
+    """
+    x, lw, *rest = invals
+    if isinstance(x, Node) or not isinstance(lw, LoraWeight) or not _standard(lw, eqn.params):
+        return None
+    if type(lw).output is not LoraWeight.output:  # a variant rescaling per output (DoRA) needs
+        return None  # the group axis in the output, which a ragged dot does not have
+    if any(isinstance(g, Node) for g in rest):
+        return None
+    (groups,) = rest
+    p = eqn.params
+    w = as_array(lw.w)
+    y = eqn.primitive.bind(x, w, groups, **p)
+    ct = x.dtype
+    kw = dict(precision=p.get("precision"), preferred_element_type=y.dtype)
+    xd = ctx.dropout(x, lw.dropout)
+    t = lax.ragged_dot(xd, lw.a.astype(ct), groups, **kw).astype(ct)  # a: (E, in, r)
+    yl = lax.ragged_dot(t, lw.b.astype(ct), groups, **kw)
+    base = (lambda: y) if xd is x else (lambda: eqn.primitive.bind(xd, w, groups, **p))
+    return lw.output(y, lw.scale * yl, base, {lw.out_axes[0]: y.ndim - 1})
