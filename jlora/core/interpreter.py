@@ -25,8 +25,10 @@ from jax import lax
 from jax.extend import core as jcore
 
 # Imported for their registered rules: LoRA's fused rules; while, custom derivatives,
-# shard_map and sharding constraints; the per-layer slice of a stacked kernel.
+# shard_map and sharding constraints; ragged_dot (MoE experts); the per-layer slice of a
+# stacked kernel.
 import jlora.core.control
+import jlora.core.ragged
 import jlora.core.rules
 import jlora.core.slicing  # noqa: F401
 from jlora.core.fusion import Fusion
