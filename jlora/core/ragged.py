@@ -47,12 +47,13 @@ def ragged_dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
-      >>> w = jnp.ones((2, 3, 4))  # two experts of (in 3, out 4)
-      >>> lw = jlora.LoraWeight(w, jnp.ones((2, 3, 1)), jnp.ones((2, 1, 4)), batch_axes=(0,))
-      >>> x, groups = jnp.ones((5, 3)), jnp.array([2, 3], jnp.int32)  # rows 0-1: expert 0
-      >>> y = jlora.lora(jax.lax.ragged_dot)(x, lw, groups)
-      >>> bool(jnp.allclose(y, x @ (w[0] + 3.0)))  # W + a@b = 1 + 3 for every expert
-      True
+      >>> w = jnp.zeros((2, 3, 4))  # two experts of (in 3, out 4)
+      >>> a = jnp.ones((2, 3, 1))
+      >>> b = jnp.stack([jnp.ones((1, 4)), 2 * jnp.ones((1, 4))])  # expert 1's update is 2x
+      >>> lw = jlora.LoraWeight(w, a, b, batch_axes=(0,))
+      >>> x, groups = jnp.ones((3, 3)), jnp.array([1, 2], jnp.int32)  # row 0: expert 0
+      >>> jlora.lora(jax.lax.ragged_dot)(x, lw, groups)[:, 0].tolist()
+      [3.0, 6.0, 6.0]
     """
     x, lw, *rest = invals
     if isinstance(x, Node) or not isinstance(lw, LoraWeight) or not _standard(lw, eqn.params):
