@@ -263,3 +263,127 @@ def test_a_checkpointer_writes_nothing_until_it_saves(tmp_path):
     with AdapterCheckpointer(d) as ckpt:
         assert ckpt.all_steps() == []
     assert not d.exists()
+
+
+# --- PEFT adapters: tensors and adapter_config.json -----------------------------------------
+
+PEFT_PARAMS = {"model": {"q_proj": {"kernel": jnp.zeros((8, 4))}}}
+PEFT_A = "base_model.model.model.q_proj.lora_A.weight"
+PEFT_B = "base_model.model.model.q_proj.lora_B.weight"
+
+
+@pytest.fixture
+def peft_dir(tmp_path):
+    cfg = jlora.LoraConfig(rank=2, alpha=8, targets=["q_proj"])
+    d = tmp_path / "peft"
+    jlora.peft.save(d, _randomized(jlora.init(PEFT_PARAMS, cfg, key=jax.random.key(0))), cfg)
+    return d
+
+
+def _randomized(tree):
+    return jax.tree.map(lambda x: x + 0.5, tree)
+
+
+def _edit_tensors(d, edit):
+    import safetensors.numpy
+
+    f = d / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load_file(f)
+    edit(tensors)
+    safetensors.numpy.save_file(tensors, f)
+
+
+def _edit_config(d, edit):
+    f = d / "adapter_config.json"
+    cfg = json.loads(f.read_text())
+    f.write_text(json.dumps(edit(cfg)))
+
+
+def _set(key, value):
+    def edit(t):
+        t[key] = value(t[key])
+        return t
+
+    return edit
+
+
+BAD_TENSORS = {
+    "NaN": (_set(PEFT_A, lambda x: np.full_like(x, np.nan)), f"{PEFT_A}: 16 of 16 values are NaN"),
+    "inf": (
+        _set(PEFT_B, lambda x: np.where(np.arange(x.size).reshape(x.shape) == 3, np.inf, x)),
+        f"{PEFT_B}: 1 of 8 values are NaN or infinite",
+    ),
+    "integer": (
+        _set(PEFT_A, lambda x: x.astype(np.int32)),
+        f"{PEFT_A}: dtype int32, expected a floating-point tensor",
+    ),
+    "mixed dtypes": (
+        _set(PEFT_A, lambda x: x.astype(np.float16)),
+        f"the LoRA tensors have mixed dtypes: float16 ({PEFT_A}); float32 ({PEFT_B}); expected one",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TENSORS))
+def test_peft_load_refuses_bad_tensors(peft_dir, kind):
+    edit, message = BAD_TENSORS[kind]
+    _edit_tensors(peft_dir, edit)
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        jlora.peft.load(peft_dir, PEFT_PARAMS)
+    assert str(e.value).startswith(f"cannot load the PEFT adapter {peft_dir}:")
+
+
+BAD_CONFIGS = {
+    "not JSON": (lambda d: (d / "adapter_config.json").write_text("{"), "not valid JSON"),
+    "a JSON list": (
+        lambda d: (d / "adapter_config.json").write_text("[1, 2]"),
+        "expected a JSON object, got list",
+    ),
+    "r 0": (
+        lambda d: _edit_config(d, lambda c: {**c, "r": 0}),
+        "r must be a positive integer, got 0",
+    ),
+    "r '8'": (
+        lambda d: _edit_config(d, lambda c: {**c, "r": "8"}),
+        "r must be a positive integer, got '8'",
+    ),
+    "r true": (
+        lambda d: _edit_config(d, lambda c: {**c, "r": True}),
+        "r must be a positive integer, got True",
+    ),
+    "alpha '16'": (
+        lambda d: _edit_config(d, lambda c: {**c, "lora_alpha": "16"}),
+        "lora_alpha must be a positive number, got '16'",
+    ),
+    "rank_pattern 0": (
+        lambda d: _edit_config(d, lambda c: {**c, "rank_pattern": {"q_proj": 0}}),
+        "rank_pattern['q_proj'] must be a positive integer, got 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CONFIGS))
+def test_peft_load_names_a_bad_adapter_config(peft_dir, kind):
+    edit, message = BAD_CONFIGS[kind]
+    edit(peft_dir)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{peft_dir / 'adapter_config.json'}: {message}")
+    ):
+        jlora.peft.load(peft_dir, PEFT_PARAMS)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[: len(b) - 7],  # truncated data
+        lambda b: b[:5],  # truncated header length
+        lambda b: (30).to_bytes(8, "little") + b"{not a header}" + b[22:],  # broken header JSON
+        lambda b: b"\x00" * len(b),
+    ],
+    ids=["truncated", "cut header", "broken header", "zeros"],
+)
+def test_peft_load_names_a_corrupt_safetensors_file(peft_dir, damage):
+    f = peft_dir / "adapter_model.safetensors"
+    f.write_bytes(damage(f.read_bytes()))
+    with pytest.raises(ValueError, match=re.escape(f"{f}: not a valid safetensors file (")):
+        jlora.peft.load(peft_dir, PEFT_PARAMS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -13,13 +14,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jlora.core.config import LoraConfig
 from jlora.core.kernel import LoraWeight, Trainable
 from jlora.core.node import is_node
 from jlora.core.targets import leaf_name, path_str
-from jlora.interop.peft.config import WEIGHTS_NAME, lora_config, read_config
+from jlora.interop.peft.config import CONFIG_NAME, WEIGHTS_NAME, lora_config, read_config
 from jlora.interop.peft.layout import (
     LeafPlan,
     LoraPlan,
@@ -59,9 +60,10 @@ def load(
 ) -> tuple[Any, LoraConfig]:
     """Read a PEFT LoRA adapter directory onto ``params``.
 
-    Everything is checked before a tensor is read: a tensor for no module of ``params``, a wrong
-    shape, a target without tensors or an unsupported option raises ValueError, listing all
-    problems; nothing is partially loaded. Saved plain tensors (``modules_to_save``, biases, a
+    Everything is checked before a tensor is used: a tensor for no module of ``params``, a wrong
+    shape, a target without tensors, an unsupported option, a tensor that is not floating point
+    or holds NaN / inf, LoRA tensors of mixed dtypes, or a malformed ``adapter_config.json`` or
+    safetensors file raises ValueError, listing all problems; nothing is partially loaded. Saved plain tensors (``modules_to_save``, biases, a
     saved ``base_layer`` weight) replace the corresponding leaves, as PEFT does.
 
     Args:
@@ -90,6 +92,7 @@ def load(
       (4.0, 2, ('q_proj',))
     """
     directory = os.fspath(directory)
+    _check_config_file(directory)
     cfg = read_config(directory)
     shapes, keys = _shapes(directory)
     entries = tree_entries(params)
@@ -107,6 +110,7 @@ def load(
     _plan_modules(plan, targets, by_module, mts, cfg.get("bias", "none"))
     bert = module_map is None and {"encoder", "embeddings"} <= top
     _check(plan, keys, directory, bert=bert, no_match=None if targets else tm)
+    _check_tensors(plan, keys, directory)
 
     tree = _build(params, plan.leaves, os.path.join(directory, WEIGHTS_NAME), keys, cfg)
     pre = "params/" if any(s.startswith("params/") for s, _, _ in entries) else ""
@@ -121,8 +125,11 @@ def _shapes(directory: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]
         raise ValueError(
             f"{directory} has no {WEIGHTS_NAME} (a pickled adapter_model.bin is never read)."
         )
-    with safe_open(path, framework="flax") as f:
-        full = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    try:
+        with safe_open(path, framework="flax") as f:
+            full = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e}).") from e
     shapes = {k.removeprefix(PREFIX): v for k, v in full.items()}
     return shapes, {k.removeprefix(PREFIX): k for k in full}
 
@@ -216,6 +223,58 @@ def _check(plan: _Plan, keys: dict[str, str], directory: str, *, bert: bool, no_
         plan.errors.append(f"target_modules={no_match!r} matches no module of params.")
     if plan.errors:
         raise ValueError(f"cannot load the PEFT adapter {directory}:\n" + "\n".join(plan.errors))
+
+
+def _check_config_file(directory: str) -> None:
+    """``adapter_config.json`` is a JSON object whose ``r`` is a positive int and whose
+    ``lora_alpha`` (and pattern values) are numbers; ValueError naming the file and key."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(path):
+        return  # `read_config` says so
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}).") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}.")
+    checks = [("r", cfg.get("r"), True), ("lora_alpha", cfg.get("lora_alpha"), False)]
+    for key, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{path}: {key} must be an object, got {pattern!r}.")
+        checks += [(f"{key}[{k!r}]", v, positive_int) for k, v in pattern.items()]
+    for key, v, positive_int in checks:
+        number = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if positive_int and not (number and isinstance(v, int) and v > 0):
+            raise ValueError(f"{path}: {key} must be a positive integer, got {v!r}.")
+        if not number or v <= 0:
+            raise ValueError(f"{path}: {key} must be a positive number, got {v!r}.")
+
+
+def _check_tensors(plan: _Plan, keys: dict[str, str], directory: str) -> None:
+    """Every tensor the plan reads is floating point and finite, and the LoRA tensors share one
+    dtype; raises ValueError listing every problem (before anything is built)."""
+    lora = {k for p in plan.leaves.values() if isinstance(p, LoraPlan)
+            for k in (p.key_a, p.key_b, p.key_m) if k is not None}  # fmt: skip
+    errors, dtypes = [], {}
+    with safe_open(os.path.join(directory, WEIGHTS_NAME), framework="flax") as f:
+        for k in sorted(k for k in plan.used if k in keys):
+            x = f.get_tensor(keys[k])
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                errors.append(f"{keys[k]}: dtype {x.dtype}, expected a floating-point tensor.")
+                continue
+            bad = int(x.size - jnp.isfinite(x).sum())
+            if bad:
+                errors.append(f"{keys[k]}: {bad} of {x.size} values are NaN or infinite.")
+            if k in lora:
+                dtypes.setdefault(jnp.dtype(x.dtype).name, []).append(keys[k])
+    if len(dtypes) > 1:
+        parts = [f"{d} ({', '.join(ks[:2])}{', ...' if len(ks) > 2 else ''})"
+                 for d, ks in sorted(dtypes.items())]  # fmt: skip
+        errors.append(f"the LoRA tensors have mixed dtypes: {'; '.join(parts)}; expected one.")
+    if errors:
+        raise ValueError(f"cannot load the PEFT adapter {directory}:\n" + "\n".join(errors))
 
 
 def _plan_lora(plan: _Plan, name, s, kp, shape, r, alpha, rslora, dora) -> LoraPlan | None:
