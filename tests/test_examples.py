@@ -62,7 +62,7 @@ def runs(request):
     selected = [
         item.callspec.params["name"]
         for item in request.session.items
-        if item.module is sys.modules[__name__] and hasattr(item, "callspec")
+        if getattr(item, "module", None) is sys.modules[__name__] and hasattr(item, "callspec")
     ]
     pool = ThreadPoolExecutor(max_workers=WORKERS)
     futures: dict[str, Future] = {
