@@ -2,7 +2,9 @@
 
 Name mapping: HF ``a.layers.3.b.weight`` ↔ flax ``a/layers_3/b/kernel`` (Linear weights are
 transposed, torch ``(out, in)`` → flax ``(in, out)``); embedding ``weight`` ↔ ``embedding``;
-BERT LayerNorm ``weight``/``bias`` (or legacy ``gamma``/``beta``) ↔ ``scale``/``bias``.
+BERT LayerNorm ``weight``/``bias`` (or legacy ``gamma``/``beta``) ↔ ``scale``/``bias``. MoE
+experts (Mixtral, Qwen2-MoE, Qwen3-MoE) are read from the per-expert tensors transformers
+writes, or its fused ones (`jlora.interop.models.hf_layout`).
 
 Tensors that are read but deliberately ignored: decoder ``*.rotary_emb.inv_freq`` buffers and a
 stored ``lm_head.weight`` when ``tie_word_embeddings`` is set; BERT ``embeddings.position_ids``,
@@ -12,6 +14,7 @@ the ``pooler.*`` (tanh [CLS] pooler, unused since jlora pools by mean), ``cls.*`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,9 +29,12 @@ from flax import linen as nn
 from safetensors import safe_open
 
 from jlora.interop.models.bert import BertConfig, BertModel
+from jlora.interop.models.hf_layout import Piece, assemble, flat_params, leaf_pieces
+from jlora.interop.models.hf_layout import to_hf_state_dict as to_hf_state_dict
 from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM
+from jlora.interop.models.moe import MOE_TYPES
 
-DECODER_TYPES = ("llama", "mistral", "qwen2")
+DECODER_TYPES = ("llama", "mistral", "qwen2", *MOE_TYPES)
 ENCODER_TYPES = ("bert",)
 Config = LlamaConfig | BertConfig
 
@@ -43,6 +49,7 @@ def model_type_of(config: Mapping[str, Any]) -> str:
     mt = config.get("model_type")
     if not mt and config.get("architectures"):
         mt = re.split(r"For|Model", config["architectures"][0])[0]
+        mt = re.sub(r"moe$", "_moe", mt.lower())  # Qwen2MoeForCausalLM -> qwen2_moe
     mt = str(mt or "").lower()
     if mt not in DECODER_TYPES + ENCODER_TYPES:
         raise ValueError(
@@ -90,38 +97,6 @@ def init_params(model_or_config: nn.Module | Config, *, key: jax.Array) -> dict[
     if not isinstance(model, nn.Module):
         model = build_model(model)
     return dict(model.init(key, jnp.zeros((1, 1), jnp.int32)))
-
-
-def _hf_name(path: tuple[str, ...]) -> str:
-    *mods, leaf = path
-    mods = [re.sub(r"^(layers?)_(\d+)$", r"\1.\2", m) for m in mods]
-    return ".".join([*mods, "bias" if leaf == "bias" else "weight"])
-
-
-def _flat(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
-    params = params.get("params", params)
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return {tuple(k.key for k in kp): v for kp, v in leaves}
-
-
-def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax params (with or without the ``"params"`` level) → HF-named numpy arrays.
-
-    The inverse of the loader's mapping (Linear kernels transposed back to ``(out, in)``); save it
-    with ``safetensors.numpy.save_file`` next to the original ``config.json`` (cast bfloat16 params
-    to float32 first: safetensors' numpy backend has no bfloat16).
-
-    Example:
-        >>> params = init_params(LlamaConfig(16, 8, 16, 1, 2), key=jax.random.key(0))
-        >>> sd = to_hf_state_dict(params)
-        >>> sd["model.layers.0.mlp.down_proj.weight"].shape, "lm_head.weight" in sd
-        ((8, 16), True)
-    """
-    out = {}
-    for path, value in _flat(params).items():
-        arr = np.asarray(value)
-        out[_hf_name(path)] = np.ascontiguousarray(arr.T if path[-1] == "kernel" else arr)
-    return out
 
 
 def _normalize(name: str, mt: str) -> str:
@@ -182,7 +157,8 @@ def from_pretrained(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Loads a local HF checkpoint directory into ``(model, {"params": ...})``.
 
-    Reads ``config.json`` (``model_type`` llama/mistral/qwen2 → :class:`LlamaForCausalLM`, bert →
+    Reads ``config.json`` (``model_type`` llama/mistral/qwen2, and the MoE decoders
+    mixtral/qwen2_moe/qwen3_moe → :class:`LlamaForCausalLM`, bert →
     :class:`BertModel`) and ``model.safetensors`` or the shards listed in
     ``model.safetensors.index.json``. Names with or without the ``model.``/``bert.`` prefix are
     accepted. All missing, unexpected and wrong-shape tensors are reported in one ValueError.
@@ -217,37 +193,19 @@ def from_pretrained(
     config = config_from_hf(hf_config, num_labels=num_labels)
     mt = model_type_of(hf_config)
     model = build_model(config, dtype=dtype)
-    shapes = _flat(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    expected = {_hf_name(p): p for p in shapes}
-
-    by_file: dict[str, list[tuple[str, str]]] = {}  # file -> [(name in file, normalized)]
-    found: set[str] = set()
-    unexpected, bad_shape = [], []
-    for file in _checkpoint_files(path):
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                norm = _normalize(name, mt)
-                if _ignored(norm, config):
-                    continue
-                if norm not in expected or norm in found:
-                    unexpected.append(name)
-                    continue
-                fpath = expected[norm]
-                want = tuple(shapes[fpath].shape)
-                want = want[::-1] if fpath[-1] == "kernel" else want
-                got = tuple(f.get_slice(name).get_shape())
-                if got != want:
-                    bad_shape.append(f"{name}: expected {want}, found {got}")
-                found.add(norm)
-                by_file.setdefault(file, []).append((name, norm))
-    missing = sorted(n for n in expected if n not in found)
+    shapes = flat_params(
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    )
+    available, unexpected = _available(path, mt, config)
+    chosen, missing, bad_shape = _match(shapes, available, mt)
+    unexpected += [available[n][1] for n in available if n not in _used(chosen)]
     init_head = num_labels is not None and {"classifier.weight", "classifier.bias"} <= set(missing)
     if init_head:
         missing = [n for n in missing if not n.startswith("classifier.")]
     if missing or unexpected or bad_shape:
         parts = [f"checkpoint {path} does not match the {mt} model:"]
         if missing:
-            parts.append(f"{len(missing)} missing tensor(s): {', '.join(missing)}")
+            parts.append(f"{len(missing)} missing tensor(s): {', '.join(sorted(missing))}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(sorted(unexpected))}")
         if bad_shape:
@@ -256,16 +214,7 @@ def from_pretrained(
             )
         raise ValueError("\n".join(parts))
 
-    flat: dict[tuple[str, ...], jax.Array] = {}
-    for file, names in by_file.items():
-        with safe_open(file, framework="numpy") as f:
-            for name, norm in names:
-                try:
-                    arr = f.get_tensor(name)
-                except TypeError:  # bfloat16: numpy has no native dtype for it
-                    arr = _read_raw(file, name)
-                fpath = expected[norm]
-                flat[fpath] = jnp.asarray(arr.T if fpath[-1] == "kernel" else arr, dtype=dtype)
+    flat = _read(chosen, shapes, available, dtype)
     if init_head:
         shape = shapes[("classifier", "kernel")].shape
         flat[("classifier", "bias")] = jnp.zeros(shape[-1:], dtype)
@@ -281,3 +230,73 @@ def from_pretrained(
             node = node.setdefault(k, {})
         node[fpath[-1]] = value
     return model, {"params": params}
+
+
+Available = dict[str, tuple[str, str, tuple[int, ...]]]  # normalized -> (file, name, shape)
+
+
+def _available(path: str, mt: str, config: Config) -> tuple[Available, list[str]]:
+    """The checkpoint's tensors by normalized name, and the names seen twice."""
+    available: Available = {}
+    twice = []
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                norm = _normalize(name, mt)
+                if _ignored(norm, config):
+                    continue
+                if norm in available:
+                    twice.append(name)
+                    continue
+                available[norm] = (file, name, tuple(f.get_slice(name).get_shape()))
+    return available, twice
+
+
+def _match(
+    shapes: dict[tuple[str, ...], Any], available: Available, mt: str
+) -> tuple[dict[tuple[str, ...], list[Piece]], list[str], list[str]]:
+    """For each leaf the first way it is stored that the checkpoint has in full; the missing
+    tensors (of the closest way) and the wrong-shape ones."""
+    chosen, missing, bad_shape = {}, [], []
+    for fpath, sds in shapes.items():
+        alts = leaf_pieces(fpath, tuple(sds.shape), mt)
+        alt = next((a for a in alts if all(p.name in available for p in a)), None)
+        if alt is None:
+            best = max(alts, key=lambda a: sum(p.name in available for p in a))
+            missing += [p.name for p in best if p.name not in available]
+            continue
+        chosen[fpath] = alt
+        for p in alt:
+            _, name, got = available[p.name]
+            if got != p.shape:
+                bad_shape.append(f"{name}: expected {p.shape}, found {got}")
+    return chosen, missing, bad_shape
+
+
+def _used(chosen: dict[tuple[str, ...], list[Piece]]) -> set[str]:
+    return {p.name for alt in chosen.values() for p in alt}
+
+
+def _read(
+    chosen: dict[tuple[str, ...], list[Piece]],
+    shapes: dict[tuple[str, ...], Any],
+    available: Available,
+    dtype: Any,
+) -> dict[tuple[str, ...], jax.Array]:
+    """Each chosen leaf assembled from its tensors, in ``dtype``."""
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, Any] = {}
+
+        def read(norm: str) -> np.ndarray:
+            file, name, _ = available[norm]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
+            try:
+                return handles[file].get_tensor(name)
+            except TypeError:  # bfloat16: numpy has no native dtype for it
+                return _read_raw(file, name)
+
+        return {
+            fpath: jnp.asarray(assemble(fpath, tuple(shapes[fpath].shape), alt, read), dtype)
+            for fpath, alt in chosen.items()
+        }

@@ -28,6 +28,7 @@ from jlora.interop.models.kv_cache import (
     segment_positions,
     write,
 )
+from jlora.interop.models.moe import MoeConfig, SparseMoeBlock, moe_config_from_hf
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -40,7 +41,9 @@ class LlamaConfig:
     ``attention_bias`` sets both, Qwen2 has q/k/v bias only). ``layer_types`` holds one entry per
     layer, ``"full_attention"`` or ``"sliding_attention"`` (the latter uses ``sliding_window``).
     ``bos/eos/pad_token_id`` are the defaults of `jlora.models.generate` (``eos_token_id`` may
-    be several ids).
+    be several ids). ``moe`` makes every layer's MLP a sparse mixture of experts
+    (`jlora.models.moe`: Mixtral, Qwen2-MoE, Qwen3-MoE); ``qk_norm`` RMS-normalizes each head's
+    queries and keys before the rotary embedding (Qwen3).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -69,6 +72,8 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    moe: MoeConfig | None = None
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -108,7 +113,7 @@ class LlamaConfig:
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         rope.setdefault("rope_type", rope.pop("type", "default"))
         theta = rope.pop("rope_theta", None) or c.get("rope_theta") or 10000.0
-        if c.get("model_type") == "qwen2":
+        if c.get("model_type") in ("qwen2", "qwen2_moe"):
             qkv_bias, o_bias = c.get("attention_bias", True), False
         else:
             qkv_bias = o_bias = bool(c.get("attention_bias", False))
@@ -144,6 +149,8 @@ class LlamaConfig:
             bos_token_id=c.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos := c.get("eos_token_id"), list) else eos,
             pad_token_id=c.get("pad_token_id"),
+            moe=moe_config_from_hf(c),
+            qk_norm=c.get("model_type") == "qwen3_moe",
         )
 
 
@@ -238,6 +245,10 @@ class LlamaAttention(nn.Module):
         q = dense(nh * hd, "q_proj", cfg.attention_bias)(x).reshape(b, s, nh, hd)
         k = dense(nkv * hd, "k_proj", cfg.attention_bias)(x).reshape(b, s, nkv, hd)
         v = dense(nkv * hd, "v_proj", cfg.attention_bias)(x).reshape(b, s, nkv, hd)
+        if cfg.qk_norm:
+            norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            q = RMSNorm(cfg.rms_norm_eps, name="q_norm", **norm)(q)
+            k = RMSNorm(cfg.rms_norm_eps, name="k_norm", **norm)(k)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is not None:
@@ -283,7 +294,13 @@ class LlamaDecoderLayer(nn.Module):
             attn, kv = attn
         x = x + attn
         h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x)
-        x = x + LlamaMLP(self.config, name="mlp", **kw)(h)
+        moe = self.config.moe
+        mlp = (
+            SparseMoeBlock(moe, name="mlp", **kw)
+            if moe
+            else LlamaMLP(self.config, name="mlp", **kw)
+        )
+        x = x + mlp(h)
         return x if cache is None else (x, kv)
 
 
