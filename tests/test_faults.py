@@ -387,3 +387,78 @@ def test_peft_load_names_a_corrupt_safetensors_file(peft_dir, damage):
     f.write_bytes(damage(f.read_bytes()))
     with pytest.raises(ValueError, match=re.escape(f"{f}: not a valid safetensors file (")):
         jlora.peft.load(peft_dir, PEFT_PARAMS)
+
+
+# --- jlora.combine: adapters that do not fit, missing entries -------------------------------
+
+
+def _halves(config=None, params=None):
+    params = params or {"k": jnp.ones((12, 8)), "n": jnp.ones(8)}
+    tree = jlora.init(params, config or CFG, key=jax.random.key(0))
+    return jlora.split(tree)
+
+
+def _replace(trainable, key, **children):
+    import dataclasses
+
+    return {**trainable, key: dataclasses.replace(trainable[key], **children)}
+
+
+@pytest.mark.parametrize(
+    "children, message",
+    [
+        (
+            {"a": jnp.ones((10, 2))},
+            "['k']: a has shape (10, 2), but the frozen kernel of shape (12, 8) needs (12, 2) "
+            "(batch, in, rank); rank 2 from b",
+        ),
+        (
+            {"b": jnp.ones((2, 9))},
+            "['k']: b has shape (2, 9), but the frozen kernel of shape (12, 8) needs (2, 8) "
+            "(batch, rank, out); rank 2 from a",
+        ),
+        (
+            {"b": jnp.ones((3, 8))},  # a rank-2 a with a rank-3 b
+            "['k']: b has shape (3, 8), but the frozen kernel of shape (12, 8) needs (2, 8)",
+        ),
+        ({"a": jnp.ones((12,))}, "['k']: a has shape (12,), but the frozen kernel"),
+    ],
+)
+def test_combine_refuses_adapters_that_do_not_fit(children, message):
+    frozen, trainable = _halves()
+    with pytest.raises(ValueError, match=re.escape(f"jlora.combine: {message}")):
+        jlora.combine(frozen, _replace(trainable, "k", **children))
+
+
+def test_combine_checks_stacked_kernels_and_dora_magnitudes():
+    cfg = jlora.LoraConfig(rank=2, targets="k", axes_pattern={"k": ((0,), (1,))}, use_dora=True)
+    frozen, trainable = _halves(cfg, {"k": jnp.ones((3, 12, 8))})  # 3 stacked layers
+    jlora.combine(frozen, trainable)  # fits
+    with pytest.raises(ValueError, match=re.escape("a has shape (2, 12, 2), but the frozen kernel "
+                                                   "of shape (3, 12, 8) needs (3, 12, 2)")):  # fmt: skip
+        jlora.combine(frozen, _replace(trainable, "k", a=jnp.ones((2, 12, 2))))
+    with pytest.raises(ValueError, match=re.escape("DoRA magnitude m has shape (3, 7), but the "
+                                                   "frozen kernel of shape (3, 12, 8) needs (3, 8)")):  # fmt: skip
+        jlora.combine(frozen, _replace(trainable, "k", m=jnp.ones((3, 7))))
+
+
+def test_combine_names_missing_entries():
+    frozen, trainable = _halves()
+    with pytest.raises(
+        ValueError, match=re.escape("jlora.combine: ['k']: the LoraWeight has no a, b")
+    ):
+        jlora.combine(frozen, {**trainable, "k": None})
+    with pytest.raises(ValueError, match=re.escape("['k']: the LoraWeight has no b")):
+        jlora.combine(frozen, _replace(trainable, "k", b=None))
+    with pytest.raises(ValueError, match=re.escape("jlora.combine: tree 2 has no entry at ['n']")):
+        jlora.combine(frozen, {"k": trainable["k"]})
+    with pytest.raises(ValueError, match=re.escape("tree 2 has an entry at ['x'] that tree 1")):
+        jlora.combine(frozen, {**trainable, "x": jnp.ones(2)})
+
+
+def test_combine_still_takes_abstract_and_spec_trees():
+    frozen, trainable = _halves()
+    shapes = jax.eval_shape(lambda f, t: jlora.combine(f, t), frozen, trainable)
+    assert shapes["k"].a.shape == (12, 2)
+    specs = jax.tree.map(lambda x: jax.sharding.PartitionSpec(), (frozen, trainable))
+    assert jlora.combine(*specs)["k"].a == jax.sharding.PartitionSpec()

@@ -151,6 +151,58 @@ class Node:
             kw[f.name] = v
         return dataclasses.replace(self, **kw)
 
+    def check_fit(self, path: Any = ()) -> None:
+        """Check that every required child is present and each child's shape fits W's by its
+        ``layout`` (what `jlora.combine` checks; shapes only, no device work).
+
+        A required child is one declared without a default. A child with a layout tuple must have
+        W's sizes on its W-axis groups and, on its own axes (``"rank"``, ``"adapter"``), the same
+        size as every other child with that axis. Children without a shape (specs, labels) are
+        not checked.
+
+        Raises:
+          ValueError: naming the path (`jax.tree_util.keystr`), the child and both shapes.
+        """
+        where = jax.tree_util.keystr(tuple(path))
+        missing = [
+            f.name
+            for f in self.children()
+            if getattr(self, f.name) is None and f.default is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(
+                f"{where}: the {type(self).__name__} has no {', '.join(missing)}: no tree "
+                "given to jlora.combine has a value there (a trainable tree with missing entries?)"
+            )
+        try:
+            shape = tuple(self.shape)
+        except (NotImplementedError, AttributeError):  # no shape (a tree of specs or labels)
+            return
+        groups = self.axis_groups()
+        checked = []  # (title, shape, wanted: W's sizes, or the name of an own axis, layout)
+        for f in self.children("adapter", "fixed"):
+            v, layout = getattr(self, f.name), f.metadata.get("layout")
+            if isinstance(layout, tuple) and hasattr(v, "shape") and hasattr(v, "dtype"):
+                want: list[Any] = []
+                for g in layout:
+                    want.extend([shape[i] for i in groups[g]] if g in groups else [g])
+                checked.append((f.metadata.get("title") or f.name, tuple(v.shape), want, layout))
+        own: dict[str, tuple[int, str]] = {}  # own axis -> (size, the child it is taken from)
+        for title, got, want, _ in checked:
+            pairs = list(zip(want, got, strict=False))
+            if len(got) == len(want) and all(isinstance(w, str) or w == n for w, n in pairs):
+                for w, n in pairs:
+                    if isinstance(w, str):
+                        own.setdefault(w, (n, title))
+        for title, got, want, layout in checked:
+            need = tuple(own.get(w, (w,))[0] if isinstance(w, str) else w for w in want)
+            if got != need:
+                raise ValueError(
+                    f"{where}: {title} has shape {got}, but the frozen kernel of shape {shape} "
+                    f"needs {need} ({', '.join(layout)})"
+                    + "".join(f"; {g} {n} from {c}" for g, (n, c) in own.items() if c != title)
+                )
+
     def labels(self, label: Callable[[dataclasses.Field], Any]) -> Node:
         """The node with each present child replaced by ``label(field)`` on each of its leaves."""
         kw = {}

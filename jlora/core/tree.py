@@ -50,14 +50,64 @@ def split(tree: Any) -> tuple[Any, Any]:
 
 
 def combine(*trees: Any) -> Any:
-    """Inverse of `split`: fill each ``None`` hole from the next tree that has a value there."""
+    """Inverse of `split`: fill each ``None`` hole from the next tree that has a value there.
 
-    def pick(*xs):
+    Every node of the result is checked (`Node.check_fit`, shapes only): a required child that
+    no tree fills, or an adapter whose shape does not fit its frozen kernel, is a ValueError
+    naming the path and both shapes; so are trees of different structure.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> tree = jlora.init({"k": jnp.ones((4, 3))}, jlora.LoraConfig(rank=2, targets="k"),
+      ...                   key=jax.random.key(0))
+      >>> frozen, trainable = jlora.split(tree)
+      >>> jlora.combine(frozen, {"k": dataclasses.replace(trainable["k"], a=jnp.ones((3, 2)))})
+      Traceback (most recent call last):
+      ...
+      ValueError: jlora.combine: ['k']: a has shape (3, 2), but the frozen kernel of shape (4, 3) needs (4, 2) (batch, in, rank); rank 2 from b
+    """
+    is_leaf = lambda x: x is None or is_node(x)  # noqa: E731
+
+    def pick(path, *xs):
         if isinstance(xs[0], Node):
-            return xs[0].fill(*(x for x in xs[1:] if isinstance(x, Node)))
-        return next((x for x in xs if x is not None), None)
+            out = xs[0].fill(*(x for x in xs[1:] if isinstance(x, Node)))
+        else:
+            out = next((x for x in xs if x is not None), None)
+        if isinstance(out, Node):
+            try:
+                out.check_fit(path)
+            except ValueError as e:
+                raise ValueError(f"jlora.combine: {e}") from None
+        return out
 
-    return jax.tree.map(pick, *trees, is_leaf=lambda x: x is None or is_node(x))
+    try:
+        return jax.tree_util.tree_map_with_path(pick, *trees, is_leaf=is_leaf)
+    except ValueError as e:
+        if str(e).startswith("jlora.combine: "):
+            raise
+        raise ValueError(f"jlora.combine: {_structure_difference(trees, is_leaf)}") from e
+
+
+def _structure_difference(trees: tuple[Any, ...], is_leaf: Any) -> str:
+    """Where the trees given to `combine` first differ in structure (for its error)."""
+    first = jax.tree_util.tree_flatten_with_path(trees[0], is_leaf=is_leaf)[0]
+    paths = {jax.tree_util.keystr(p): x for p, x in first}
+    for i, t in enumerate(trees[1:], 2):
+        other = jax.tree_util.tree_flatten_with_path(t, is_leaf=is_leaf)[0]
+        there = {jax.tree_util.keystr(p): x for p, x in other}
+        for p in paths:
+            if p not in there:
+                return f"tree {i} has no entry at {p} (tree 1 has {type(paths[p]).__name__})"
+        for p in there:
+            if p not in paths:
+                return f"tree {i} has an entry at {p} that tree 1 does not have"
+        for p, x in paths.items():
+            if type(x) is not type(there[p]) and there[p] is not None and x is not None:
+                return (
+                    f"tree {i} has a {type(there[p]).__name__} at {p}, tree 1 a "
+                    f"{type(x).__name__} (or their static fields differ)"
+                )
+    return "the trees differ in structure (node types or static fields)"
 
 
 @dataclasses.dataclass(frozen=True)
