@@ -18,7 +18,7 @@ from jlora.core.tree import LoraWeight, Summary, Trainable, combine, init, split
 from jlora.interop import checkpoint, peft
 from jlora.interop.parallel_rules import TENSOR_PARALLEL_RULES
 from jlora.scale.sharding.presets import register_tensor_rules as _register_tensor_rules
-from jlora.variants import dora, inits, lora_fa, merging, multi, quant
+from jlora.variants import adalora, adalora_alloc, dora, inits, lora_fa, merging, multi, quant
 
 _aliases.install()
 # The reference models' Megatron-style rules for the "tensor" sharding preset: wired here, above
@@ -42,6 +42,8 @@ __all__ = [
     "LoraWeight",
     "Summary",
     "Trainable",
+    "adalora",
+    "adalora_alloc",
     "checkpoint",
     "combine",
     "dora",

@@ -34,6 +34,11 @@ _KNOWN = {
     "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "runtime_config", "use_dora",
 }  # fmt: skip
+# AdaLoRA's schedule fields (jlora.interop.peft.adalora reads them).
+_ADALORA = {
+    "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+    "total_step",
+}  # fmt: skip
 
 
 # Reading ----------------------------------------------------------------------------------------
@@ -46,12 +51,14 @@ def read_config(directory: str) -> dict:
         raise ValueError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory.")
     with open(path) as f:
         cfg = json.load(f)
-    if cfg.get("peft_type") != "LORA":
+    if cfg.get("peft_type") not in ("LORA", "ADALORA"):
         raise ValueError(
-            f"{path}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' is supported."
+            f"{path}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' is supported (and "
+            "'ADALORA')."
         )
+    known = _KNOWN | (_ADALORA if cfg["peft_type"] == "ADALORA" else set())
     bad = [k for k in _UNSUPPORTED if cfg.get(k)]
-    bad += sorted(k for k, v in cfg.items() if k not in _KNOWN and k not in _UNSUPPORTED and v)
+    bad += sorted(k for k, v in cfg.items() if k not in known and k not in _UNSUPPORTED and v)
     if bad:
         shown = ", ".join(f"{k}={cfg[k]!r}" for k in bad)
         raise ValueError(f"{path}: unsupported PEFT option(s) {shown}; jlora cannot load them.")

@@ -20,6 +20,9 @@ from jlora.core.config import LoraConfig
 from jlora.core.kernel import LoraWeight, Trainable
 from jlora.core.node import is_node
 from jlora.core.targets import leaf_name, path_str
+from jlora.interop.peft.adalora import AdaLoraPlan, adalora_node, is_adalora
+from jlora.interop.peft.adalora import loaded_config as adalora_config
+from jlora.interop.peft.adalora import plan_target as plan_adalora
 from jlora.interop.peft.config import CONFIG_NAME, WEIGHTS_NAME, lora_config, read_config
 from jlora.interop.peft.layout import (
     LeafPlan,
@@ -76,7 +79,8 @@ def load(
       ``(tree, config)``: ``params`` with a `LoraWeight` (PEFT's scale ``α/r`` or ``α/√r``) on
       each adapted kernel and `Trainable` leaves for ``modules_to_save`` / ``bias``; and a
       `LoraConfig` with which ``jlora.init(params, config, key=...)`` builds the same targets,
-      ranks and scales.
+      ranks and scales. An AdaLoRA adapter (``peft_type: ADALORA``) gives `AdaLoraWeight`
+      targets with their kept ranks and an `AdaLoraConfig` (`jlora.interop.peft.adalora`).
 
     Raises:
       ValueError: see above; shape errors name the tensor key, both shapes and the leaf.
@@ -144,6 +148,8 @@ def _loaded_config(
         if isinstance(x, LoraWeight)
     }
     loras = {s: p for s, p in plan.leaves.items() if isinstance(p, LoraPlan)}
+    if is_adalora(cfg):
+        return adalora_config(params, tree, loras, cfg, mts_paths)
     return lora_config(params, loras, cfg, mts_paths, dtypes.pop() if len(dtypes) == 1 else None)
 
 
@@ -163,9 +169,12 @@ def _plan_targets(plan: _Plan, targets: set[str], by_module: ModuleLeaves, cfg: 
             )
             continue
         s, kp, w = leaves[weight]
-        r = pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"])
-        alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"])
-        lora = _plan_lora(plan, name, s, kp, tuple(w.shape), r, alpha, rslora, dora)
+        if is_adalora(cfg):
+            lora = plan_adalora(plan.shapes, plan.errors, name, s, kp, tuple(w.shape), cfg)
+        else:
+            r = pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"])
+            alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"])
+            lora = _plan_lora(plan, name, s, kp, tuple(w.shape), r, alpha, rslora, dora)
         if lora is None:
             continue
         plan.leaves[s] = lora
@@ -240,6 +249,8 @@ def _check_config_file(directory: str) -> None:
         raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}.")
     checks = [("r", cfg.get("r"), True), ("lora_alpha", cfg.get("lora_alpha"), False)]
     for key, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        if key == "rank_pattern" and is_adalora(cfg):
+            continue  # kept-triplet lists, checked by jlora.interop.peft.adalora
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict):
             raise ValueError(f"{path}: {key} must be an object, got {pattern!r}.")
@@ -364,6 +375,8 @@ def _build(params: Any, plan: dict, file: str, keys: dict[str, str], cfg: dict) 
             a, b = lora_from_torch(p.kind, ta, tb, shape, p.r, p.in_axes)
             w = x if p.w_src is None else get(p.w_src, x)
             lw = LoraWeight(w, a, b, scale=p.scale, in_axes=p.in_axes, dropout=dropout)
+            if isinstance(p, AdaLoraPlan):
+                return adalora_node(lw, f.get_tensor(keys[p.key_m]), p)
             if p.key_m is None:
                 return lw
             # DoRA magnitude: one value per output unit

@@ -13,6 +13,8 @@ import safetensors.flax
 from jlora.core.config import LoraConfig
 from jlora.core.kernel import KernelNode, LoraWeight, Trainable
 from jlora.core.targets import leaf_name, module_path
+from jlora.interop.peft.adalora import adapter_config as adalora_config
+from jlora.interop.peft.adalora import torch_tensors
 from jlora.interop.peft.config import WEIGHTS_NAME, adapter_config, write_config
 from jlora.interop.peft.layout import leaf_to_torch, lora_to_torch
 from jlora.interop.peft.names import (
@@ -24,6 +26,7 @@ from jlora.interop.peft.names import (
     top_modules,
     tree_entries,
 )
+from jlora.variants.adalora import AdaLoraWeight
 from jlora.variants.dora import DoraWeight
 
 Entries = list[tuple[str, Any, Any]]
@@ -60,7 +63,8 @@ def save(
       ValueError: a PiSSA/OLoRA init (it changes the base weights); ``use_dora`` without
         ``jlora.dora`` or with only some targets carrying a magnitude; a stacked or
         non-representable kernel; two modules with one torch name; `Trainable` leaves that
-        PEFT's ``modules_to_save`` cannot express, or targets inside them.
+        PEFT's ``modules_to_save`` cannot express, or targets inside them; AdaLoRA targets
+        (written as ``peft_type: ADALORA``) without their `AdaLoraConfig` or mixed with others.
 
     Example:
       >>> import json, os, tempfile, jax, jax.numpy as jnp, jlora
@@ -80,9 +84,12 @@ def save(
     _check_dora(targets, config)
     owners = {strip_params(module_path(s)) for s, _ in targets.values()}
     mts_mods = _trainable_tensors(entries, owners, fn, config, tensors)
-    ranks, alphas = _ranks_and_alphas(targets, config)
     meta = dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path)
-    cfg = adapter_config(config, ranks, alphas, mts_mods, universe, **meta)
+    if any(isinstance(x, AdaLoraWeight) for _, x in targets.values()):
+        cfg = adalora_config(config, targets, mts_mods, universe, **meta)
+    else:
+        ranks, alphas = _ranks_and_alphas(targets, config)
+        cfg = adapter_config(config, ranks, alphas, mts_mods, universe, **meta)
     _write(os.fspath(directory), tensors, cfg)
 
 
@@ -110,12 +117,12 @@ def _lora_tensors(
     tensors: dict[str, Any] = {}
     targets: dict[str, tuple[str, LoraWeight]] = {}
     for s, kp, x in entries:
-        if isinstance(x, KernelNode) and not isinstance(x, LoraWeight):
+        if isinstance(x, KernelNode) and not isinstance(x, LoraWeight | AdaLoraWeight):
             raise ValueError(
                 f"{jax.tree_util.keystr(kp)} is a {type(x).__name__} (shape {tuple(x.shape)}), "
                 "which has no PEFT LoRA form; save each adapter of a set on its own."
             )
-        if not isinstance(x, LoraWeight):
+        if not isinstance(x, LoraWeight | AdaLoraWeight):
             continue
         mod = strip_params(module_path(s))
         name = fn(mod)
@@ -124,7 +131,8 @@ def _lora_tensors(
         if name in targets:
             raise ValueError(f"{s} and {targets[name][0]} both map to the torch module {name!r}.")
         targets[name] = (s, x)
-        for suffix, arr in lora_to_torch(s, mod, x, kp).items():
+        to_torch = torch_tensors if isinstance(x, AdaLoraWeight) else lora_to_torch
+        for suffix, arr in to_torch(s, mod, x, kp).items():
             tensors[f"{PREFIX}{name}.{suffix}"] = arr
     if not targets:
         raise ValueError(
