@@ -21,7 +21,7 @@ from jlora.core.kernel import LoraWeight, Trainable
 from jlora.core.node import Node, is_node
 from jlora.core.targets import path_str
 from jlora.variants.merging import SIGN_METHODS, check_density
-from jlora.variants.mixed import MultiLoraWeight, stack_adapters
+from jlora.variants.mixed import MultiLoraWeight, route, stack_adapters
 from jlora.variants.weighted_adapter import METHODS, combine_loras
 
 __all__ = ["AdapterSet"]
@@ -262,18 +262,26 @@ class AdapterSet:
             out[s] = combine_loras(s, have, method, key=key, masks=m, **opts)
         return dataclasses.replace(self, adapters={**self.adapters, new_name: out})
 
-    def stack(self, names: Sequence[str] | None = None) -> Any:
+    def stack(self, names: Sequence[str] | None = None, *, rank: int | None = None) -> Any:
         """A tree with a `MultiLoraWeight` at every kernel any of ``names`` (default: all, in
         order) adapts; an example routed to adapter i (`route`) uses ``names[i]``.
 
+        Args:
+          names: the adapters to stack, in order.
+          rank: pad every kernel's ranks to this (default: the largest rank at each kernel),
+            so that other adapters of ranks up to ``rank`` give the same shapes (and reuse a
+            compiled program).
+
         Raises:
-          ValueError: unknown names, DoRA adapters, mismatched axes, or `Trainable` leaves
-            (those cannot be chosen per example).
+          ValueError: unknown names, DoRA adapters, mismatched axes, `Trainable` leaves
+            (those cannot be chosen per example), or an adapter of a larger rank than ``rank``.
         """
         names = list(self.names if names is None else names)
         parts = [self._get(n) for n in names]
         if not parts:
             raise ValueError("no adapters to stack.")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"`rank` must be a positive integer, got {rank!r}.")
         nodes: dict[str, MultiLoraWeight] = {}
         for s in _ordered_paths(self, parts):
             have = [p.get(s) for p in parts]
@@ -281,13 +289,52 @@ class AdapterSet:
                 raise ValueError(f"{s}: Trainable leaves cannot be chosen per example.")
             present = [n for n in have if n is not None]
             _same_axes(s, present)
-            nodes[s] = stack_adapters(present[0], have)
+            for name, n in zip(names, have, strict=True):
+                if rank is not None and n is not None and n.rank > rank:
+                    raise ValueError(
+                        f"{s}: adapter {name!r} has rank {n.rank}, more than `rank`={rank}."
+                    )
+            nodes[s] = stack_adapters(present[0], have, rank)
 
         def attach_stacked(path, leaf):
             node = nodes.get(path_str(path))
             return leaf if node is None else dataclasses.replace(node, w=leaf)
 
         return jax.tree_util.tree_map_with_path(attach_stacked, self.base, is_leaf=_is_frozen_leaf)
+
+    def route(
+        self,
+        requests: Sequence[str | None],
+        names: Sequence[str] | None = None,
+        *,
+        rank: int | None = None,
+    ) -> Any:
+        """The `stack` of ``names`` (default: all) routed per request (`jlora.multi.route`):
+        example i uses the adapter named ``requests[i]``, or the base alone where it is None.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, jlora
+          >>> params = {"k": jnp.ones((4, 3))}
+          >>> cfg = jlora.LoraConfig(rank=2, alpha=2, targets="k")
+          >>> s = AdapterSet.from_tree(jlora.init(params, cfg, key=jax.random.key(0)), "x")
+          >>> s = s.add("y", jlora.init(params, cfg, key=jax.random.key(1)))
+          >>> tree = s.route(["y", None, "x"], rank=4)
+          >>> tree["k"].ids.tolist(), tree["k"].a.shape
+          ([1, -1, 0], (2, 4, 4))
+
+        Raises:
+          ValueError: a request names an adapter that is not stacked; `stack`'s errors.
+        """
+        names = list(self.names if names is None else names)
+        ids = []
+        for i, r in enumerate(requests):
+            if r is not None and r not in names:
+                raise ValueError(
+                    f"request {i} names adapter {r!r}, which is not among the stacked "
+                    f"adapters {names}."
+                )
+            ids.append(-1 if r is None else names.index(r))
+        return route(self.stack(names, rank=rank), np.asarray(ids, np.int32))
 
 
 def _check_name(name: Any) -> None:

@@ -1,9 +1,20 @@
 """Mixed-adapter batches: `MultiLoraWeight` (n stacked adapters on one frozen kernel, one chosen
 per example) and `route`, which tells every such node which adapter each example uses.
 
-`jlora.lora` runs the whole batch in one forward: the node's ``dot_general`` rule (registered
-through the node protocol, `jlora.core.node.register`) gathers each example's ``a``, ``b`` and
-scale, or, for few adapters, runs every adapter's ``x·a`` in one matmul and masks.
+`jlora.lora` runs the whole batch in one forward (S-LoRA / Punica style: one frozen base, a
+low-rank path per request). The node's rules (registered through the node protocol,
+`jlora.core.node.register`):
+
+* ``dot_general`` ``x @ W`` and ``x @ W.T`` (a tied LM head's ``attend``), also with batch
+  dimensions over a stacked kernel's batch axes: for few adapters every adapter's low-rank
+  projection runs in one matmul and the other adapters' blocks are masked out; above
+  `DENSE_MAX_RANK` each example's ``a`` and ``b`` are gathered (BGMV-style).
+* ``gather`` (an embedding lookup): all adapters' rows of ``a`` are gathered at once (no
+  FLOPs), then each example keeps its adapter's.
+
+The example axis is the input's first axis that is neither contracted nor a batch dimension
+(axis 0 for ``x @ W``; for a lookup, the ids' axis 0). The adapters' scales are a data child
+(not static), so other adapter weights of the same shapes reuse a compiled program.
 """
 
 from __future__ import annotations
@@ -16,8 +27,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.core.kernel import KernelNode, LoraWeight
-from jlora.core.node import Node, adapter_field, as_array, base_field, is_node, register
-from jlora.core.rules import tail_perm
+from jlora.core.node import (
+    Node,
+    adapter_field,
+    as_array,
+    base_field,
+    fixed_field,
+    is_node,
+    register,
+)
+from jlora.core.rules import dot_case, tail_perm
 
 __all__ = ["DENSE_MAX_RANK", "MultiLoraWeight", "route", "stack_adapters"]
 
@@ -33,20 +52,20 @@ class MultiLoraWeight(KernelNode):
 
     Layout: ``a.shape == batch_shape + (n,) + in_shape + (r,)`` and
     ``b.shape == batch_shape + (n, r) + out_shape``; ``scales[i]`` is adapter i's scale (0 where
-    it has no adapter for this kernel). ``ids`` (set by `route`; a base child: routing data, not
-    trained) has one entry per example (axis 0 of the input), in ``[-1, n)``; -1 means the base
+    it has no adapter for this kernel; a tuple of numbers, a pytree child: traced under
+    ``jit``, so swapping adapters does not recompile). ``ids`` (set by `route`; a base child:
+    routing data, not trained) has one entry per example, in ``[-1, n)``; -1 means the base
     model alone.
 
-    Only ``x @ W`` uses (``dot_general`` contracting W's input axes, with the input's axis 0 as
-    the example axis) have a per-example rule; other uses raise a ValueError.
+    Uses with a per-example rule: ``x @ W`` and ``x @ W.T`` (``dot_general`` contracting W's
+    input or output axes, batch dimensions only over W's batch axes) and an embedding lookup
+    (``gather`` of whole rows of an unstacked W); other uses raise a ValueError.
     """
 
     a: Any = adapter_field(layout=("batch", "adapter", "in", "rank"))
     b: Any = adapter_field(layout=("batch", "adapter", "rank", "out"), group="b")
     ids: Any = base_field(layout=None, default=None)
-    scales: tuple[float, ...] = dataclasses.field(
-        default=(), kw_only=True, metadata=dict(static=True)
-    )
+    scales: Any = fixed_field(layout=None, cast=False, default=())
 
     @property
     def n_adapters(self) -> int:
@@ -68,9 +87,55 @@ class MultiLoraWeight(KernelNode):
     def fallback(self, primitive: str) -> jax.Array:
         raise ValueError(
             f"jlora.multi: primitive `{primitive}` consumes a MultiLoraWeight of shape "
-            f"{self.shape}; mixed-adapter batches support only x @ W (dot_general contracting W's "
-            "input axes, the input's axis 0 being the example axis)."
+            f"{self.shape}; mixed-adapter batches support x @ W and x @ W.T (dot_general "
+            "contracting W's input or output axes, batch dimensions only over W's batch axes, "
+            "the input's first other axis being the example axis) and embedding lookups."
         )
+
+    def routing(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(idx, valid, scale)`` per example: the adapter index (0 where none), whether
+        there is one, and its scale (0 where none)."""
+        if self.ids is None:
+            raise ValueError(
+                f"the MultiLoraWeight of shape {self.shape} has no ids: call "
+                "jlora.multi.route(tree, ids) to say which adapter each example uses."
+            )
+        valid = self.ids >= 0
+        idx = jnp.where(valid, self.ids, 0)
+        scale = jnp.where(valid, jnp.asarray(self.scales, jnp.float32)[idx], 0.0)
+        return idx, valid, scale
+
+
+def _check_ids(lw: MultiLoraWeight, x: jax.Array, axis: int) -> None:
+    if lw.ids is not None and tuple(lw.ids.shape) != (x.shape[axis],):
+        raise ValueError(
+            f"ids have shape {tuple(lw.ids.shape)}, but the input reaching the kernel of shape "
+            f"{lw.shape} has shape {tuple(x.shape)}: expected one id per example, "
+            f"shape ({x.shape[axis]},)."
+        )
+
+
+def _at(v: jax.Array, axis: int, ndim: int) -> jax.Array:
+    """The 1-D ``v`` shaped to broadcast along ``axis`` of an ``ndim``-D array."""
+    return v.reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
+
+
+def _factors(lw: MultiLoraWeight, case: str) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+    """``(first, second, free)``: the factor ``x`` meets first, laid out ``(*batch, n, r, *F)``
+    (F: the W axes ``x`` contracts), the second ``(*batch, n, r, *G)`` and G's W axes."""
+    nb = len(lw.batch_axes)
+    a_r = jnp.moveaxis(lw.a, -1, nb + 1)  # (*batch, n, r, *in)
+    return (a_r, lw.b, lw.out_axes) if case == "in" else (lw.b, a_r, lw.in_axes)
+
+
+def _dot_parts(lw: MultiLoraWeight, dn: Any, ndim_x: int) -> tuple[str, int] | None:
+    """``(case, example axis of x)`` for ``dot_general(x, lw)``, or None (not supported)."""
+    (lc, _), (lb, rb) = dn
+    case = dot_case(lw, dn)
+    free = [d for d in range(ndim_x) if d not in lc and d not in lb]
+    if case is None or not free or set(rb) != set(lw.batch_axes):
+        return None
+    return case, free[0]
 
 
 @register(MultiLoraWeight, "dot_general")
@@ -80,46 +145,83 @@ def _dot_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
         return next(v for v in invals if isinstance(v, MultiLoraWeight)).fallback(
             "a dot_general with W on the left"
         )
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    if lb or rb or lw.batch_axes or 0 in lc or tuple(sorted(rc)) != tuple(sorted(lw.in_axes)):
-        return lw.fallback(f"a dot_general {eqn.params['dimension_numbers']}")
-    if lw.ids is None:
-        raise ValueError(
-            f"the MultiLoraWeight of shape {lw.shape} has no ids: call "
-            "jlora.multi.route(tree, ids) to say which adapter each example uses."
-        )
-    if tuple(lw.ids.shape) != (x.shape[0],):
-        raise ValueError(
-            f"ids have shape {tuple(lw.ids.shape)}, but the input reaching the kernel of shape "
-            f"{lw.shape} has shape {tuple(x.shape)}: expected one id per example, "
-            f"shape ({x.shape[0]},)."
-        )
+    dn = eqn.params["dimension_numbers"]
+    parts = _dot_parts(lw, dn, x.ndim)
+    if parts is None:
+        return lw.fallback(f"a dot_general {dn}")
+    case, ex = parts
+    _check_ids(lw, x, ex)
+    idx, _, scale = lw.routing()
+    (lc, rc), (lb, rb) = dn
     y = eqn.primitive.bind(x, as_array(lw.w), **eqn.params)
-    ct = x.dtype
-    valid = lw.ids >= 0
-    idx = jnp.where(valid, lw.ids, 0)
+    ct, nb = x.dtype, len(rb)
     kw = dict(precision=eqn.params.get("precision"), preferred_element_type=y.dtype)
-    f_c = tuple(1 + lw.in_axes.index(d) for d in rc)
+    first, second, free = _factors(lw, case)
+    f_b = tuple(lw.batch_axes.index(d) for d in rb)
+    axes = lw.in_axes if case == "in" else lw.out_axes
+    f_c = tuple(nb + 2 + axes.index(d) for d in rc)  # in first's (*batch, n, r, *F)
     xd = ctx.dropout(x, lw.dropout)
     n, r = lw.n_adapters, lw.rank
-    if n * r <= DENSE_MAX_RANK:  # every adapter's x·a in one matmul, keep the example's block
-        coef = jax.nn.one_hot(idx, n, dtype=jnp.float32) * jnp.asarray(lw.scales, jnp.float32)
-        coef = jnp.where(valid[:, None], coef, 0.0).astype(ct)  # (B, n)
-        t = lax.dot_general(xd, lw.a.astype(ct), ((lc, f_c), ((), ())), **kw).astype(ct)
-        t = t * coef.reshape((coef.shape[0],) + (1,) * (t.ndim - 3) + (n, 1))
-        t = t.reshape(*t.shape[:-2], n * r)
-        b = lw.b.astype(ct).reshape(n * r, *lw.b.shape[2:])
-        yl = lax.dot_general(t, b, (((t.ndim - 1,), (0,)), ((), ())), **kw)
-    else:  # gather each example's a and b (cheaper for many adapters)
-        a = jnp.take(lw.a, idx, axis=0).astype(ct)  # (B, *in, r)
-        b = jnp.take(lw.b, idx, axis=0).astype(ct)  # (B, r, *out)
-        scale = jnp.where(valid, jnp.asarray(lw.scales, jnp.float32)[idx], 0.0)
-        t = lax.dot_general(xd, a, ((lc, f_c), ((0,), (0,))), **kw).astype(ct)
-        yl = lax.dot_general(t, b, (((t.ndim - 1,), (1,)), ((0,), (0,))), **kw)
-        yl = yl * scale.reshape((-1,) + (1,) * (yl.ndim - 1)).astype(yl.dtype)
-    perm = tail_perm(lw.out_axes, yl.ndim - len(lw.out_axes))
+    if n * r <= DENSE_MAX_RANK:  # every adapter's x·first in one matmul, keep the example's
+        first = jnp.moveaxis(first, (nb, nb + 1), (-2, -1))  # (*batch, *F, n, r)
+        f_c = tuple(c - 2 for c in f_c)
+        t = lax.dot_general(xd, first.astype(ct), ((lc, f_c), (lb, f_b)), **kw).astype(ct)
+        coef = jax.nn.one_hot(idx, n, dtype=jnp.float32) * scale[:, None]  # 0 where none
+        shape = [1] * t.ndim
+        shape[nb], shape[-2] = coef.shape  # the example axis: x's first free axis
+        t = (t * coef.reshape(shape).astype(ct)).reshape(*t.shape[:-2], n * r)
+        sec = second.astype(ct).reshape(*second.shape[:nb], n * r, *second.shape[nb + 2 :])
+        yl = lax.dot_general(t, sec, (((t.ndim - 1,), (nb,)), (tuple(range(nb)), f_b)), **kw)
+    else:  # gather each example's factors (cheaper for many adapters)
+        first = jnp.take(first, idx, axis=nb).astype(ct)  # (*batch, B, r, *F)
+        second = jnp.take(second, idx, axis=nb).astype(ct)  # (*batch, B, r, *G)
+        t = lax.dot_general(xd, first, ((lc, f_c), ((*lb, ex), (*f_b, nb))), **kw).astype(ct)
+        bd = (tuple(range(nb + 1)), (*f_b, nb))
+        yl = lax.dot_general(t, second, (((t.ndim - 1,), (nb + 1,)), bd), **kw)
+        yl = yl * _at(scale, nb, yl.ndim).astype(yl.dtype)
+    perm = tail_perm(free, yl.ndim - len(free))
     if perm is not None:
         yl = jnp.transpose(yl, perm)
+    return y + yl.astype(y.dtype)
+
+
+@register(MultiLoraWeight, "gather")
+def _gather_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
+    lw, ids = invals
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if not isinstance(lw, MultiLoraWeight) or isinstance(ids, Node) or lw.batch_axes:
+        return next(v for v in invals if isinstance(v, MultiLoraWeight)).fallback("gather")
+    (o,) = lw.out_axes if len(lw.out_axes) == 1 else (None,)
+    if (
+        o is None
+        or dn.operand_batching_dims
+        or p["slice_sizes"][o] != lw.shape[o]
+        or o in dn.collapsed_slice_dims
+        or o in dn.start_index_map
+        or 0 in dn.offset_dims  # the output's axis 0 must be the ids' axis 0 (the examples)
+        or ids.ndim < 2
+    ):
+        return lw.fallback(f"a gather {dn}")
+    _check_ids(lw, ids, 0)
+    idx, _, scale = lw.routing()
+    y = eqn.primitive.bind(as_array(lw.w), ids, **p)
+    n, r = lw.n_adapters, lw.rank
+    a = jnp.moveaxis(lw.a, 0, -2)  # (*in, n, r) -> every adapter's rank block in W's layout
+    a = a.reshape(*a.shape[:-2], n * r)
+    perm = [lw.in_axes.index(ax) if ax in lw.in_axes else a.ndim - 1 for ax in range(lw.ndim)]
+    sizes = list(p["slice_sizes"])
+    sizes[o] = n * r
+    t = eqn.primitive.bind(jnp.transpose(a, perm), ids, **dict(p, slice_sizes=tuple(sizes)))
+    kept = [d for d in range(lw.ndim) if d not in dn.collapsed_slice_dims]
+    pos = dn.offset_dims[kept.index(o)]
+    t = jnp.moveaxis(t, pos, -1)
+    t = t.reshape(*t.shape[:-1], n, r)  # (B, ..., n, r): all adapters' rows of a
+    pick = jax.nn.one_hot(idx, n, dtype=t.dtype).reshape((-1,) + (1,) * (t.ndim - 3) + (n, 1))
+    t = jnp.sum(t * pick, axis=-2)  # (B, ..., r): the example's adapter
+    b = jnp.take(lw.b, idx, axis=0).astype(t.dtype)  # (B, r, out)
+    yl = lax.dot_general(t, b, (((t.ndim - 1,), (1,)), ((0,), (0,))))
+    yl = jnp.moveaxis(yl * _at(scale, 0, yl.ndim).astype(yl.dtype), -1, pos)
     return y + yl.astype(y.dtype)
 
 
@@ -153,9 +255,13 @@ def route(tree: Any, ids: jax.Array) -> Any:
     return out
 
 
-def stack_adapters(first: LoraWeight, have: list[LoraWeight | None]) -> MultiLoraWeight:
+def stack_adapters(
+    first: LoraWeight, have: list[LoraWeight | None], rank: int | None = None
+) -> MultiLoraWeight:
+    """One `MultiLoraWeight` from the adapters ``have`` of one kernel (None: no adapter there),
+    their ranks zero-padded to ``rank`` (default: the largest)."""
     nb = len(first.batch_axes)
-    r = max(n.rank for n in have if n is not None)
+    r = max(n.rank for n in have if n is not None) if rank is None else rank
     a_shape = (*first.a.shape[:-1], r)
     b_shape = (*first.b.shape[:nb], r, *first.b.shape[nb + 1 :])
     dtype = first.a.dtype
@@ -176,10 +282,10 @@ def stack_adapters(first: LoraWeight, have: list[LoraWeight | None]) -> MultiLor
         None,
         jnp.stack(a_list, axis=nb),
         jnp.stack(b_list, axis=nb),
+        scales=tuple(scales),
         scale=1.0,
         batch_axes=first.batch_axes,
         in_axes=first.in_axes,
         out_axes=first.out_axes,
         dropout=first.dropout,
-        scales=tuple(scales),
     )
