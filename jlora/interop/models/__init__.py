@@ -3,11 +3,14 @@
 * :class:`LlamaForCausalLM` — Llama / Mistral / Qwen2 decoders (``params["model"]["layers_0"]...``).
 * :class:`BertModel` — BERT encoders such as all-MiniLM-L6-v2, mean-pooled sentence embeddings.
 * :func:`from_pretrained` — a local HF checkpoint directory → ``(model, {"params": ...})``.
+* :func:`generate` — KV-cache generation (greedy / top-k / top-p) with any params tree, one
+  jitted program per (batch, prompt-length bucket, ``max_new_tokens``); `KVCache`.
 * ``TENSOR_PARALLEL_RULES`` — the Megatron-style rules for these paths that the ``"tensor"``
   sharding preset of `jlora.sharding` reads.
 """
 
 from jlora.interop.models.bert import BertConfig, BertModel, BertOutput, mean_pool
+from jlora.interop.models.generation import GenerateOutput, filter_logits, generate
 from jlora.interop.models.hub import (
     build_model,
     config_from_hf,
@@ -16,22 +19,29 @@ from jlora.interop.models.hub import (
     model_type_of,
     to_hf_state_dict,
 )
-from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from jlora.interop.models.kv_cache import KVCache, segment_positions
+from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel, init_cache
 from jlora.interop.parallel_rules import TENSOR_PARALLEL_RULES
 
 __all__ = [
     "BertConfig",
     "BertModel",
     "BertOutput",
+    "GenerateOutput",
+    "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaModel",
     "TENSOR_PARALLEL_RULES",
     "build_model",
     "config_from_hf",
+    "filter_logits",
     "from_pretrained",
+    "generate",
+    "init_cache",
     "init_params",
     "mean_pool",
     "model_type_of",
+    "segment_positions",
     "to_hf_state_dict",
 ]
