@@ -5,6 +5,7 @@ adapters both ways. Warnings are errors where the program should stay fused."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 
@@ -217,3 +218,85 @@ def test_expert_lora_axes_fused_numpy_and_gradients(impl):
         return jnp.sum(apply({**t, "experts": ex}, x) ** 2)
 
     chex.assert_trees_all_close(g, jax.jit(jax.grad(merged_loss))(adapters), rtol=1e-4, atol=1e-5)
+
+
+# --- PEFT target_parameters, both ways ------------------------------------------------------
+
+PEFT_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_peft_target_parameters_adapter_loads_with_logits_parity(family, saved, torch, tmp_path):
+    peft = require("peft")
+    hf, d = saved[family]
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], target_parameters=PEFT_EXPERTS,
+        init_lora_weights=False,  # random A and B, so every adapter changes the logits
+    )  # fmt: skip
+    pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    ref = _hf_logits(torch, pm)
+    assert not np.allclose(ref, _hf_logits(torch, hf), atol=1e-3)
+    pm.save_pretrained(tmp_path)
+    model, params = from_pretrained(d)
+    tree, loaded = jlora.peft.load(tmp_path, params)
+    lw = tree["params"]["model"]["layers_1"]["mlp"]["experts"]["gate_up_proj"]
+    assert (lw.batch_axes, lw.in_axes, lw.a.shape, lw.b.shape) == (
+        (0,),
+        (1,),
+        (4, 32, 2),
+        (4, 2, lw.shape[2]),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(jlora.lora(model.apply))(tree, jnp.asarray(IDS))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
+    fresh = jlora.init(params, loaded, key=jax.random.key(0))  # the same targets and layouts
+    assert jax.tree.structure(fresh, is_leaf=jlora.core.node.is_node) == jax.tree.structure(
+        tree, is_leaf=jlora.core.node.is_node
+    )
+
+
+def _expert(v):
+    return isinstance(v, jlora.LoraWeight) and bool(v.batch_axes)
+
+
+def test_jlora_expert_adapters_load_in_peft_with_logits_parity(saved, torch, tmp_path):
+    peft = require("peft")
+    hf, d = saved["qwen3_moe"]
+    model, params = from_pretrained(d)
+    cfg = jlora.LoraConfig(
+        rank=2, alpha=4, targets=["q_proj", "o_proj", "gate_up_proj", "down_proj"]
+    )
+    ids = jnp.asarray(IDS)
+    tree = _random_adapters(
+        jlora.init(params, cfg, key=jax.random.key(3), apply=model.apply, args=(ids,)), seed=4
+    )
+    assert tree["params"]["model"]["layers_0"]["mlp"]["experts"]["down_proj"].a.shape == (4, 24, 2)
+    jlora.peft.save(tmp_path, tree, cfg)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(jlora.lora(model.apply))(tree, ids)
+    np.testing.assert_allclose(_hf_logits(torch, pm), np.asarray(got), rtol=1e-4, atol=1e-4)
+    no_experts = jax.tree.map(  # the expert adapters matter: without them the logits move
+        lambda v: dataclasses.replace(v, b=jnp.zeros_like(v.b)) if _expert(v) else v,
+        tree,
+        is_leaf=lambda v: isinstance(v, jlora.LoraWeight),
+    )
+    assert not np.allclose(jlora.lora(model.apply)(no_experts, ids), got, atol=1e-3)
+    back, _ = jlora.peft.load(tmp_path, params)  # and back into jlora, the same adapters
+    chex.assert_trees_all_close(jlora.split(back)[1], jlora.split(tree)[1])
+
+
+def test_peft_target_parameters_errors(saved, tmp_path):
+    _, d = saved["qwen3_moe"]
+    model, params = from_pretrained(d)
+    ids = jnp.asarray(IDS)
+    cfg = jlora.LoraConfig(rank=2, targets=["gate_up_proj"], dropout=0.1)
+    tree = jlora.init(params, cfg, key=jax.random.key(0), apply=model.apply, args=(ids,))
+    with pytest.raises(
+        ValueError,
+        match=r"\['gate_up_proj'\] \(shape \(4, 32, 48\)\) has LoRA "
+        r"dropout 0\.1: PEFT's target_parameters adapters do not support",
+    ):
+        jlora.peft.save(tmp_path, tree, cfg)

@@ -9,7 +9,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from jlora.core.config import LoraConfig
-from jlora.core.targets import leaf_name, module_path, select_targets
+from jlora.core.targets import WEIGHT_NAMES, leaf_name, module_path, select_targets
 from jlora.interop.peft.names import mts_match, pattern_value, suffixes, targeted
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # Options that would change what the saved tensors mean: must be unset (falsy) to load.
 _UNSUPPORTED = (
     "lora_bias", "fan_in_fan_out", "layer_replication", "megatron_config",
-    "target_parameters", "trainable_token_indices", "use_qalora", "use_bdlora", "arrow_config",
+    "trainable_token_indices", "use_qalora", "use_bdlora", "arrow_config",
     "kasa_config", "monteclora_config", "velora_config", "alora_invocation_tokens",
     "ensure_weight_tying", "modules_to_tie",
 )  # fmt: skip
@@ -32,7 +32,7 @@ _KNOWN = {
     "layers_pattern", "rank_pattern", "alpha_pattern", "init_lora_weights",
     "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
     "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
-    "lora_ga_config", "runtime_config", "use_dora",
+    "lora_ga_config", "runtime_config", "use_dora", "target_parameters",
 }  # fmt: skip
 # AdaLoRA's schedule fields (jlora.interop.peft.adalora reads them).
 _ADALORA = {
@@ -68,7 +68,7 @@ def read_config(directory: str) -> dict:
             "the base weights or the forward pass. Convert the adapter to plain LoRA in PEFT "
             "first (save_pretrained(path_initial_model_for_weight_conversion=...))."
         )
-    if not cfg.get("target_modules"):
+    if not cfg.get("target_modules") and not cfg.get("target_parameters"):
         raise ValueError(f"{path}: target_modules is missing.")
     if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
         raise ValueError(f"{path}: unsupported bias={cfg['bias']!r}.")
@@ -99,9 +99,10 @@ def lora_config(
         rank_pattern={exact(s): p.r for s, p in loras.items() if p.r != r0},
         alpha_pattern={exact(s): p.alpha for s, p in loras.items() if p.alpha != alpha0},
         axes_pattern={
-            exact(s): ((), p.in_axes)
+            exact(s): (((0,) if p.kind == "parameter" else ()), p.in_axes)
             for s, p in loras.items()
-            if p.kind == "linear" and p.in_axes != tuple(range(len(p.shape) - 1))
+            if (p.kind == "linear" and p.in_axes != tuple(range(len(p.shape) - 1)))
+            or p.kind == "parameter"  # a 3-D expert parameter: one adapter per expert
         },
         dtype=dtype or "float32",
         dropout=float(cfg.get("lora_dropout") or 0.0),
@@ -111,12 +112,15 @@ def lora_config(
         trainable=tuple(f"^{re.escape(m)}/" for m in mts_paths),
         use_dora=bool(cfg.get("use_dora")),
     )
-    tm, found = cfg["target_modules"], set(loras)
+    tm, found = cfg.get("target_modules") or [], set(loras)
     candidates: list[Any] = []
     names = [tm] if isinstance(tm, str) else sorted(tm)
     if all(re.fullmatch(r"[A-Za-z0-9_]+", t) for t in names):
         candidates.append(names)
-    candidates += [sorted({leaf_name(module_path(s)) for s in loras}), "all-linear"]
+    named = {
+        leaf_name(module_path(s)) if leaf_name(s) in WEIGHT_NAMES else leaf_name(s) for s in loras
+    }
+    candidates += [sorted(named), "all-linear"]
     for targets in candidates:  # a readable config when it selects exactly the same leaves
         try:
             if set(select_targets(params, LoraConfig(targets=targets, **kw))) == found:

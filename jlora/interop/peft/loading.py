@@ -45,6 +45,7 @@ from jlora.interop.peft.names import (
     top_modules,
     tree_entries,
 )
+from jlora.interop.peft.parameters import ParamPlan, plan_parameters
 from jlora.variants.dora import DoraWeight
 
 
@@ -107,13 +108,16 @@ def load(
 
     tm = cfg["target_modules"]
     cfg = expand_all_linear(cfg, by_module)
-    targets = targeted(cfg, set(universe))
+    targets = targeted(cfg, set(universe)) if cfg.get("target_modules") else set()
     mts = mts_match(cfg.get("modules_to_save"), set(universe))
     plan = _Plan(shapes)
     _plan_targets(plan, targets, by_module, cfg)
     _plan_modules(plan, targets, by_module, mts, cfg.get("bias", "none"))
+    params_plan = plan_parameters(cfg, entries, fn, plan.shapes, plan.errors)  # 3-D experts
+    plan.leaves.update(params_plan)
+    plan.used |= {k for p in params_plan.values() for k in (p.key_a, p.key_b)}
     bert = module_map is None and {"encoder", "embeddings"} <= top
-    _check(plan, keys, directory, bert=bert, no_match=None if targets else tm)
+    _check(plan, keys, directory, bert=bert, no_match=None if targets or params_plan else tm)
     _check_tensors(plan, keys, directory)
 
     tree = _build(params, plan.leaves, os.path.join(directory, WEIGHTS_NAME), keys, cfg)
@@ -370,6 +374,9 @@ def _build(params: Any, plan: dict, file: str, keys: dict[str, str], cfg: dict) 
             if isinstance(p, LeafPlan):
                 value = x if p.src is None else get(p.src, x)
                 return Trainable(value) if p.train else value
+            if isinstance(p, ParamPlan):
+                ta, tb = f.get_tensor(keys[p.key_a]), f.get_tensor(keys[p.key_b])
+                return p.node(x, ta, tb, dropout)
             shape = tuple(x.shape)
             ta, tb = f.get_tensor(keys[p.key_a]), f.get_tensor(keys[p.key_b])
             a, b = lora_from_torch(p.kind, ta, tb, shape, p.r, p.in_axes)

@@ -26,6 +26,11 @@ from jlora.interop.peft.names import (
     top_modules,
     tree_entries,
 )
+from jlora.interop.peft.parameters import (
+    is_parameter_target,
+    parameter_tensors,
+    torch_param_names,
+)
 from jlora.variants.adalora import AdaLoraWeight
 from jlora.variants.dora import DoraWeight
 
@@ -80,9 +85,13 @@ def save(
     top = top_modules(entries)
     fn = module_map or default_map(top, bert_prefix="classifier" in top)
     universe = set(all_modules([s for s, _, _ in entries], fn))
-    targets, tensors = _lora_tensors(entries, fn)
+    # LoRA on raw 3-D (MoE expert) parameters: PEFT's target_parameters
+    by_param, target_params = parameter_tensors(entries, fn, config, torch_param_names(entries, fn))
+    modules = [e for e in entries if not is_parameter_target(e[0], e[2])]
+    targets, tensors = _lora_tensors(modules, fn, allow_none=bool(target_params))
     _check_dora(targets, config)
     owners = {strip_params(module_path(s)) for s, _ in targets.values()}
+    owners |= {strip_params(module_path(s)) for s, _, x in entries if is_parameter_target(s, x)}
     mts_mods = _trainable_tensors(entries, owners, fn, config, tensors)
     meta = dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path)
     if any(isinstance(x, AdaLoraWeight) for _, x in targets.values()):
@@ -90,6 +99,9 @@ def save(
     else:
         ranks, alphas = _ranks_and_alphas(targets, config)
         cfg = adapter_config(config, ranks, alphas, mts_mods, universe, **meta)
+    if target_params:
+        tensors.update(by_param)
+        cfg.update(target_parameters=target_params, target_modules=cfg["target_modules"] or None)
     _write(os.fspath(directory), tensors, cfg)
 
 
@@ -111,7 +123,7 @@ def _check_init(config: LoraConfig) -> None:
 
 
 def _lora_tensors(
-    entries: Entries, fn: ModuleMap
+    entries: Entries, fn: ModuleMap, allow_none: bool = False
 ) -> tuple[dict[str, tuple[str, LoraWeight]], dict[str, Any]]:
     """``({torch name: (jlora path, LoraWeight)}, {file key: tensor})`` for the adapters."""
     tensors: dict[str, Any] = {}
@@ -134,7 +146,7 @@ def _lora_tensors(
         to_torch = torch_tensors if isinstance(x, AdaLoraWeight) else lora_to_torch
         for suffix, arr in to_torch(s, mod, x, kp).items():
             tensors[f"{PREFIX}{name}.{suffix}"] = arr
-    if not targets:
+    if not targets and not allow_none:
         raise ValueError(
             "the tree has no LoraWeight leaf: nothing to save (call jlora.init first)."
         )
