@@ -287,6 +287,36 @@ def test_orth_regularizer_and_resize():
     assert alloc.resize({"k": lw}, {"k": np.zeros(3, bool)})["k"].rank == 0
 
 
+def test_stacked_target_allocates_as_one_target_per_layer():
+    """A stacked (layers, in, out) target is PEFT's one module per layer: same statistics,
+    scores, budget and masks as the layers given as separate targets."""
+    nl, r = 3, 4
+    rng = np.random.default_rng(3)
+    n = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    kw = dict(scale=0.5, ranknum=r)
+    stacked = AdaLoraWeight(n(nl, 5, 6), n(nl, 5, r), n(nl, r), n(nl, r, 6), batch_axes=(0,),
+                            in_axes=(1,), **kw)  # fmt: skip
+    layer = lambda x, i: AdaLoraWeight(x.w[i], x.q[i], x.e[i], x.p[i], **kw)  # noqa: E731
+    cfg = AdaLoraConfig(init_r=r, target_r=2, total_step=5, tinit=1)
+    one, many = {"k": stacked}, {f"k{i}": layer(stacked, i) for i in range(nl)}
+    s1, s2 = alloc.init_state(one), alloc.init_state(many)
+    update = jax.jit(alloc.update_and_allocate, static_argnums=4)
+    for t in range(cfg.total_step + 1):
+        g = dataclasses.replace(stacked, q=n(nl, 5, r), e=n(nl, r), p=n(nl, r, 6))
+        gm = {f"k{i}": layer(g, i) for i in range(nl)}
+        one, s1, b1 = update(one, {"k": g}, s1, t, cfg)
+        many, s2, b2 = update(many, gm, s2, t, cfg)
+        assert int(b1) == int(b2)
+        sc1, sc2 = alloc.triplet_scores(s1), alloc.triplet_scores(s2)
+        for i in range(nl):
+            np.testing.assert_allclose(sc1["k"][i], sc2[f"k{i}"], rtol=1e-6)
+            np.testing.assert_array_equal(s1.mask["k"][i], s2.mask[f"k{i}"])
+            np.testing.assert_array_equal(one["k"].e[i], many[f"k{i}"].e)
+    assert alloc.ranks(s1)["k"] == [alloc.ranks(s2)[f"k{i}"] for i in range(nl)]
+    want = np.mean([float(alloc.orth_regularizer({"k": many[f"k{i}"]})) for i in range(nl)])
+    assert float(alloc.orth_regularizer(one)) == pytest.approx(want, rel=1e-5)
+
+
 def test_allocator_errors():
     lw = _node(r=3)
     with pytest.raises(ValueError, match=r"the tree has no AdaLoraWeight target"):
