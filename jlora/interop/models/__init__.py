@@ -1,6 +1,7 @@
 """Reference models whose parameter paths mirror Hugging Face names, and a safetensors loader.
 
-* :class:`LlamaForCausalLM` — Llama / Mistral / Qwen2 decoders (``params["model"]["layers_0"]...``).
+* :class:`LlamaForCausalLM` — Llama / Mistral / Qwen2 decoders (``params["model"]["layers_0"]...``),
+  and the sparse MoE ones (Mixtral / Qwen2-MoE / Qwen3-MoE, :class:`MoeConfig`).
 * :class:`BertModel` — BERT encoders such as all-MiniLM-L6-v2, mean-pooled sentence embeddings.
 * :func:`from_pretrained` — a local HF checkpoint directory → ``(model, {"params": ...})``.
 * :func:`generate` — KV-cache generation (greedy / top-k / top-p) with any params tree, one
@@ -21,6 +22,7 @@ from jlora.interop.models.hub import (
 )
 from jlora.interop.models.kv_cache import KVCache, segment_positions
 from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel, init_cache
+from jlora.interop.models.moe import MoeConfig, SparseMoeBlock
 from jlora.interop.parallel_rules import TENSOR_PARALLEL_RULES
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaModel",
+    "MoeConfig",
+    "SparseMoeBlock",
     "TENSOR_PARALLEL_RULES",
     "build_model",
     "config_from_hf",
