@@ -2,9 +2,11 @@
 
 Every subcommand reads a run config (YAML; see ``configs/``) for the base model, accepts
 ``--set key.sub=value`` overrides (values parsed as YAML), and explains its options with
-``--help``. Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback;
-set ``JLORA_TRACEBACK=1`` to see it; also when the ``train`` extra, ``pip install
-"jlora[train]"``, is not installed); 1 a run that failed (e.g. a NaN loss; one line on stderr).
+``--help``. Exit codes: 0 success; 2 usage or config error, or a malformed file (a corrupt
+safetensors or checkpoint, invalid JSON, a value of the wrong type: one line on stderr naming the
+file and key, no traceback; set ``JLORA_TRACEBACK=1`` to see it; also when the ``train`` extra,
+``pip install "jlora[train]"``, is not installed, and when another run holds ``output.dir``); 1 a
+run that failed (e.g. a NaN loss; one line on stderr).
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the latest checkpoint in the checkpoint directory (without it, an "
-        "existing checkpoint directory is an error)",
+        help="continue from the newest checkpoint step in the checkpoint directory that verifies "
+        "(damaged newer steps are reported and set aside, never deleted); a checkpoint without "
+        "optimizer state, e.g. from import-peft, continues with a fresh one (without --resume, "
+        "a run directory that holds checkpoints or outputs is an error)",
     )
 
     p = sub.add_parser(
@@ -125,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         "import-peft",
         help="PEFT adapter directory -> Orbax adapter checkpoint",
         description="Load a Hugging Face PEFT LoRA directory onto the config's base model and "
-        "save it as an Orbax adapter checkpoint (resumable / exportable by jlora).",
+        "save it as an Orbax adapter checkpoint. Every tensor is checked first (floating point, "
+        "finite, one dtype). The checkpoint has no optimizer state: `jlora train --resume` with "
+        "it as checkpoint.dir continues from it with a fresh optimizer state; export-peft and "
+        "merge read it.",
     )
     _config_args(p)
     p.add_argument("--peft", required=True, metavar="DIR", help="PEFT adapter directory")
@@ -236,16 +243,22 @@ def _command(args: argparse.Namespace) -> int:
             return _adapters(args, cfg)
     except NonFiniteLossError as e:
         return _fail(str(e), 1)
-    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as e:
+    except (ValueError, TypeError, NotImplementedError) as e:
         if os.environ.get("JLORA_TRACEBACK"):
             raise
         return _fail(str(e), 2)
+    except OSError as e:  # a file that cannot be read or written (permissions, a file for a dir)
+        if os.environ.get("JLORA_TRACEBACK"):
+            raise
+        return _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), 2)
     return 0
 
 
 def _adapters(args: argparse.Namespace, cfg) -> int:
     from jlora.train import export
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is an existing file; expected a directory")
     if args.command == "import-peft":
         tree, lcfg = export.from_peft(cfg, args.peft)
         export.to_checkpoint(args.out, tree, lcfg, step=args.step)

@@ -6,10 +6,11 @@
 """
 
 from jlora.train.config import ConfigError, RunConfig, from_dict, load_config, to_dict
-from jlora.train.trainer import NonFiniteLossError, train
+from jlora.train.trainer import DivergenceError, NonFiniteLossError, train
 
 __all__ = [
     "ConfigError",
+    "DivergenceError",
     "NonFiniteLossError",
     "RunConfig",
     "from_dict",

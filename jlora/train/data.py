@@ -58,7 +58,10 @@ def load_labels(directory: str | Path) -> list[str] | None:
     path = Path(directory) / "labels.json"
     if not path.exists():
         return None
-    names = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{path}: expected a JSON list of class names, got {names!r}")
     return names

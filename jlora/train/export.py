@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 import safetensors.numpy
 
 import jlora
-from jlora.interop.checkpoint import AdapterCheckpointer
+from jlora.interop.checkpoint import AdapterCheckpointer, CorruptCheckpointError
 from jlora.interop.models import to_hf_state_dict
 from jlora.train.config import RunConfig
 from jlora.train.data import load_labels
@@ -33,15 +35,23 @@ def _task_type(cfg: RunConfig) -> str:
 
 
 def from_checkpoint(
-    cfg: RunConfig, directory: str | Path, *, step: int | None = None
+    cfg: RunConfig,
+    directory: str | Path,
+    *,
+    step: int | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> tuple[Any, jlora.LoraConfig, int]:
     """``(tree, lora_config, step)``: the adapters of an Orbax checkpoint on the config's base.
 
     The LoRA config stored with the checkpoint is used when there is one (else ``cfg.lora``).
+    Without ``step``, the newest step that verifies is read; each newer, damaged step is
+    reported through ``echo`` (default: stderr) and skipped.
 
     Raises:
-      ValueError: the directory holds no checkpoint (or not ``step``).
+      ValueError: the directory holds no checkpoint (or not ``step``), or no step verifies.
+      CorruptCheckpointError: the given ``step`` is damaged.
     """
+    echo = echo or (lambda m: print(m, file=sys.stderr))
     if not Path(directory).is_dir():
         raise ValueError(f"no adapter checkpoint in {directory}")
     ckpt = AdapterCheckpointer(directory)
@@ -51,14 +61,34 @@ def from_checkpoint(
             raise ValueError(f"no adapter checkpoint in {directory}")
         if step is not None and step not in steps:
             raise ValueError(f"{directory} has no step {step}; it has steps {steps}")
-        try:
-            lcfg = ckpt.config(step)
-        except ValueError:  # saved without a config: use the run config's
-            lcfg = cfg.lora
-        _, _, tree = base_tree(dataclasses.replace(cfg, lora=lcfg))
-        tree, _, got = ckpt.restore(tree, step=step)
+        damaged, built = [], {}
+        for s in [step] if step is not None else steps[::-1]:
+            try:
+                return _read_step(cfg, ckpt, s, built)
+            except CorruptCheckpointError as e:
+                if step is not None:
+                    raise
+                damaged.append(f"step {s}: {e.reason}")
+                echo(f"jlora: skipping checkpoint step {s} in {directory}: {e.reason}")
+        raise ValueError(f"no intact checkpoint in {directory}: {'; '.join(damaged)}")
     finally:
         ckpt.close()
+
+
+def _read_step(
+    cfg: RunConfig, ckpt: AdapterCheckpointer, step: int, built: dict[str, Any]
+) -> tuple[Any, jlora.LoraConfig, int]:
+    """One step onto the base (``built`` caches the fresh tree per LoRA config)."""
+    try:
+        lcfg = ckpt.config(step)
+    except CorruptCheckpointError:
+        raise
+    except ValueError:  # saved without a config: use the run config's
+        lcfg = cfg.lora
+    key = repr(lcfg)
+    if key not in built:
+        built[key] = base_tree(dataclasses.replace(cfg, lora=lcfg))[2]
+    tree, _, got = ckpt.restore(built[key], step=step)
     return tree, lcfg, int(got)
 
 

@@ -3,8 +3,10 @@
 `TrainingLoop` runs the optimizer steps ``run.start, ..., total_steps - 1`` of a `Run` set up by
 `jlora.train.phases.set_up`. The dropout key of step ``s`` is derived from ``(seed, s)`` and the
 data order from the seeded `jlora.train.data.Batcher`, so a resumed loop replays the steps of an
-uninterrupted one exactly. A non-finite loss or gradient norm raises `NonFiniteLossError` before
-anything computed from it is logged or checkpointed.
+uninterrupted one exactly. Every step, and every checkpoint before it is written, is checked by
+the health rule of `jlora.train.guard` (finite loss, gradients, adapters and optimizer state; a
+loss after the update within ``train.divergence_factor`` of the running loss): a step that breaks
+it raises `NonFiniteLossError` before anything computed from it is logged or checkpointed.
 """
 
 from __future__ import annotations
@@ -20,15 +22,12 @@ import jlora.train.data as D
 import jlora.train.scale as scale
 from jlora.train.config import RunConfig
 from jlora.train.evaluation import evaluate, format_results
+from jlora.train.guard import DivergenceError, NonFiniteLossError, StepGuard
 from jlora.train.metrics import MetricsLog
 from jlora.train.phases import Outcome, Run
 from jlora.train.steps import make_train_step, step_key
 
-__all__ = ["NonFiniteLossError", "TrainingLoop"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite."""
+__all__ = ["DivergenceError", "NonFiniteLossError", "TrainingLoop"]
 
 
 class _Stopper:
@@ -73,11 +72,13 @@ class TrainingLoop:
         self.step_fn = scale.jit_train_step(make_train_step(p.task, run.tx), run.mesh)
         self.eval_every = t.eval_every or p.steps_per_epoch
         self.last_eval: dict[str, Any] | None = evals[-1] if evals else None
-        self.last_saved: int | None = max(run.existing) if resume and run.existing else None
+        self.last_saved: int | None = run.start if resume and run.existing else None
         self.stopped_early = False
         self.steps_done = run.start
         self.bar = _progress(cfg, p.total_steps, run.start) if scale.is_main_process() else None
         self.window: list[tuple[float, float]] = []  # (loss, accuracy) since the last log line
+        self.guard = StepGuard(t.divergence_factor, where=p.checkpoint_dir, lr=cfg.optim.lr)
+        self.ahead: tuple[int, Any] | None = None  # the next step, computed by `_checkpoint`
         self.tokens, self.t_train = 0, 0.0
 
     def run_steps(self) -> Outcome:
@@ -102,20 +103,31 @@ class TrainingLoop:
             t_train=self.t_train,
         )
 
-    def step(self, step: int) -> bool:
-        """Optimizer step ``step`` (0-based) and what follows it; True to stop early."""
+    def _train_step(self, step: int) -> tuple[Any, Any, dict[str, float], float]:
+        """``(adapters, opt_state, metrics, seconds)`` of optimizer step ``step`` (0-based) from
+        the current state (a pure function of it: computing it ahead changes nothing)."""
         run, p, cfg = self.run, self.p, self.cfg
         t = time.perf_counter()
         batch = scale.place_batch(
             D.train_batch(p.splits["train"], p.batcher, step, cfg.train.grad_accum), run.mesh
         )
-        run.adapters, run.opt_state, m = self.step_fn(
+        adapters, opt_state, m = self.step_fn(
             run.adapters, run.opt_state, run.frozen, batch, step_key(cfg.train.seed, step)
         )
-        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            raise self._non_finite(step, loss, gnorm)
-        self.t_train += time.perf_counter() - t
+        m = {k: float(v) for k, v in m.items()}
+        return adapters, opt_state, m, time.perf_counter() - t
+
+    def step(self, step: int) -> bool:
+        """Optimizer step ``step`` (0-based) and what follows it; True to stop early."""
+        run, p, cfg = self.run, self.p, self.cfg
+        ahead, self.ahead = self.ahead, None
+        adapters, opt_state, m, secs = (
+            ahead[1] if ahead is not None and ahead[0] == step else self._train_step(step)
+        )
+        loss, gnorm = m["loss"], m["grad_norm"]
+        self.guard.after_step(step, loss, gnorm, bool(m["finite"]), last_saved=self.last_saved)
+        run.adapters, run.opt_state = adapters, opt_state
+        self.t_train += secs
         done = step + 1
         self.tokens += int(m["tokens"])
         self.window.append((loss, float(m["accuracy"])))
@@ -145,19 +157,6 @@ class TrainingLoop:
         if self.run.ckpt is not None:
             self.run.ckpt.wait()
             self.run.ckpt.close()
-
-    def _non_finite(self, step: int, loss: float, gnorm: float) -> NonFiniteLossError:
-        kept = (
-            f"the last good checkpoint is step {self.last_saved}"
-            if self.last_saved is not None
-            else "no checkpoint was written"
-        )
-        what = "loss" if not math.isfinite(loss) else "gradient"
-        return NonFiniteLossError(
-            f"non-finite {what} at step {step + 1} (loss={loss}, grad_norm={gnorm}); "
-            f"stopping. {kept} in {self.p.checkpoint_dir}. Lower optim.lr (now "
-            f"{self.cfg.optim.lr:g}) and resume with --resume, or start over."
-        )
 
     def _log_train(self, done: int, lr: float, gnorm: float, tok_s: float) -> None:
         if not (done % self.cfg.train.log_every == 0 or done == self.p.total_steps):
@@ -195,6 +194,11 @@ class TrainingLoop:
         run = self.run
         if run.ckpt is None or not (done % self.cfg.checkpoint.every_steps == 0 or final):
             return
+        # The state of step `done` is saved only once the next step, computed from it now (and
+        # used by the next iteration), shows finite loss and gradients and no divergence.
+        self.ahead = (done, self._train_step(done))
+        m = self.ahead[1][2]
+        self.guard.before_checkpoint(done, m["loss"], m["grad_norm"], last_saved=self.last_saved)
         ckpt_metrics = {
             f"eval_{k}": v for k, v in (self.last_eval or {}).items() if k not in ("step", "split")
         }

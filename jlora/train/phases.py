@@ -1,9 +1,12 @@
 """The phases of a `jlora train` run around its training loop (`jlora.train.loop`).
 
-`set_up` builds a `Run` (model, adapters, optimizer, mesh, checkpointer, run directory);
-`evaluate_before` evaluates the step-0 model and fits the linear probe; `restore` resumes from the
-latest checkpoint; `finish` evaluates after training, exports the adapters, plots the curves and
-writes the summary. `jlora.train.trainer.train` runs them in this order.
+`set_up` builds a `Run` (model, adapters, optimizer, mesh, checkpointer, run directory): it
+locks the run directory (`jlora.train.lock`) and makes every check -- the config, old checkpoints
+or outputs without ``--resume``, the checkpoint to resume from (`jlora.train.resume`) -- before
+anything in the run directory changes; `evaluate_before` evaluates the step-0 model and fits the
+linear probe; `restore` puts the resumed state in place; `finish` evaluates after training,
+exports the adapters, plots the curves and writes the summary. `jlora.train.trainer.train` runs
+them in this order and releases the lock at the end.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from jlora.interop import peft
 from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.train.config import RunConfig, to_dict
 from jlora.train.evaluation import eval_all, format_results, split_name
+from jlora.train.lock import RunLock
 from jlora.train.metrics import plot_curves, read_metrics
 from jlora.train.probe import linear_probe
 from jlora.train.report import format_summary, load_json, save_json
-from jlora.train.sections import ConfigError
+from jlora.train.resume import Resumed, check_run_dir, find_resume_point, set_aside
 from jlora.train.setup import Prepared, prepare
 from jlora.train.steps import make_eval_step, make_optimizer, make_schedule
 from jlora.train.task import base_name
@@ -43,6 +47,8 @@ class Run:
     mesh: Any
     ckpt: AdapterCheckpointer | None
     existing: Sequence[int]  # checkpoint steps found at set-up
+    lock: RunLock | None
+    resumed: Resumed | None  # the checkpoint to resume from (`restore` puts it in place)
     schedule: Callable
     tx: Any  # the optax optimizer of the adapters
     eval_step: Callable
@@ -69,46 +75,76 @@ class Outcome:
 
 
 def set_up(cfg: RunConfig, *, resume: bool, echo: Callable[[str], None]) -> Run:
-    """Prepare ``cfg``, create the run directory and the optimizer; ConfigError on old checkpoints."""
+    """Prepare ``cfg``, lock the run directory, check it (and the checkpoint to resume from),
+    then write ``config.yaml``; nothing in the run directory changes before the checks pass."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     scale.init_distributed(cfg.distributed)
     mesh = scale.make_mesh(cfg.mesh)
     p = prepare(cfg)
     out, echo = scale.process_outputs(p.out_dir, echo)  # multi-host: process 0 logs, exports
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = _checkpointer(p) if cfg.checkpoint.enabled else None
-    existing = ckpt.all_steps() if ckpt is not None else []
-    if existing and not resume:
-        raise ConfigError(
-            f"checkpoint dir {p.checkpoint_dir} already has steps {list(existing)}: pass --resume "
-            "to continue, or choose another output.dir / checkpoint.dir"
+    lock = RunLock.acquire(out)  # every process locks its own directory
+    try:
+        run = _checked_run(p, out, echo, mesh, lock, resume=resume)
+    except BaseException:
+        lock.release(remove_dir=True)
+        raise
+    run.t_start, run.cpu_start = t_start, cpu_start
+    if lock.stale is not None:
+        echo(f"[jlora] {lock.describe_stale()}")
+    damaged = run.resumed.damaged if run.resumed is not None else []
+    if damaged and scale.is_main_process():
+        names = set_aside(p.checkpoint_dir, damaged)
+        echo(
+            f"[jlora] set aside the damaged checkpoint steps {damaged} as {', '.join(names)} in "
+            f"{p.checkpoint_dir} (kept, not deleted)"
         )
+    scale.barrier("jlora-set-up")  # the steps are set aside before any process opens them
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run.ckpt = _checkpointer(p) if cfg.checkpoint.enabled else None
+    echo(f"[jlora] {cfg.name}: {run.summ}")
+    return run
 
-    frozen, adapters = jlora.split(p.tree)
-    schedule = make_schedule(cfg.optim, p.total_steps)
-    tx = make_optimizer(cfg.optim, schedule, adapters)
-    opt_state = tx.init(adapters)
-    frozen = scale.place_state(frozen, mesh)
-    eval_step = scale.jit_eval_step(make_eval_step(p.task), mesh)
-    summ = jlora.summary(p.tree)
-    echo(f"[jlora] {cfg.name}: {summ}")
+
+def _checked_run(
+    p: Prepared, out: Path, echo: Callable[[str], None], mesh: Any, lock: RunLock, *, resume: bool
+) -> Run:
+    """The run's state, after the checks that need no write: old checkpoints or outputs, and the
+    checkpoint to resume from (read and verified here)."""
+    cfg = p.cfg
+    reader = AdapterCheckpointer(p.checkpoint_dir) if cfg.checkpoint.enabled else None
+    try:
+        existing = reader.all_steps() if reader is not None else []
+        check_run_dir(out, p.checkpoint_dir, existing, resume=resume)
+        frozen, adapters = jlora.split(p.tree)
+        schedule = make_schedule(cfg.optim, p.total_steps)
+        tx = make_optimizer(cfg.optim, schedule, adapters)
+        opt_state = tx.init(adapters)
+        frozen = scale.place_state(frozen, mesh)
+        resumed = None
+        if resume and existing:
+            tree = jlora.combine(frozen, adapters)
+            resumed = find_resume_point(reader, tree, opt_state, echo)
+    finally:
+        if reader is not None:
+            reader.close()
     return Run(
         p=p,
         out=out,
         echo=echo,
         mesh=mesh,
-        ckpt=ckpt,
+        ckpt=None,
         existing=existing,
+        lock=lock,
+        resumed=resumed,
         schedule=schedule,
         tx=tx,
-        eval_step=eval_step,
-        summ=summ,
+        eval_step=scale.jit_eval_step(make_eval_step(p.task), mesh),
+        summ=jlora.summary(p.tree),
         frozen=frozen,
         adapters=adapters,
         opt_state=opt_state,
-        t_start=t_start,
-        cpu_start=cpu_start,
+        t_start=0.0,
+        cpu_start=0.0,
     )
 
 
@@ -169,14 +205,20 @@ def _probe(run: Run, feats: dict[str, Any]) -> dict:
     return probe
 
 
-def restore(run: Run, *, resume: bool) -> None:
-    """Resume from the latest checkpoint (when ``resume`` and there is one); place the state."""
-    if resume and run.existing:
-        tree, run.opt_state, run.start = run.ckpt.restore(
-            jlora.combine(run.frozen, run.adapters), opt_state=run.opt_state
-        )
-        _, run.adapters = jlora.split(tree)
-        run.echo(f"[jlora] resumed from step {run.start} ({run.p.checkpoint_dir})")
+def restore(run: Run) -> None:
+    """Put the state found by `set_up` in place (when resuming); place the state on the mesh."""
+    r = run.resumed
+    if r is not None:
+        run.adapters, run.start = r.adapters, r.step
+        run.echo(f"[jlora] resumed from step {r.step} ({run.p.checkpoint_dir})")
+        if r.opt_state is None:
+            run.echo(
+                f"[jlora] checkpoint step {r.step} has no optimizer state (e.g. written by "
+                "jlora import-peft): the optimizer starts fresh"
+            )
+        else:
+            run.opt_state = r.opt_state
+        run.resumed = None
     run.adapters = scale.place_state(run.adapters, run.mesh)
     run.opt_state = scale.place_state(run.opt_state, run.mesh)
 

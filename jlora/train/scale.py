@@ -14,7 +14,7 @@ The trainer calls exactly these functions (`jlora.sharding` / `jlora.parallel` d
   on the micro-batch axis.
 * `jit_train_step` / `jit_eval_step`: the pure steps of `jlora.train.steps` under ``jax.jit``,
   outputs keeping the inputs' shardings (metrics replicated, so every process can read them).
-* `is_main_process`, `process_outputs`, `gather`: only process 0 logs and exports.
+* `is_main_process`, `process_outputs`, `gather`: only process 0 logs and exports; `barrier`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import jlora.scale.sharding as js
 from jlora.train.sections import ConfigError, DistributedConfig, MeshConfig
 
 __all__ = [
+    "barrier",
     "gather",
     "init_distributed",
     "is_main_process",
@@ -220,6 +221,14 @@ def jit_eval_step(step: Callable[..., Any], mesh: Mesh | None) -> Callable[..., 
         return jitted(_on_mesh(adapters, mesh), _on_mesh(frozen, mesh), batch)
 
     return run
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches this point (nothing to do in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def is_main_process() -> bool:

@@ -205,6 +205,11 @@ class TrainConfig:
       early_stopping_patience: stop after this many evaluations without improvement of
         ``early_stopping_metric``; null: never.
       early_stopping_metric: ``loss`` or ``accuracy`` (classification).
+      divergence_factor: the state after a step is checkpointed only when the next step,
+        computed from it, has finite loss and gradients and a loss at most this times the
+        running loss (the larger of the step's loss and the mean of the last 16); else the run
+        stops as diverging (`jlora.train.guard`). null: only finiteness is required. A NaN / inf
+        loss, gradient, adapter or optimizer-state value stops the run at any step.
       sleep_per_step: seconds to sleep after each step. A testing aid (it slows a tiny run down
         so that a test can kill it mid-way); leave at 0.
     """
@@ -219,6 +224,7 @@ class TrainConfig:
     linear_probe: bool = False
     early_stopping_patience: int | None = None
     early_stopping_metric: Literal["loss", "accuracy"] = "loss"
+    divergence_factor: float | None = 10.0
     sleep_per_step: float = 0.0
 
     def __post_init__(self) -> None:
@@ -227,6 +233,12 @@ class TrainConfig:
         for f in ("max_steps", "eval_every", "early_stopping_patience"):
             _positive(f"train.{f}", getattr(self, f), allow_none=True)
         _non_negative("train.sleep_per_step", self.sleep_per_step)
+        if self.divergence_factor is not None and not (
+            math.isfinite(self.divergence_factor) and self.divergence_factor > 1
+        ):
+            raise ConfigError(
+                f"train.divergence_factor must be > 1 (or null), got {self.divergence_factor!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tokenizers import Tokenizer
 
 import jlora
@@ -111,7 +112,8 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, jlora.LoraWeight | jlora.Trainable)
 
 
-def _tokenizer(cfg: RunConfig) -> Tokenizer:
+def _tokenizer(cfg: RunConfig) -> tuple[Tokenizer, str]:
+    """The tokenizer of the config, and its file."""
     path = cfg.data.tokenizer
     if path is None:
         if cfg.model.path is None:
@@ -119,7 +121,23 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
         path = os.path.join(resolve_model_path(cfg.model.path), "tokenizer.json")
     if not os.path.isfile(path):
         raise ConfigError(f"data.tokenizer {path!r}: no such file")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path), path
+    except Exception as e:  # tokenizers raises a plain Exception for a malformed file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"data.tokenizer {path}: not a valid tokenizer.json ({first})") from e
+
+
+def _check_vocab(ids: np.ndarray, vocab_size: int, data: Path, tokenizer: str) -> None:
+    """Token ids outside the model's vocabulary are a data error, found before training."""
+    bad = ids >= vocab_size
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise ConfigError(
+            f"{data}: example {row + 1} has token id {int(ids[bad].max())} (tokenizer "
+            f"{tokenizer}), but the model's vocabulary has {vocab_size} ids: use the model's "
+            "tokenizer (data.tokenizer) or a model with a larger vocab_size"
+        )
 
 
 def load_splits(cfg: RunConfig, vocab_size: int) -> tuple[dict[str, D.Split], list[str] | None]:
@@ -147,7 +165,7 @@ def load_splits(cfg: RunConfig, vocab_size: int) -> tuple[dict[str, D.Split], li
         texts[k], ys[k] = D.load_jsonl(
             path, text_key=d.text_key, label_key=label_key, labels=labels
         )
-    tok = _tokenizer(cfg)
+    tok, tok_path = _tokenizer(cfg)
     pad = tok.token_to_id("[PAD]")
     pad = 0 if pad is None else pad
     tok.no_padding()
@@ -157,6 +175,7 @@ def load_splits(cfg: RunConfig, vocab_size: int) -> tuple[dict[str, D.Split], li
     splits = {}
     for k in names:
         ids, mask = D.tokenize(tok, texts[k], length, pad_id=pad)
+        _check_vocab(ids, vocab_size, Path(d.path) / f"{names[k]}.jsonl", tok_path)
         splits[k] = D.Split(ids, mask, ys[k])
     k = num_labels_of(cfg)
     for name, s in splits.items():

@@ -96,7 +96,8 @@ def make_optimizer(
 
 def make_train_step(task: Task, tx: optax.GradientTransformation) -> Callable[..., Any]:
     """The train step (see the module docstring); metrics hold ``loss``, ``grad_norm``,
-    ``accuracy`` and ``tokens`` (non-padding tokens seen)."""
+    ``accuracy``, ``tokens`` (non-padding tokens seen) and ``finite`` (every value of the updated
+    adapters and optimizer state is finite; `jlora.train.guard`)."""
 
     def train_step(adapters: Any, opt_state: Any, frozen: Any, batch: dict, key: jax.Array):
         total = jnp.sum(task.weights(batch))
@@ -126,10 +127,17 @@ def make_train_step(task: Task, tx: optax.GradientTransformation) -> Callable[..
             "accuracy": jnp.sum(correct) / total,
             "grad_norm": optax.global_norm(grads),
             "tokens": jnp.sum(batch["attention_mask"]),
+            "finite": _all_finite((adapters, opt_state)),
         }
         return adapters, opt_state, metrics
 
     return train_step
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """True when every floating-point value of ``tree`` is finite (one reduction per leaf)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
 
 
 def make_eval_step(task: Task) -> Callable[..., Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 from typing import Any
 
@@ -21,6 +20,7 @@ from flax import linen as nn
 
 import jlora
 from jlora.interop.models import build_model, config_from_hf, from_pretrained, model_type_of
+from jlora.interop.models.hub import read_json
 from jlora.train.sections import ConfigError, ModelConfig
 
 __all__ = ["Task", "base_name", "load_base", "param_shapes", "resolve_model_path"]
@@ -67,8 +67,10 @@ def base_name(cfg: Any) -> str | None:
 def _hf_config(m: ModelConfig) -> dict[str, Any]:
     if m.random is not None:
         return dict(m.random)
-    with open(os.path.join(resolve_model_path(m.path), "config.json"), encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        return read_json(os.path.join(resolve_model_path(m.path), "config.json"))
+    except ValueError as e:
+        raise ConfigError(f"model.path: {e}") from e
 
 
 def _module(m: ModelConfig, num_labels: int | None) -> nn.Module:

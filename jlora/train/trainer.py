@@ -6,8 +6,14 @@ Outputs, under the run directory (``output.dir``, default ``runs/<name>``): ``co
 
 Determinism: the data order is a seeded permutation per epoch and the dropout key of step ``s``
 is derived from ``(seed, s)``, so a run resumed from a checkpoint at step ``s`` replays steps
-``s+1, ...`` exactly as an uninterrupted run does. A non-finite loss or gradient norm stops the
-run with `NonFiniteLossError` before anything computed from it is checkpointed.
+``s+1, ...`` exactly as an uninterrupted run does. A step that breaks the health rule of
+`jlora.train.guard` (a non-finite loss, gradient, adapter or optimizer-state value, or a loss
+after the update above ``train.divergence_factor`` x the running loss) stops the run with
+`NonFiniteLossError` before anything computed from it is checkpointed.
+
+Reliability: the run directory is locked while a run lives (`jlora.train.lock`); nothing in it
+changes before the config and the resume checks pass; ``--resume`` continues from the newest
+checkpoint step that verifies (`jlora.train.resume`).
 
 The phases of a run live in `jlora.train.phases` (set-up, evaluation before, resuming, finish)
 and `jlora.train.loop` (the training loop).
@@ -19,10 +25,10 @@ from collections.abc import Callable
 
 from jlora.train.config import RunConfig
 from jlora.train.evaluation import evaluate
-from jlora.train.loop import NonFiniteLossError, TrainingLoop
+from jlora.train.loop import DivergenceError, NonFiniteLossError, TrainingLoop
 from jlora.train.phases import evaluate_before, finish, restore, set_up
 
-__all__ = ["NonFiniteLossError", "evaluate", "train"]
+__all__ = ["DivergenceError", "NonFiniteLossError", "evaluate", "train"]
 
 
 def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] = print) -> dict:
@@ -40,11 +46,15 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
       ValueError / TypeError: the config cannot be run (see `jlora.train.setup.prepare`), or
         checkpoints exist and ``resume`` is False.
       ConfigError: the ``mesh`` axis sizes do not fit the devices (`jlora.train.scale`).
-      NonFiniteLossError: the loss or gradient norm became NaN/inf (the last good checkpoint
-        is kept).
+      NonFiniteLossError: a step broke the health rule (`jlora.train.guard`; its subclass
+        `DivergenceError` for a diverging loss); the last good checkpoint is kept.
+      RunDirLocked: another live run holds the run directory.
     """
     run = set_up(cfg, resume=resume, echo=echo)
-    before, probe = evaluate_before(run)
-    restore(run, resume=resume)
-    outcome = TrainingLoop(run, resume=resume).run_steps()
-    return finish(run, outcome, before, probe)
+    try:
+        before, probe = evaluate_before(run)
+        restore(run)
+        outcome = TrainingLoop(run, resume=resume).run_steps()
+        return finish(run, outcome, before, probe)
+    finally:
+        run.lock.release()

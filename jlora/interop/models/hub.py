@@ -15,9 +15,11 @@ the ``pooler.*`` (tanh [CLS] pooler, unused since jlora pools by mean), ``cls.*`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import linen as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jlora.interop.models.bert import BertConfig, BertModel
 from jlora.interop.models.hf_layout import Piece, assemble, flat_params, leaf_pieces
@@ -46,6 +48,8 @@ def model_type_of(config: Mapping[str, Any]) -> str:
         >>> model_type_of({"architectures": ["Qwen2ForCausalLM"]})
         'qwen2'
     """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"expected a JSON object, got {type(config).__name__}")
     mt = config.get("model_type")
     if not mt and config.get("architectures"):
         mt = re.split(r"For|Model", config["architectures"][0])[0]
@@ -59,13 +63,65 @@ def model_type_of(config: Mapping[str, Any]) -> str:
 
 
 def config_from_hf(config: Mapping[str, Any], *, num_labels: int | None = None) -> Config:
-    """A :class:`LlamaConfig` or :class:`BertConfig` from a HF ``config.json`` dict."""
+    """A :class:`LlamaConfig` or :class:`BertConfig` from a HF ``config.json`` dict.
+
+    Raises:
+      TypeError: a key that needs a number (or a bool) holds something else, named with it.
+
+    Example:
+        >>> config_from_hf({"model_type": "bert", "hidden_size": "64"})
+        Traceback (most recent call last):
+        ...
+        TypeError: hidden_size: expected an integer, got str '64'
+    """
     mt = model_type_of(config)
+    _check_types(config, BertConfig if mt in ENCODER_TYPES else LlamaConfig)
     if mt in ENCODER_TYPES:
         return BertConfig.from_hf(dict(config), num_labels=num_labels)
     if num_labels is not None:
         raise ValueError(f"num_labels is only supported for {ENCODER_TYPES} models, not {mt!r}")
     return LlamaConfig.from_hf({**config, "model_type": mt})
+
+
+def _check_types(config: Mapping[str, Any], cls: type) -> None:
+    """The keys of ``config`` that are int / float / bool fields of ``cls`` hold such values."""
+    hints = typing.get_type_hints(cls)
+    names = {int: "an integer", float: "a number", bool: "true or false"}
+    for f in dataclasses.fields(cls):
+        if f.name not in config:
+            continue
+        args = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+        kinds = args - {type(None)}
+        if len(kinds) != 1 or (kind := kinds.pop()) not in names:
+            continue
+        v = config[f.name]
+        if v is None and type(None) in args:
+            continue
+        ok = isinstance(v, bool) if kind is bool else (
+            isinstance(v, int | float) and not isinstance(v, bool)
+            and (kind is float or isinstance(v, int))
+        )  # fmt: skip
+        if not ok:
+            raise TypeError(f"{f.name}: expected {names[kind]}, got {type(v).__name__} {v!r}")
+
+
+def read_json(path: str) -> Any:
+    """The JSON in ``path``; ValueError naming the file when it is not valid JSON.
+
+    Example:
+        >>> import tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "config.json")
+        >>> _ = open(p, "w").write("{")
+        >>> read_json(p)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../config.json: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def build_model(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = None) -> nn.Module:
@@ -123,8 +179,10 @@ def _ignored(name: str, config: Config) -> bool:
 def _checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise ValueError(f"{index}: expected a JSON object with a 'weight_map' object")
+        weight_map = weight_map["weight_map"]
         return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
@@ -146,6 +204,14 @@ def _read_raw(file: str, name: str) -> np.ndarray:
     if info["dtype"] != "BF16":
         raise ValueError(f"{name}: unsupported safetensors dtype {info['dtype']}")
     return np.frombuffer(buf, ml_dtypes.bfloat16).reshape(info["shape"])
+
+
+def _open_safetensors(file: str) -> Any:
+    """``safe_open(file)``; ValueError naming the file when it is not a valid safetensors file."""
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a valid safetensors file ({e})") from e
 
 
 def from_pretrained(
@@ -188,9 +254,12 @@ def from_pretrained(
         (1, 3, 16)
     """
     path = os.fspath(path)
-    with open(os.path.join(path, "config.json")) as f:
-        hf_config = json.load(f)
-    config = config_from_hf(hf_config, num_labels=num_labels)
+    config_file = os.path.join(path, "config.json")
+    hf_config = read_json(config_file)
+    try:
+        config = config_from_hf(hf_config, num_labels=num_labels)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{config_file}: {e}") from e
     mt = model_type_of(hf_config)
     model = build_model(config, dtype=dtype)
     shapes = flat_params(
@@ -240,7 +309,7 @@ def _available(path: str, mt: str, config: Config) -> tuple[Available, list[str]
     available: Available = {}
     twice = []
     for file in _checkpoint_files(path):
-        with safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 norm = _normalize(name, mt)
                 if _ignored(norm, config):
