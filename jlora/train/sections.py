@@ -58,6 +58,8 @@ class ModelConfig:
       param_dtype: storage dtype of the frozen base weights.
       dropout: apply the model's own dropout (BERT hidden / attention dropout) while training.
       gradient_checkpointing: rematerialize each decoder layer in the backward pass (Llama).
+      scan_layers: run the decoder layers as one ``nn.scan`` (params with a leading layer axis,
+        one compiled layer; each layer still gets its own adapter) (Llama family).
     """
 
     path: str | None = None
@@ -68,6 +70,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dropout: bool = True
     gradient_checkpointing: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.random is None):

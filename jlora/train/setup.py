@@ -90,11 +90,15 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Task, Any, 
         model, params = load_base(cfg.model, k, key=jax.random.fold_in(seed_key, MODEL_STREAM))
     task = Task(model, cfg.model.task, model_dropout=cfg.model.dropout)
     init_key = jax.random.fold_in(seed_key, INIT_STREAM)
+    infer: dict[str, Any] = {}
+    if cfg.model.scan_layers:  # the stack's layer axis read from the program: per-layer adapters
+        ids = jax.ShapeDtypeStruct((1, 1), "int32")
+        infer = dict(apply=lambda p, x: task.model.apply({"params": p}, x), args=(ids,))
     try:
         if shapes_only:
-            tree = jax.eval_shape(lambda p: jlora.init(p, cfg.lora, key=init_key), params)
+            tree = jax.eval_shape(lambda p: jlora.init(p, cfg.lora, key=init_key, **infer), params)
         else:
-            tree = jlora.init(params, cfg.lora, key=init_key)
+            tree = jlora.init(params, cfg.lora, key=init_key, **infer)
     except ValueError as e:
         raise ConfigError(f"lora: {e}") from e
     trains_head = any(

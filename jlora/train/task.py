@@ -92,6 +92,10 @@ def _module(m: ModelConfig, num_labels: int | None) -> nn.Module:
         if not hasattr(model, "gradient_checkpointing"):
             raise ConfigError(f"model.gradient_checkpointing is not supported for {mt!r} models")
         model = model.clone(gradient_checkpointing=True)
+    if m.scan_layers:
+        if not hasattr(model, "scan_layers"):
+            raise ConfigError(f"model.scan_layers is not supported for {mt!r} models")
+        model = model.clone(scan_layers=True)
     return model
 
 
@@ -121,7 +125,11 @@ def load_base(m: ModelConfig, num_labels: int | None, *, key: jax.Array) -> tupl
         return model, init(key, jnp.zeros((1, 1), jnp.int32))["params"]
     path = resolve_model_path(m.path)
     _, variables = from_pretrained(
-        path, dtype=jnp.dtype(m.param_dtype), num_labels=num_labels, key=key
+        path,
+        dtype=jnp.dtype(m.param_dtype),
+        num_labels=num_labels,
+        key=key,
+        scan_layers=m.scan_layers,
     )
     return model, variables["params"]
 

@@ -220,6 +220,7 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     num_labels: int | None = None,
     key: jax.Array | None = None,
+    scan_layers: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Loads a local HF checkpoint directory into ``(model, {"params": ...})``.
 
@@ -236,6 +237,8 @@ def from_pretrained(
             checkpoint has no ``classifier.*`` tensors it is initialized with a zero bias and a
             zero kernel, or a ``N(0, 0.02)`` kernel when ``key`` is given.
         key: PRNG key for the classifier kernel (see ``num_labels``).
+        scan_layers: decoders only: one ``nn.scan`` over the decoder layers, the checkpoint's
+            per-layer tensors stacked along a leading layer axis (``params["model"]["layers"]``).
 
     Returns:
         The flax module and its variables, ready for ``model.apply(params, input_ids)``.
@@ -262,6 +265,10 @@ def from_pretrained(
         raise type(e)(f"{config_file}: {e}") from e
     mt = model_type_of(hf_config)
     model = build_model(config, dtype=dtype)
+    if scan_layers:
+        if not isinstance(model, LlamaForCausalLM):
+            raise ValueError(f"scan_layers needs a decoder model, not {mt!r}")
+        model = model.clone(scan_layers=True)
     shapes = flat_params(
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     )

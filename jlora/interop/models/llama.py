@@ -8,6 +8,8 @@ Incremental decoding: pass a preallocated `KVCache` (an explicit pytree argument
 updated: no flax mutable collection) and the model writes the new tokens' keys and values at
 ``cache.index`` and attends over every written slot. Without a cache the forward is unchanged.
 Packed rows: ``segment_ids`` keep attention (and the default positions) within each segment.
+``scan_layers=True`` runs the decoder layers as one ``nn.scan`` (params with a leading layer
+axis, ``params["model"]["layers"]``; `jlora.interop.models.scan`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jlora.interop.models.kv_cache import (
     write,
 )
 from jlora.interop.models.moe import MoeConfig, SparseMoeBlock, moe_config_from_hf
+from jlora.interop.models.scan import run_layers
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -311,6 +314,7 @@ class LlamaModel(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     gradient_checkpointing: bool = False
+    scan_layers: bool = False
 
     def setup(self) -> None:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -318,9 +322,12 @@ class LlamaModel(nn.Module):
         layer_cls = (
             nn.remat(LlamaDecoderLayer) if self.gradient_checkpointing else LlamaDecoderLayer
         )
-        self.layers = [
-            layer_cls(cfg, name=f"layers_{i}", **kw) for i in range(cfg.num_hidden_layers)
-        ]
+        if self.scan_layers:  # one module, its params stacked along a leading layer axis
+            self.layers = layer_cls(cfg, name="layers", **kw)
+        else:
+            self.layers = [
+                layer_cls(cfg, name=f"layers_{i}", **kw) for i in range(cfg.num_hidden_layers)
+            ]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
     def __call__(
@@ -352,6 +359,9 @@ class LlamaModel(nn.Module):
         if self.config.sliding_window:
             windowed = full & (q_idx - k_idx < self.config.sliding_window)[None]
         h = self.embed_tokens(input_ids)
+        if self.scan_layers:
+            types = self.config.layer_types
+            return self.norm(run_layers(self.layers, types, h, position_ids, full, windowed)[0])
         for layer, kind in zip(self.layers, self.config.layer_types, strict=True):
             h = layer(h, position_ids, windowed if kind == "sliding_attention" else full)
         return self.norm(h)
@@ -373,6 +383,11 @@ class LlamaModel(nn.Module):
             position_ids = jnp.broadcast_to(start + jnp.arange(s), (b, s))
         kv_mask, full, windowed = cached_masks(cache, attention_mask, self.config.sliding_window)
         h = self.embed_tokens(input_ids)
+        if self.scan_layers:  # the cache enters the scan stacked along the layer axis
+            kv = (jnp.stack(cache.keys), jnp.stack(cache.values))
+            types = self.config.layer_types
+            h, (k, v) = run_layers(self.layers, types, h, position_ids, full, windowed, kv, start)
+            return self.norm(h), KVCache(tuple(k), tuple(v), kv_mask, start + s)
         keys, values = [], []
         layers = zip(self.layers, self.config.layer_types, cache.keys, cache.values, strict=True)
         for layer, kind, k, v in layers:
@@ -393,7 +408,9 @@ class LlamaForCausalLM(nn.Module):
     tokens to attend to; optional ``position_ids`` (default ``arange(seq)``, as HF); keyword-only
     ``segment_ids`` (batch, seq) int for packed rows (tokens attend only within their segment;
     default positions restart at each segment); keyword-only ``cache``, a `KVCache`: then the
-    call returns ``(logits, updated cache)`` (see `jlora.models.generate`).
+    call returns ``(logits, updated cache)`` (see `jlora.models.generate`). Module options:
+    ``gradient_checkpointing`` (remat each decoder layer) and ``scan_layers`` (one ``nn.scan``
+    over the layers, params stacked along a leading layer axis).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -411,6 +428,7 @@ class LlamaForCausalLM(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     gradient_checkpointing: bool = False
+    scan_layers: bool = False
 
     def setup(self) -> None:
         self.model = LlamaModel(
@@ -418,6 +436,7 @@ class LlamaForCausalLM(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             gradient_checkpointing=self.gradient_checkpointing,
+            scan_layers=self.scan_layers,
         )
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(

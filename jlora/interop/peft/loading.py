@@ -46,6 +46,7 @@ from jlora.interop.peft.names import (
     tree_entries,
 )
 from jlora.interop.peft.parameters import ParamPlan, plan_parameters
+from jlora.interop.peft.stacked import restack, unstack_layers
 from jlora.variants.dora import DoraWeight
 
 
@@ -97,6 +98,7 @@ def load(
       (4.0, 2, ('q_proj',))
     """
     directory = os.fspath(directory)
+    stacked, params = params, unstack_layers(params)  # a scanned stack: per-layer names
     _check_config_file(directory)
     cfg = read_config(directory)
     shapes, keys = _shapes(directory)
@@ -123,7 +125,7 @@ def load(
     tree = _build(params, plan.leaves, os.path.join(directory, WEIGHTS_NAME), keys, cfg)
     pre = "params/" if any(s.startswith("params/") for s, _, _ in entries) else ""
     mts_paths = sorted(pre + universe[m] for m in mts)
-    return tree, _loaded_config(params, tree, plan, cfg, mts_paths)
+    return restack(stacked, tree, _loaded_config(params, tree, plan, cfg, mts_paths))
 
 
 def _shapes(directory: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

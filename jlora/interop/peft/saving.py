@@ -31,6 +31,7 @@ from jlora.interop.peft.parameters import (
     parameter_tensors,
     torch_param_names,
 )
+from jlora.interop.peft.stacked import unstack_layers
 from jlora.variants.adalora import AdaLoraWeight
 from jlora.variants.dora import DoraWeight
 
@@ -81,7 +82,7 @@ def save(
       ['q_proj']
     """
     _check_init(config)
-    entries = tree_entries(tree)
+    entries = tree_entries(unstack_layers(tree))  # a scanned stack: per-layer names
     top = top_modules(entries)
     fn = module_map or default_map(top, bert_prefix="classifier" in top)
     universe = set(all_modules([s for s, _, _ in entries], fn))
