@@ -1,5 +1,6 @@
 """Zero-config axes: `jlora.init(..., apply=...)` reads each kernel's layout from the program."""
 
+import dataclasses
 import re
 import warnings
 
@@ -242,3 +243,100 @@ def test_ambiguous_kernel_warns_without_apply():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a conv kernel's default layout is right: no warning
         jlora.init(conv, jlora.LoraConfig(rank=2, targets="kernel"), key=jax.random.key(1))
+
+
+# --- an NNX stack: modules made by nnx.vmap, run by nnx.scan (a lax.scan over the state) -------
+
+
+def _nnx_stack():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class NnxBlock(nnx.Module):
+        def __init__(self, rngs):
+            self.q = nnx.Einsum("btd,dhk->bthk", (8, 2, 4), rngs=rngs)
+            self.o = nnx.Einsum("bthk,hkd->btd", (2, 4, 8), rngs=rngs)
+            self.mlp = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.mlp(self.o(jnp.tanh(self.q(x))))
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(key):
+        return NnxBlock(nnx.Rngs(key))
+
+    graphdef, state = nnx.split(create(jax.random.split(jax.random.key(0), 3)))
+
+    def apply(state, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def step(block, x):
+            return block(x)
+
+        return step(nnx.merge(graphdef, state), x)
+
+    return state, apply
+
+
+def _nodes(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlora.core.node.is_node)[0]
+    return {jlora.core.targets.path_str(p): v for p, v in leaves}
+
+
+def test_nnx_stack_axes_fused_numpy_and_gradients():
+    state, apply = _nnx_stack()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
+    cfg = jlora.LoraConfig(rank=2, targets="kernel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = jlora.init(state, cfg, key=jax.random.key(1), apply=apply, args=(x,))
+    hand = {f"{k.split('/')[0]}/kernel": v for k, v in HAND.items()}
+    want = jlora.init(state, dataclasses.replace(cfg, axes_pattern=hand), key=jax.random.key(1))
+    got, want = _nodes(tree), _nodes(want)
+    for path in ("q/kernel/value", "o/kernel/value", "mlp/kernel/value"):
+        g, w = got[path], want[path]
+        assert (g.batch_axes, g.in_axes, g.out_axes) == (w.batch_axes, w.in_axes, w.out_axes)
+        assert g.a.shape[0] == 3  # per-layer adapters
+    tree = _randomize_b(tree)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = jax.jit(jlora.lora(apply))(tree, x)
+    nodes = _nodes(tree)
+    q, o, m = (_np_merged(nodes[f"{n}/kernel/value"]) for n in ("q", "o", "mlp"))
+    bias = np.asarray(nodes["mlp/bias/value"], np.float64)
+    h = np.asarray(x, np.float64)
+    for i in range(3):  # the stack in float64 numpy on the merged per-layer kernels
+        t = np.tanh(np.einsum("btd,dhk->bthk", h, q[i]))
+        h = h + np.einsum("bthk,hkd->btd", t, o[i]) @ m[i] + bias[i]
+    np.testing.assert_allclose(np.asarray(y), h, rtol=1e-4, atol=1e-4)
+
+    frozen, adapters = jlora.split(tree)
+
+    def merged_loss(ad):
+        merged = jax.tree.map(
+            lambda v: _np_merged(v, xp=jnp) if isinstance(v, jlora.LoraWeight) else v,
+            jlora.combine(frozen, ad), is_leaf=lambda v: isinstance(v, jlora.LoraWeight),
+        )  # fmt: skip
+        return jnp.sum(apply(merged, x) ** 2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g1 = jax.jit(
+            jax.grad(lambda ad: jnp.sum(jlora.lora(apply)(jlora.combine(frozen, ad), x) ** 2))
+        )(adapters)
+    chex.assert_trees_all_close(g1, jax.jit(jax.grad(merged_loss))(adapters), rtol=1e-3, atol=1e-3)
+
+
+def test_only_scanned_kernel_gets_per_layer_default_layout():
+    """A kernel whose only use is entering a scan (unused in the body) still gets per-layer
+    adapters, so the scan stays fused."""
+    params = {"used": jnp.ones((3, 4, 4)), "unused": jnp.ones((3, 4, 6))}
+
+    def apply(p, x):
+        return jax.lax.scan(lambda h, ks: (h @ ks[0], None), x, (p["used"], p["unused"]))[0]
+
+    x = jnp.ones((2, 4))
+    tree = jlora.init(params, jlora.LoraConfig(rank=2, targets=".*"), key=jax.random.key(0),
+                      apply=apply, args=(x,))  # fmt: skip
+    assert (tree["unused"].batch_axes, tree["unused"].in_axes) == ((0,), (1,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jlora.lora(apply)(tree, x)

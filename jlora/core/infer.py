@@ -168,8 +168,8 @@ class _Walker:
 
 
 def _combine(path: str, ndim: int, uses: list[Use]) -> Axes | None:
-    """One (batch, in) layout agreeing with every use, or None when no use says which axes
-    are contracted (then the default layout holds)."""
+    """One (batch, in) layout agreeing with every use, or None when no use says anything (then
+    the default layout holds); a kernel that is only scanned gets the default layout per layer."""
     batch = sorted({a for u in uses for a in u.batch})
     layout: Use | None = None
     for u in uses:
@@ -182,7 +182,10 @@ def _combine(path: str, ndim: int, uses: list[Use]) -> Axes | None:
         if u.primitive == "gather" and layout.primitive != "gather":
             layout = u  # a lookup says which side is the input (an attend is the transposed use)
     if layout is None:
-        return None
+        if not batch:
+            return None
+        rest = [i for i in range(ndim) if i not in batch]  # only scanned: default layout per layer
+        return tuple(batch), tuple(rest[:-1])
     return tuple(batch), tuple(i for i in layout.inputs if i not in batch)
 
 
