@@ -7,8 +7,9 @@ low-rank path per request). The node's rules (registered through the node protoc
 
 * ``dot_general`` ``x @ W`` and ``x @ W.T`` (a tied LM head's ``attend``), also with batch
   dimensions over a stacked kernel's batch axes: for few adapters every adapter's low-rank
-  projection runs in one matmul and the other adapters' blocks are masked out; above
-  `DENSE_MAX_RANK` each example's ``a`` and ``b`` are gathered (BGMV-style).
+  projection runs in one matmul and the other adapters' blocks are masked out; otherwise
+  (`DENSE_MAX_RANK`, `DENSE_MAX_ADAPTERS`) each example's ``a`` and ``b`` are gathered
+  (BGMV-style).
 * ``gather`` (an embedding lookup): all adapters' rows of ``a`` are gathered at once (no
   FLOPs), then each example keeps its adapter's.
 
@@ -38,11 +39,14 @@ from jlora.core.node import (
 )
 from jlora.core.rules import dot_case, tail_perm
 
-__all__ = ["DENSE_MAX_RANK", "MultiLoraWeight", "route", "stack_adapters"]
+__all__ = ["DENSE_MAX_ADAPTERS", "DENSE_MAX_RANK", "MultiLoraWeight", "route", "stack_adapters"]
 
-#: With n adapters of rank r, n·r up to this runs x·[a₁ … aₙ] as one matmul and masks out the
-#: other adapters' blocks (no gathers); above it each example's a, b are gathered (BGMV-style).
+#: With n adapters of rank r, n·r up to this (and n up to `DENSE_MAX_ADAPTERS`) runs
+#: x·[a₁ … aₙ] as one matmul and masks out the other adapters' blocks (no gathers); otherwise
+#: each example's a, b are gathered (BGMV-style). The dense form does n times the low-rank
+#: FLOPs; on a 2-core CPU it was faster only up to about 4 adapters (d=512, batch 8, decode).
 DENSE_MAX_RANK = 256
+DENSE_MAX_ADAPTERS = 4
 
 
 @jax.tree_util.register_dataclass
@@ -120,12 +124,15 @@ def _at(v: jax.Array, axis: int, ndim: int) -> jax.Array:
     return v.reshape((1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
 
 
-def _factors(lw: MultiLoraWeight, case: str) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
-    """``(first, second, free)``: the factor ``x`` meets first, laid out ``(*batch, n, r, *F)``
-    (F: the W axes ``x`` contracts), the second ``(*batch, n, r, *G)`` and G's W axes."""
+def _factors(lw: MultiLoraWeight, case: str) -> tuple[Any, ...]:
+    """``(first, second, f_axes, f_skip, s_rank, free)`` in the factors' own layouts (no
+    transposes): the factor ``x`` meets first (``a`` for ``x @ W``, ``b`` for ``x @ W.T``),
+    the W axes it contracts and how many of its axes precede them after the batch and adapter
+    axes, the second factor's rank axis and its free W axes."""
     nb = len(lw.batch_axes)
-    a_r = jnp.moveaxis(lw.a, -1, nb + 1)  # (*batch, n, r, *in)
-    return (a_r, lw.b, lw.out_axes) if case == "in" else (lw.b, a_r, lw.in_axes)
+    if case == "in":  # a: (*batch, n, *in, r), b: (*batch, n, r, *out)
+        return lw.a, lw.b, lw.in_axes, 0, nb + 1, lw.out_axes
+    return lw.b, lw.a, lw.out_axes, 1, nb + 1 + len(lw.in_axes), lw.in_axes
 
 
 def _dot_parts(lw: MultiLoraWeight, dn: Any, ndim_x: int) -> tuple[str, int] | None:
@@ -156,28 +163,25 @@ def _dot_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
     y = eqn.primitive.bind(x, as_array(lw.w), **eqn.params)
     ct, nb = x.dtype, len(rb)
     kw = dict(precision=eqn.params.get("precision"), preferred_element_type=y.dtype)
-    first, second, free = _factors(lw, case)
+    first, second, axes, skip, s_rank, free = _factors(lw, case)
     f_b = tuple(lw.batch_axes.index(d) for d in rb)
-    axes = lw.in_axes if case == "in" else lw.out_axes
-    f_c = tuple(nb + 2 + axes.index(d) for d in rc)  # in first's (*batch, n, r, *F)
+    f_c = tuple(nb + 1 + skip + axes.index(d) for d in rc)
     xd = ctx.dropout(x, lw.dropout)
-    n, r = lw.n_adapters, lw.rank
-    if n * r <= DENSE_MAX_RANK:  # every adapter's x·first in one matmul, keep the example's
-        first = jnp.moveaxis(first, (nb, nb + 1), (-2, -1))  # (*batch, *F, n, r)
-        f_c = tuple(c - 2 for c in f_c)
+    n = lw.n_adapters
+    if n * lw.rank <= DENSE_MAX_RANK and n <= DENSE_MAX_ADAPTERS:  # all adapters in one matmul
         t = lax.dot_general(xd, first.astype(ct), ((lc, f_c), (lb, f_b)), **kw).astype(ct)
         coef = jax.nn.one_hot(idx, n, dtype=jnp.float32) * scale[:, None]  # 0 where none
-        shape = [1] * t.ndim
+        shape = [1] * t.ndim  # t: (*batch, *x_free, n, r)
         shape[nb], shape[-2] = coef.shape  # the example axis: x's first free axis
-        t = (t * coef.reshape(shape).astype(ct)).reshape(*t.shape[:-2], n * r)
-        sec = second.astype(ct).reshape(*second.shape[:nb], n * r, *second.shape[nb + 2 :])
-        yl = lax.dot_general(t, sec, (((t.ndim - 1,), (nb,)), (tuple(range(nb)), f_b)), **kw)
+        t = t * coef.reshape(shape).astype(ct)
+        dn2 = (((t.ndim - 2, t.ndim - 1), (nb, s_rank)), (tuple(range(nb)), f_b))
+        yl = lax.dot_general(t, second.astype(ct), dn2, **kw)  # sums over (n, r)
     else:  # gather each example's factors (cheaper for many adapters)
-        first = jnp.take(first, idx, axis=nb).astype(ct)  # (*batch, B, r, *F)
-        second = jnp.take(second, idx, axis=nb).astype(ct)  # (*batch, B, r, *G)
+        first = jnp.take(first, idx, axis=nb).astype(ct)  # the adapter axis becomes B
+        second = jnp.take(second, idx, axis=nb).astype(ct)
         t = lax.dot_general(xd, first, ((lc, f_c), ((*lb, ex), (*f_b, nb))), **kw).astype(ct)
         bd = (tuple(range(nb + 1)), (*f_b, nb))
-        yl = lax.dot_general(t, second, (((t.ndim - 1,), (nb + 1,)), bd), **kw)
+        yl = lax.dot_general(t, second, (((t.ndim - 1,), (s_rank,)), bd), **kw)
         yl = yl * _at(scale, nb, yl.ndim).astype(yl.dtype)
     perm = tail_perm(free, yl.ndim - len(free))
     if perm is not None:
