@@ -97,7 +97,9 @@ def _unrolled(p, x):
     return x
 
 
-@pytest.mark.parametrize("apply", [_fori_index, _fori_getitem, _unrolled])
+@pytest.mark.parametrize(
+    "apply", [_fori_index, _fori_getitem, pytest.param(_unrolled, marks=pytest.mark.slow)]
+)
 def test_loop_indexing_stacked_layers_is_fused_per_layer(apply):
     w, x = _stacked()
     xj = jnp.asarray(x, jnp.float32)

@@ -225,7 +225,7 @@ def test_expert_lora_axes_fused_numpy_and_gradients(impl):
 PEFT_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
 def test_peft_target_parameters_adapter_loads_with_logits_parity(family, saved, torch, tmp_path):
     peft = require("peft")
     hf, d = saved[family]
@@ -283,7 +283,7 @@ def test_jlora_expert_adapters_load_in_peft_with_logits_parity(saved, torch, tmp
         tree,
         is_leaf=lambda v: isinstance(v, jlora.LoraWeight),
     )
-    assert not np.allclose(jlora.lora(model.apply)(no_experts, ids), got, atol=1e-3)
+    assert not np.allclose(jax.jit(jlora.lora(model.apply))(no_experts, ids), got, atol=1e-3)
     back, _ = jlora.peft.load(tmp_path, params)  # and back into jlora, the same adapters
     chex.assert_trees_all_close(jlora.split(back)[1], jlora.split(tree)[1])
 
