@@ -14,6 +14,11 @@ import os
 import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -289,7 +294,7 @@ def _edit_tensors(d, edit):
 
     f = d / "adapter_model.safetensors"
     tensors = safetensors.numpy.load_file(f)
-    edit(tensors)
+    tensors = edit(tensors) or tensors
     safetensors.numpy.save_file(tensors, f)
 
 
@@ -462,3 +467,501 @@ def test_combine_still_takes_abstract_and_spec_trees():
     assert shapes["k"].a.shape == (12, 2)
     specs = jax.tree.map(lambda x: jax.sharding.PartitionSpec(), (frozen, trainable))
     assert jlora.combine(*specs)["k"].a == jax.sharding.PartitionSpec()
+
+
+# --- the `jlora` command: one-line errors for malformed files and values --------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "llama-tiny.yaml"
+VOCAB = 32
+WORDS = ["good", "bad", "fine", "awful", "nice", "poor", "great", "meh"]
+
+
+def _call(capsys, *args):
+    """``jlora ARGS`` in this process: ``(exit code, stdout, stderr)``."""
+    from jlora.cli import main
+
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(capsys, *args, expect):
+    rc, _, err = _call(capsys, *args)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, (rc, err)
+    assert lines[0].startswith("jlora: error: ") and expect in lines[0], lines[0]
+    return lines[0]
+
+
+def _tokenizer(path, vocab):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(path))
+
+
+@pytest.fixture
+def bert_world(tmp_path):
+    """A local random BERT (config.json + model.safetensors), a tokenizer.json, a jsonl dataset
+    with labels.json, and a run config for them: every file a careless user can break."""
+    import safetensors.numpy
+    import yaml
+
+    from jlora.interop.models import BertConfig, init_params, to_hf_state_dict
+
+    model = tmp_path / "model"
+    model.mkdir()
+    hf = dict(model_type="bert", vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1,
+              num_attention_heads=2, intermediate_size=16, max_position_embeddings=32)  # fmt: skip
+    (model / "config.json").write_text(json.dumps(hf))
+    bert = BertConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    sd = to_hf_state_dict(init_params(bert, key=jax.random.key(0)))
+    safetensors.numpy.save_file(sd, model / "model.safetensors")
+    _tokenizer(tmp_path / "tokenizer.json", {"[PAD]": 0, "[UNK]": 1} | {w: i + 2 for i, w in
+                                                                        enumerate(WORDS)})  # fmt: skip
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = random.Random(0)
+    for split in ("train", "validation", "test"):
+        rows = [{"text": " ".join(rng.choices(WORDS, k=3)), "label": rng.randrange(2)}
+                for _ in range(8)]  # fmt: skip
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "labels.json").write_text('["neg", "pos"]')
+    cfg = {
+        "name": "bert-faults",
+        "model": {"path": str(model), "task": "classification"},
+        "data": {
+            "path": str(data),
+            "tokenizer": str(tmp_path / "tokenizer.json"),
+            "batch_size": 4,
+            "eval_batch_size": 8,
+            "max_len": 16,
+        },
+        "lora": {"rank": 2, "targets": ["query", "value"], "trainable": ["classifier"]},
+        "train": {"max_steps": 2, "eval_before": False},
+        "output": {"dir": str(tmp_path / "run"), "progress": False, "plot": False},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path
+
+
+FILE_FAULTS = {
+    "model.safetensors truncated": (
+        "train",
+        lambda w: (w / "model/model.safetensors").write_bytes(
+            (w / "model/model.safetensors").read_bytes()[:-100]
+        ),
+        "model/model.safetensors: not a valid safetensors file (",
+    ),
+    "config.json not JSON": (
+        "info",
+        lambda w: (w / "model/config.json").write_text('{"model_type": "bert",'),
+        "model/config.json: not valid JSON (",
+    ),
+    "config.json a list": (
+        "info",
+        lambda w: (w / "model/config.json").write_text("[]"),
+        "model/config.json: TypeError: expected a JSON object, got list",
+    ),
+    "config.json string for a number": (
+        "info",
+        lambda w: (w / "model/config.json").write_text(
+            json.dumps({**json.loads((w / "model/config.json").read_text()), "hidden_size": "8"})
+        ),
+        "model/config.json: TypeError: hidden_size: expected an integer, got str '8'",
+    ),
+    "labels.json not JSON": (
+        "info",
+        lambda w: (w / "data/labels.json").write_text('["neg", '),
+        "data/labels.json: not valid JSON (",
+    ),
+    "labels.json not a list of names": (
+        "info",
+        lambda w: (w / "data/labels.json").write_text('{"neg": 0}'),
+        "data/labels.json: expected a JSON list of class names",
+    ),
+    "tokenizer.json not a tokenizer": (
+        "train",
+        lambda w: (w / "tokenizer.json").write_text('{"version": "1.0"}'),
+        "tokenizer.json: not a valid tokenizer.json (",
+    ),
+    "token ids beyond the vocabulary": (
+        "train",
+        lambda w: _tokenizer(
+            w / "tokenizer.json",
+            {"[PAD]": 0, "[UNK]": 1} | {x: VOCAB + i for i, x in enumerate(WORDS)},
+        ),
+        "data/train.jsonl: example 1 has token id ",
+    ),
+    "output.dir an existing file": (
+        "train",
+        lambda w: (w / "run").write_text("not a directory"),
+        "run is an existing file; expected a directory",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FILE_FAULTS))
+def test_malformed_files_are_one_line_errors(capsys, bert_world, kind):
+    command, damage, expect = FILE_FAULTS[kind]
+    damage(bert_world)
+    line = _one_line_error(capsys, command, bert_world / "run.yaml", expect=expect)
+    if kind == "token ids beyond the vocabulary":
+        assert f"but the model's vocabulary has {VOCAB} ids" in line
+    assert not (bert_world / "run").is_dir() or not any((bert_world / "run").iterdir())
+
+
+def test_a_string_where_the_random_model_needs_a_number(capsys):
+    _one_line_error(
+        capsys, "info", TINY, "--set", "model.random.hidden_size='64'",
+        expect="model.random: TypeError: hidden_size: expected an integer, got str '64'",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def bert_peft(bert_world):
+    """A PEFT adapter directory for the BERT of `bert_world`."""
+    from jlora.interop.models import from_pretrained
+
+    _, variables = from_pretrained(bert_world / "model", num_labels=2)
+    lcfg = jlora.LoraConfig(rank=2, targets=["query", "value"], trainable=["classifier"])
+    tree = _randomized(jlora.init(variables["params"], lcfg, key=jax.random.key(0)))
+    jlora.peft.save(bert_world / "peft", tree, lcfg)
+    return bert_world / "peft"
+
+
+@pytest.mark.parametrize(
+    "kind, damage, expect",
+    [
+        (
+            "adapter_config.json a list",
+            lambda d: (d / "adapter_config.json").write_text("[]"),
+            "peft/adapter_config.json: expected a JSON object, got list",
+        ),
+        (
+            "adapter_config.json r '8'",
+            lambda d: _edit_config(d, lambda c: {**c, "r": "8"}),
+            "peft/adapter_config.json: r must be a positive integer, got '8'",
+        ),
+        (
+            "a NaN tensor",
+            lambda d: _edit_tensors(
+                d, lambda t: {**t, sorted(t)[0]: np.full_like(t[sorted(t)[0]], np.nan)}
+            ),
+            "values are NaN or infinite",
+        ),
+        (
+            "adapter_model.safetensors truncated",
+            lambda d: (d / "adapter_model.safetensors").write_bytes(
+                (d / "adapter_model.safetensors").read_bytes()[:-3]
+            ),
+            "peft/adapter_model.safetensors: not a valid safetensors file (",
+        ),
+    ],
+    ids=lambda x: x if isinstance(x, str) and " " in x else "",
+)
+def test_import_peft_refuses_bad_adapters_before_writing(capsys, bert_peft, kind, damage, expect):
+    damage(bert_peft)
+    out = bert_peft.parent / "imported"
+    _one_line_error(capsys, "import-peft", bert_peft.parent / "run.yaml", "--peft", bert_peft,
+                    "--out", out, expect=expect)  # fmt: skip
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command, source",
+    [("import-peft", "--peft"), ("merge", "--peft"), ("export-peft", "--checkpoint")],
+)
+def test_an_out_that_is_an_existing_file(capsys, bert_peft, command, source):
+    out = bert_peft.parent / "a-file"
+    out.write_text("keep me")
+    _one_line_error(capsys, command, bert_peft.parent / "run.yaml", source, bert_peft,
+                    "--out", out, expect=f"--out {out} is an existing file; expected a directory")  # fmt: skip
+    assert out.read_text() == "keep me"
+
+
+# --- `jlora train`: resume past damage, refusals that change nothing, the lock, the guard ---
+
+SHORT = ["--set", "output.progress=false", "output.plot=false", "train.max_steps=8",
+         "train.eval_every=4", "checkpoint.every_steps=4", "checkpoint.max_to_keep=5"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax-cache")
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+
+
+def _train(env, out, *extra, timeout=300):
+    cmd = [sys.executable, "-m", "jlora.cli", "train", str(TINY), "--set", f"output.dir={out}"]
+    return subprocess.run([*cmd, *SHORT, *extra], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(env, tmp_path_factory):
+    """An uninterrupted 8-step run of llama-tiny, checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    r = _train(env, out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _final_adapters(out, step):
+    from jlora.train import load_config
+    from jlora.train.setup import base_tree
+
+    _, _, fresh = base_tree(load_config(TINY))
+    with AdapterCheckpointer(out / "checkpoints") as ckpt:
+        assert ckpt.verify(step) is None
+        tree, _, got = ckpt.restore(fresh, step=step)
+    assert got == step
+    return _host(tree)
+
+
+def _records(out):
+    """The metrics of a run, without the timings."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def test_resume_skips_a_damaged_step_and_replays_it_bit_identically(env, tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    _swap_adapters(str(out / "checkpoints" / "8"), str(out / "checkpoints" / "4"))
+    damaged = _listing(out / "checkpoints" / "8")
+    r = _train(env, out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "[jlora] skipping checkpoint step 8: adapters/" in r.stdout
+    assert "does not match its checksum" in r.stdout
+    assert "set aside the damaged checkpoint steps [8] as 8.damaged" in r.stdout
+    assert "resumed from step 4" in r.stdout
+    assert _listing(out / "checkpoints" / "8.damaged") == damaged  # kept as it was
+    for got, want in zip(_final_adapters(out, 8), _final_adapters(tiny_run, 8), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert _records(out) == _records(tiny_run)
+
+
+def test_a_refused_resume_changes_nothing(capsys, tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = _listing(out)
+    _one_line_error(capsys, "train", TINY, "--set", f"output.dir={out}", *SHORT, "lora.rank=4",
+                    "--resume", expect=f"--resume: checkpoint step 8 in {out / 'checkpoints'} "
+                    "does not fit:")  # fmt: skip
+    assert _listing(out) == before  # config.yaml not rewritten, no file added, no lock left
+
+
+def test_an_old_run_without_resume_is_refused_and_unchanged(capsys, tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    shutil.rmtree(out / "checkpoints")
+    before = _listing(out)
+    _one_line_error(capsys, "train", TINY, "--set", f"output.dir={out}", *SHORT,
+                    expect=f"output.dir {out} already holds a run (metrics.jsonl, before.json, "
+                    "after.json, summary.json): pass --resume")  # fmt: skip
+    assert _listing(out) == before
+
+
+HOLD = """
+import sys, time
+from jlora.train.lock import RunLock
+RunLock.acquire(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_held_run_dir_is_refused_and_a_killed_holders_lock_taken_over(capsys, tmp_path):
+    from jlora.train.lock import LOCK_NAME, RunLock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = _one_line_error(capsys, "train", TINY, "--set", f"output.dir={out}", *SHORT,
+                               expect=f"output.dir {out} is in use by another jlora run (pid "
+                               f"{holder.pid} on host ")  # fmt: skip
+        assert "wait for it to finish, or choose another output.dir" in line
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing else written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = RunLock.acquire(out)  # the holder was killed: its lock is stale
+    try:
+        assert lock.stale["pid"] == holder.pid
+        assert f"took over the stale lock of pid {holder.pid} on host " in lock.describe_stale()
+    finally:
+        lock.release()
+    assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_two_concurrent_train_runs_into_one_directory(env, capsys, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jlora.cli", "train", str(TINY), "--set", f"output.dir={out}",
+           *SHORT, "train.max_steps=400", "train.sleep_per_step=0.2"]  # fmt: skip
+    first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "config.yaml").exists():
+            assert first.poll() is None, "the first run ended"
+            time.sleep(0.1)
+        line = _one_line_error(capsys, "train", TINY, "--set", f"output.dir={out}", *SHORT,
+                               "--resume", expect="is in use by another jlora run")  # fmt: skip
+        assert f"(pid {first.pid} on host " in line
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+@pytest.mark.slow
+def test_an_imported_peft_checkpoint_resumes_with_a_fresh_optimizer(
+    env, capsys, tiny_run, tmp_path
+):
+    peft_dir, out = tmp_path / "peft", tmp_path / "run"
+    ck = ["--checkpoint", tiny_run / "checkpoints", "--step", "8"]
+    assert _call(capsys, "export-peft", TINY, *ck, "--out", peft_dir)[0] == 0
+    rc, _, err = _call(capsys, "import-peft", TINY, "--peft", peft_dir, "--out",
+                       out / "checkpoints", "--step", "8")  # fmt: skip
+    assert rc == 0, err
+    r = _train(env, out, "train.max_steps=10", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "[jlora] resumed from step 8" in r.stdout
+    assert "checkpoint step 8 has no optimizer state (e.g. written by jlora import-peft): the " \
+           "optimizer starts fresh" in r.stdout  # fmt: skip
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+
+
+HUGE = ["optim.lr=1e30", "checkpoint.every_steps=1", "train.max_steps=6", "train.eval_before=false"]
+
+
+def test_a_huge_lr_saves_no_diverged_state(env, tmp_path):
+    """The issue's run: lr 1e30, a checkpoint every step. The state after step 1 is finite but of
+    magnitude 1e30 with NaN gradients: it is not saved, and the error says so."""
+    r = _train(env, tmp_path / "run", *HUGE, "optim.warmup_steps=0")
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert (
+        line.startswith("jlora: error: non-finite gradient at step 2 ")
+        and "Traceback" not in r.stderr
+    )
+    assert "the state after step 1, which is not checkpointed" in line
+    assert "no checkpoint was written" in line
+    with AdapterCheckpointer(tmp_path / "run" / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == []
+
+
+@pytest.mark.slow
+def test_the_last_good_checkpoint_is_good_and_the_advice_works(env, tmp_path):
+    out = tmp_path / "run"
+    r = _train(env, out, *HUGE, "optim.warmup_steps=5")  # step 1: lr 0, then 2e29, ...
+    assert r.returncode == 1
+    assert "the last good checkpoint is step 1" in r.stderr
+    assert max(float(np.abs(x).max()) for x in _final_adapters(out, 1)) < 10.0  # not ~1e29
+    r = _train(env, out, *HUGE, "optim.warmup_steps=5", "optim.lr=1e-2", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step 1" in r.stdout
+    assert all(np.isfinite(x).all() for x in _final_adapters(out, 6))
+
+
+# --- soak: SIGKILL at random points, resume each time ---------------------------------------
+
+SOAK = ["train.max_steps=80", "checkpoint.every_steps=4", "checkpoint.max_to_keep=3",
+        "train.eval_every=8", "train.log_every=1"]  # fmt: skip
+KILLS = 12
+
+
+def _verify_all(ckpt_dir):
+    """Every step that survived: ``{step: None}`` when it verifies (else the reason)."""
+    if not ckpt_dir.exists():
+        return {}
+    with AdapterCheckpointer(ckpt_dir) as ckpt:
+        return {s: ckpt.verify(s) for s in ckpt.all_steps()}
+
+
+def _wait_for_training(out, proc, beyond, timeout=120.0):
+    """Until ``proc`` holds the run's lock and has logged a training step after ``beyond`` (a
+    killed attempt's records stay until the next one's set-up); False if it ended first."""
+    from jlora.train.lock import LOCK_NAME
+
+    deadline, locked = time.time() + timeout, None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if locked is None and json.loads((out / LOCK_NAME).read_text())["pid"] == proc.pid:
+                locked = time.time()
+            fresh = locked is not None and (out / "metrics.jsonl").stat().st_mtime >= locked
+            if fresh and any(r["step"] > beyond for r in _records(out)):
+                return True
+        except (OSError, ValueError, KeyError):  # not there yet, or a line being written
+            pass
+        time.sleep(0.02)
+    return False
+
+
+def _latest(ckpt_dir):
+    if not ckpt_dir.exists():
+        return 0
+    with AdapterCheckpointer(ckpt_dir) as ckpt:
+        return ckpt.latest_step() or 0
+
+
+@pytest.mark.slow
+def test_soak_sigkill_at_random_points_then_resume_is_bit_identical(env, tmp_path):
+    """An 80-step run killed with SIGKILL 12 times at random moments (3 during start-up, the
+    rest at random times once it trains: steps, evaluations, checkpoint writes) and resumed each
+    time ends exactly as an uninterrupted run; after every kill each surviving checkpoint
+    verifies."""
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    r = _train(env, ref, *SOAK)
+    assert r.returncode == 0, r.stderr
+    rng = random.Random(12)
+    startup = set(rng.sample(range(KILLS), 3))
+    kills, verified, mid_save, stale, steps_at_kill, seen = 0, 0, 0, 0, [], set()
+    cmd = [sys.executable, "-m", "jlora.cli", "train", str(TINY), "--set", f"output.dir={out}",
+           *SHORT, *SOAK, "train.sleep_per_step=0.1"]  # fmt: skip
+    for attempt in range(3 * KILLS):
+        proc = subprocess.Popen([*cmd, *(["--resume"] if attempt else [])], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        if kills < KILLS:
+            if kills in startup:
+                time.sleep(rng.uniform(0.2, 3.0))
+            elif _wait_for_training(out, proc, _latest(out / "checkpoints")):
+                time.sleep(rng.uniform(0.0, 4.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+        if proc.returncode == -signal.SIGKILL:
+            kills += 1
+            partial = {p.name for p in (out / "checkpoints").glob("*") if not p.name.isdigit()}
+            mid_save, seen = mid_save + len(partial - seen), seen | partial
+            steps_at_kill.append(max((r["step"] for r in _records(out)), default=0)
+                                 if (out / "metrics.jsonl").exists() else None)  # fmt: skip
+            checks = _verify_all(out / "checkpoints")
+            assert all(v is None for v in checks.values()), checks
+            verified += len(checks)
+            continue
+        assert proc.returncode == 0, stderr
+        stale += "took over the stale lock" in stdout
+        if kills >= KILLS:
+            break
+    print(
+        f"soak: {kills} kills survived (steps logged at each kill {steps_at_kill}; "
+        f"{mid_save} during a checkpoint write), {verified} surviving checkpoints verified, "
+        f"{stale} stale lock(s) taken over by the last run"
+    )
+    assert kills == KILLS
+    for got, want in zip(_final_adapters(out, 80), _final_adapters(ref, 80), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert _records(out) == _records(ref)

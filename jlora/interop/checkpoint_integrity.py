@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 from typing import Any
 
 import jax
@@ -179,8 +180,24 @@ class _DroppedReadErrors(logging.Filter):
 _FILTER = _DroppedReadErrors()
 
 
+def _closed_loop_callback(u: Any) -> bool:
+    """A TensorStore read finishing after Orbax gave up on the restore and closed its loop."""
+    return isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+
+
 def quiet_failed_reads() -> None:
-    """Install the filter on the ``asyncio`` logger (once; see `_DroppedReadErrors`)."""
+    """After a failed read: drop the noise it leaves behind (once): asyncio's "Future exception
+    was never retrieved" records (`_DroppedReadErrors`) and the "Event loop is closed" errors of
+    the reads still in flight (unraisable, printed with a traceback); the failure is reported."""
     log = logging.getLogger("asyncio")
     if _FILTER not in log.filters:
         log.addFilter(_FILTER)
+    hook = sys.unraisablehook
+    if not getattr(hook, "_jlora_quiet", False):
+
+        def quiet(u: Any, previous: Any = hook) -> None:
+            if not _closed_loop_callback(u):
+                previous(u)
+
+        quiet._jlora_quiet = True  # type: ignore[attr-defined]
+        sys.unraisablehook = quiet
