@@ -385,6 +385,25 @@ def test_mixed_batch_equals_each_request_alone(tied, dense, monkeypatch, np_ref)
     assert len({tuple(r) for r in rows}) == 4
 
 
+@pytest.mark.slow
+def test_mixed_batch_through_scanned_layers(np_ref):
+    model = LlamaForCausalLM(CFG, scan_layers=True)  # one nn.scan over the layers
+    ids, mask = _prompts(64)
+    variables = model.init(jax.random.key(0), ids[:1, :2])
+    s = None
+    for k, name in enumerate(["a", "b", "c"]):
+        cfg = jlora.LoraConfig(rank=2 + k, alpha=4.0, targets=["q_proj", "down_proj", "embed"])
+        tree = jlora.init(variables, cfg, key=jax.random.key(k), apply=model.apply, args=(ids,))
+        tree = np_ref.randomize(tree, seed=k, std=0.3)
+        s = AdapterSet.from_tree(tree, name) if s is None else s.add(name, tree)
+    requests = ["c", None, "a", "b"]
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    batch = np.asarray(generate(model, s.route(requests), ids, attention_mask=mask, **kw))
+    for i, r in enumerate(requests):
+        n = int(mask[i].sum())
+        np.testing.assert_array_equal(batch[i, 9 - n :], _alone(model, s, r, ids, mask, i, **kw)[0])
+
+
 @contextlib.contextmanager
 def _backend_compiles():
     """Counts XLA compilations (jax's own compile event) inside the block."""
