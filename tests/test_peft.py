@@ -621,10 +621,12 @@ def test_save_errors(tmp_path):
         jpeft.save(tmp_path, tree, config, module_map=lambda p: "same")
     with pytest.raises(ValueError, match="no LoraWeight leaf"):
         jpeft.save(tmp_path, params, config)
-    stacked = {"layers": {"q_proj": {"kernel": jnp.ones((2, 8, 6))}}}
+    # a stacked kernel outside a scanned `layers` stack (which is unstacked per layer, see
+    # tests/test_scan_models.py) has no PEFT form
+    stacked = {"blocks": {"q_proj": {"kernel": jnp.ones((2, 8, 6))}}}
     cfg = jlora.LoraConfig(rank=2, targets=["q_proj"], axes_pattern={"q_proj": ((0,), (1,))})
     with pytest.raises(
-        ValueError, match=r"\['layers'\]\['q_proj'\]\['kernel'\] has stacked \(batch\) axes \(0,\)"
+        ValueError, match=r"\['blocks'\]\['q_proj'\]\['kernel'\] has stacked \(batch\) axes \(0,\)"
     ):
         jpeft.save(tmp_path, jlora.init(stacked, cfg, key=jax.random.key(0)), cfg)
 
