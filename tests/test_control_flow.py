@@ -332,3 +332,22 @@ def eight_devices():
 def test_shard_map_on_eight_devices(eight_devices, check):
     result = eight_devices[check]
     assert result["ok"], result.get("error")
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_loop_indexing_a_quantized_stack(method):
+    """QLoRA on a stacked kernel in a fori_loop: the quantized W is sliced per layer too (its
+    leaves lead with the layer axis), so nothing is dequantized whole."""
+    from jlora.variants import quant
+
+    w, x = _stacked(3)
+    xj = jnp.asarray(x, jnp.float32)
+    tree = quant.quantize(
+        _init({"k": jnp.asarray(w, jnp.float32)}, _fori_getitem, xj), method=method
+    )
+    y = _no_warnings(jax.jit(jlora.lora(_fori_getitem)), tree, xj)
+    lw = quant.dequantize(tree)["k"]  # the dequantized kernel (checked against numpy elsewhere)
+    h, merged = x, _np_merged(lw)
+    for i in range(L):
+        h = np.tanh(h @ merged[i])
+    np.testing.assert_allclose(np.asarray(y), h, rtol=2e-5, atol=2e-5)
