@@ -249,3 +249,30 @@ def test_scan_layers_errors_and_trainer_option(tmp_path):
     lw = tree["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert (lw.batch_axes, lw.a.shape, lw.b.shape) == ((0,), (2, 64, 8), (2, 8, 64))
     assert jlora.summary(tree).adapter == 3584  # as many adapter parameters as unrolled
+
+
+@pytest.mark.slow
+def test_scanned_moe_parity_per_expert_adapters_and_peft(torch, tmp_path):
+    """Scan and MoE together: (layers, experts, in, out) kernels, one adapter per layer and
+    expert, written to PEFT per layer as target_parameters."""
+    peft = require("peft")
+    from tests.test_moe import IDS as MOE_IDS
+    from tests.test_moe import tiny_moe
+
+    hf = tiny_moe("qwen2_moe")
+    hf.save_pretrained(tmp_path / "base")
+    model, params = from_pretrained(tmp_path / "base", scan_layers=True)
+    ids = jnp.asarray(MOE_IDS)
+    got = jax.jit(model.apply)(params, ids)
+    np.testing.assert_allclose(np.asarray(got), _hf_logits(torch, hf, MOE_IDS), atol=1e-4)
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=["q_proj", "gate_up_proj", "down_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = jlora.init(params, cfg, key=jax.random.key(0), apply=model.apply, args=(ids,))
+    lw = tree["params"]["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]
+    assert (lw.batch_axes, lw.in_axes, lw.a.shape) == ((0, 1), (2,), (2, 4, 32, 2))
+    tree = _random_adapters(tree)
+    y = _no_warnings(jax.jit(jlora.lora(model.apply)), tree, ids)
+    jlora.peft.save(tmp_path / "adapter", tree, cfg)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "adapter").eval()
+    np.testing.assert_allclose(_hf_logits(torch, pm, MOE_IDS), np.asarray(y), atol=1e-4)
