@@ -35,6 +35,7 @@ EXAMPLES = {
     "08_multi_adapter.py": r"mixed batch of 4 adapters \+ base: max \|diff\| to one-by-one",
     "09_peft_roundtrip.py": r"jlora -> PEFT: max \|logits diff\| [\d.e+-]+",
     "10_sharded.py": r"adapters after 3 steps: max \|sharded - single device\|",
+    "serve_three_adapters.py": r"3 adapters in one batch: each request's tokens equal decoding it alone: True",
 }
 #: examples that need optional packages (the test extra has them; CI must not skip)
 NEEDS = {"09_peft_roundtrip.py": ("torch", "transformers", "peft")}
