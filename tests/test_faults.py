@@ -162,6 +162,7 @@ def test_a_damaged_latest_step_is_reported_and_skipped(saved, kind):
         assert ckpt.verify(2) is None
         why = ckpt.verify(3)
         assert why is not None and reason in why, why
+        assert ckpt.verify() == why  # the latest
         tree, opt, step = ckpt.restore(
             template, opt_state=opt0, on_skip=lambda s, r: skipped.append((s, r))
         )
@@ -771,6 +772,20 @@ def test_an_old_run_without_resume_is_refused_and_unchanged(capsys, tiny_run, tm
     assert _listing(out) == before
 
 
+def test_export_and_merge_skip_a_damaged_step_or_name_it(capsys, tiny_run, tmp_path):
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(tiny_run / "checkpoints", ck)
+    _truncate(str(ck / "8"))
+    rc, out, err = _call(capsys, "export-peft", TINY, "--checkpoint", ck, "--out", tmp_path / "p")
+    assert rc == 0, err
+    assert err.startswith(f"jlora: skipping checkpoint step 8 in {ck}: its adapters/ cannot be ")
+    assert f"from {ck} step 4 to " in out
+    _one_line_error(capsys, "merge", TINY, "--checkpoint", ck, "--step", "8", "--out",
+                    tmp_path / "m", expect=f"checkpoint step 8 in {ck} is damaged: its "
+                    "adapters/ cannot be read (ValueError: ")  # fmt: skip
+    assert not (tmp_path / "m").exists()
+
+
 HOLD = """
 import sys, time
 from jlora.train.lock import RunLock
@@ -892,8 +907,8 @@ def _verify_all(ckpt_dir):
 
 
 def _wait_for_training(out, proc, beyond, timeout=120.0):
-    """Until ``proc`` holds the run's lock and has logged a training step after ``beyond`` (a
-    killed attempt's records stay until the next one's set-up); False if it ended first."""
+    """Until ``proc`` holds the run's lock and has logged training step ``beyond`` (a killed
+    attempt's records stay until the next one's set-up); False if it ended first."""
     from jlora.train.lock import LOCK_NAME
 
     deadline, locked = time.time() + timeout, None
@@ -902,7 +917,7 @@ def _wait_for_training(out, proc, beyond, timeout=120.0):
             if locked is None and json.loads((out / LOCK_NAME).read_text())["pid"] == proc.pid:
                 locked = time.time()
             fresh = locked is not None and (out / "metrics.jsonl").stat().st_mtime >= locked
-            if fresh and any(r["step"] > beyond for r in _records(out)):
+            if fresh and any(r["step"] >= beyond for r in _records(out)):
                 return True
         except (OSError, ValueError, KeyError):  # not there yet, or a line being written
             pass
@@ -919,10 +934,11 @@ def _latest(ckpt_dir):
 
 @pytest.mark.slow
 def test_soak_sigkill_at_random_points_then_resume_is_bit_identical(env, tmp_path):
-    """An 80-step run killed with SIGKILL 12 times at random moments (3 during start-up, the
-    rest at random times once it trains: steps, evaluations, checkpoint writes) and resumed each
-    time ends exactly as an uninterrupted run; after every kill each surviving checkpoint
-    verifies."""
+    """An 80-step run killed with SIGKILL 12 times at random moments and resumed each time ends
+    exactly as an uninterrupted run; after every kill each surviving checkpoint verifies. Three
+    kills land during start-up (0.2-3 s after launch); the others once the attempt has logged a
+    random step 1-8 steps past its checkpoint, plus 0-0.4 s (training steps, evaluations every 8
+    steps), or a checkpoint step, plus 0-0.15 s (its write, Orbax's deletion of old steps)."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
     r = _train(env, ref, *SOAK)
     assert r.returncode == 0, r.stderr
@@ -937,14 +953,19 @@ def test_soak_sigkill_at_random_points_then_resume_is_bit_identical(env, tmp_pat
         if kills < KILLS:
             if kills in startup:
                 time.sleep(rng.uniform(0.2, 3.0))
-            elif _wait_for_training(out, proc, _latest(out / "checkpoints")):
-                time.sleep(rng.uniform(0.0, 4.0))
+            else:
+                target = _latest(out / "checkpoints") + rng.randint(1, 8)
+                at_save = rng.random() < 0.5  # right after a checkpoint step: during its write
+                if at_save:
+                    target = -(-target // 4) * 4
+                if _wait_for_training(out, proc, target):
+                    time.sleep(rng.uniform(0.0, 0.15 if at_save else 0.4))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)
         if proc.returncode == -signal.SIGKILL:
             kills += 1
-            partial = {p.name for p in (out / "checkpoints").glob("*") if not p.name.isdigit()}
+            partial = {p.name for p in (out / "checkpoints").glob("*") if "tmp" in p.name}
             mid_save, seen = mid_save + len(partial - seen), seen | partial
             steps_at_kill.append(max((r["step"] for r in _records(out)), default=0)
                                  if (out / "metrics.jsonl").exists() else None)  # fmt: skip

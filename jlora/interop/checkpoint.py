@@ -15,6 +15,7 @@ Nothing is ever deleted by a restore.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -23,14 +24,13 @@ import jax
 import numpy as np
 
 from jlora.core.config import LoraConfig
-from jlora.core.targets import path_str
 from jlora.interop.checkpoint_integrity import (
     CorruptCheckpointError,
     agree,
     compare_checksums,
-    meta_problem,
-    quiet_failed_reads,
-    short_error,
+    read_items,
+    read_meta,
+    verify_step,
 )
 from jlora.interop.checkpoint_orbax import (
     check_options,
@@ -45,6 +45,10 @@ from jlora.interop.checkpoint_schema import adapter_nodes, mismatches, opt_leave
 from jlora.interop.config_json import config_from_json, config_to_json
 
 __all__ = ["AdapterCheckpointer", "CorruptCheckpointError", "config_from_json", "config_to_json"]
+
+
+#: where old steps go (renamed, atomically) before they are removed
+_DELETING = ".jlora-deleting"
 
 
 def _orbax() -> Any:
@@ -64,7 +68,8 @@ class AdapterCheckpointer:
     """Save and restore adapters (and optimizer state) with an Orbax ``CheckpointManager``.
 
     Args:
-      directory: where the step directories go (created if needed).
+      directory: where the step directories go (created at the first save: until then nothing
+        is written).
       max_to_keep: keep this many checkpoints (None: all). With ``best_metric``, the best
         ``max_to_keep`` by that metric are kept, plus always the latest (to resume from).
       save_interval_steps: `save` writes only steps divisible by this (unless ``force``).
@@ -109,6 +114,9 @@ class AdapterCheckpointer:
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
             create=False,  # nothing is written (the directory is made) until the first save
+            # Old steps are renamed away (atomic) before they are removed, so that a kill during
+            # the removal never leaves a half-deleted step that looks like a checkpoint.
+            todelete_subdir=_DELETING,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -155,6 +163,7 @@ class AdapterCheckpointer:
             return False
         items = save_items(step, nodes, opt_state, config, metrics)
         os.makedirs(self.directory, exist_ok=True)
+        self._purge()
         return self._manager.save(
             step, args=ocp.args.Composite(**items), metrics=metrics, force=force
         )
@@ -179,25 +188,7 @@ class AdapterCheckpointer:
         step = steps[-1] if step is None else step
         if step not in steps:
             raise ValueError(f"no checkpoint for step {step} in {self.directory}; steps: {steps}.")
-        return step, self._read_meta(step)
-
-    def _read_meta(self, step: int) -> dict[str, Any]:
-        """The ``meta`` item of ``step``, checked against its digest (`CorruptCheckpointError`)."""
-        ocp = _orbax()
-        problem = self._missing(step, ["meta"])
-        if problem is not None:
-            raise CorruptCheckpointError(step, self.directory, problem)
-        try:
-            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-            meta = self._manager.restore(step, args=args)["meta"]
-        except Exception as e:  # broken JSON, an unreadable file
-            raise CorruptCheckpointError(
-                step, self.directory, f"its meta/ item cannot be read ({short_error(e)})"
-            ) from e
-        problem = meta_problem(meta)
-        if problem is not None:
-            raise CorruptCheckpointError(step, self.directory, problem)
-        return meta
+        return step, read_meta(self._manager, self.directory, step)
 
     def config(self, step: int | None = None) -> LoraConfig:
         """The `LoraConfig` saved with ``step`` (default: the latest).
@@ -294,7 +285,7 @@ class AdapterCheckpointer:
     def _restore_step(
         self, step: int, tree: Any, opt_state: Any, shardings: Any, require_opt_state: bool
     ) -> tuple[Any, Any, int]:
-        meta = self._read_meta(step)
+        meta = read_meta(self._manager, self.directory, step)
         nodes = adapter_nodes(tree)
         with_opt = opt_state is not None and (require_opt_state or "opt_state" in meta)
         opt = opt_leaves(opt_state) if with_opt else None
@@ -305,7 +296,7 @@ class AdapterCheckpointer:
         args = restore_args(
             nodes, target_shardings(shardings, nodes), None if opt is None else opt[1]
         )
-        out, reason = self._read_items(step, args)
+        out, reason = read_items(self._manager, self.directory, step, args)
         if reason is None:
             read = flat_items(out, nodes, None if opt is None else len(opt[1]))
             saved = {
@@ -325,28 +316,6 @@ class AdapterCheckpointer:
             )
         return restored, new_opt, step
 
-    def _read_items(self, step: int, args: Any) -> tuple[Any, str | None]:
-        """``(items, None)``, or ``(None, why)`` when Orbax / TensorStore cannot read them."""
-        missing = self._missing(step, list(args.keys()))
-        if missing is not None:
-            return None, missing
-        try:
-            return self._manager.restore(step, args=args), None
-        except Exception as e:  # a truncated or damaged data file
-            quiet_failed_reads()
-            names = "/, ".join(args.keys()) + "/"
-            return None, f"its {names} cannot be read ({short_error(e)})"
-
-    def _missing(self, step: int, items: list[str]) -> str | None:
-        """What is missing from a local step directory (for a remote one, Orbax says it)."""
-        d = os.path.join(self.directory, str(step))
-        if not os.path.isdir(d):
-            return None
-        if not os.listdir(d):
-            return "its directory is empty"
-        gone = [f"{n}/" for n in items if not os.path.isdir(os.path.join(d, n))]
-        return f"its {', '.join(gone)} item is missing" if gone else None
-
     def verify(self, step: int | None = None) -> str | None:
         """Why ``step`` (default: the latest) cannot be restored, or None when it verifies.
 
@@ -364,22 +333,12 @@ class AdapterCheckpointer:
           True
           True
         """
-        step, _ = self._meta(None) if step is None else (step, None)
-        try:
-            meta = self._read_meta(step)
-        except CorruptCheckpointError as e:
-            return e.reason
-        ocp = _orbax()
-        names = ["adapters"] + (["opt_state"] if "opt_state" in meta else [])
-        args = ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names})
-        out, reason = self._read_items(step, args)
-        if reason is not None:
-            return reason
-        read = {}
-        for name in names:
-            leaves = jax.tree_util.tree_flatten_with_path(out[name])[0]
-            read.update({f"{name}/{path_str(p)}": x for p, x in leaves})
-        return compare_checksums(meta.get("checksums", {}), read)
+        if step is None:
+            steps = self.all_steps()
+            if not steps:
+                raise ValueError(f"no checkpoint in {self.directory}.")
+            step = steps[-1]
+        return verify_step(self._manager, self.directory, step)
 
     # Bookkeeping ---------------------------------------------------------------------------
 
@@ -429,6 +388,12 @@ class AdapterCheckpointer:
         """Wait for pending saves and release the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+        self._purge()
+
+    def _purge(self) -> None:
+        """Remove the steps Orbax renamed away for deletion (see ``todelete_subdir``)."""
+        if jax.process_index() == 0:
+            shutil.rmtree(os.path.join(self.directory, _DELETING), ignore_errors=True)
 
     def __enter__(self) -> AdapterCheckpointer:
         return self

@@ -17,12 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 from typing import Any
 
 import jax
 import numpy as np
+
+from jlora.core.targets import path_str
 
 __all__ = [
     "FORMAT",
@@ -32,8 +35,11 @@ __all__ = [
     "compare_checksums",
     "meta_problem",
     "quiet_failed_reads",
+    "read_items",
+    "read_meta",
     "seal",
     "short_error",
+    "verify_step",
 ]
 
 #: The format of the steps written now; ``jlora.adapters/1`` steps have no checksums.
@@ -152,6 +158,71 @@ def short_error(e: BaseException, limit: int = 240) -> str:
         return text
     head = limit // 4  # the error code, and the innermost cause, which names the file
     return f"{text[:head]} ... {text[-(limit - head - 5) :]}"
+
+
+def _missing(directory: str, step: int, items: list[str]) -> str | None:
+    """What is missing from a local step directory (for a remote one, Orbax says it)."""
+    d = os.path.join(directory, str(step))
+    if not os.path.isdir(d):
+        return None
+    if not os.listdir(d):
+        return "its directory is empty"
+    gone = [f"{n}/" for n in items if not os.path.isdir(os.path.join(d, n))]
+    return f"its {', '.join(gone)} item is missing" if gone else None
+
+
+def read_meta(manager: Any, directory: str, step: int) -> dict[str, Any]:
+    """The ``meta`` item of ``step`` (an Orbax ``CheckpointManager``'s), checked against its
+    digest; `CorruptCheckpointError` when it is missing, unreadable or does not match."""
+    import orbax.checkpoint as ocp
+
+    problem = _missing(directory, step, ["meta"])
+    if problem is not None:
+        raise CorruptCheckpointError(step, directory, problem)
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # broken JSON, an unreadable file
+        raise CorruptCheckpointError(
+            step, directory, f"its meta/ item cannot be read ({short_error(e)})"
+        ) from e
+    problem = meta_problem(meta["meta"])
+    if problem is not None:
+        raise CorruptCheckpointError(step, directory, problem)
+    return meta["meta"]
+
+
+def read_items(manager: Any, directory: str, step: int, args: Any) -> tuple[Any, str | None]:
+    """``(items, None)``, or ``(None, why)`` when Orbax / TensorStore cannot read them."""
+    missing = _missing(directory, step, list(args.keys()))
+    if missing is not None:
+        return None, missing
+    try:
+        return manager.restore(step, args=args), None
+    except Exception as e:  # a truncated or damaged data file
+        quiet_failed_reads()
+        names = "/, ".join(args.keys()) + "/"
+        return None, f"its {names} cannot be read ({short_error(e)})"
+
+
+def verify_step(manager: Any, directory: str, step: int) -> str | None:
+    """Why ``step`` cannot be restored, or None: every item it holds is read as saved (onto the
+    default device) and compared with the checksums of its metadata."""
+    import orbax.checkpoint as ocp
+
+    try:
+        meta = read_meta(manager, directory, step)
+    except CorruptCheckpointError as e:
+        return e.reason
+    names = ["adapters"] + (["opt_state"] if "opt_state" in meta else [])
+    args = ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names})
+    out, reason = read_items(manager, directory, step, args)
+    if reason is not None:
+        return reason
+    read = {}
+    for name in names:
+        leaves = jax.tree_util.tree_flatten_with_path(out[name])[0]
+        read.update({f"{name}/{path_str(p)}": x for p, x in leaves})
+    return compare_checksums(meta.get("checksums", {}), read)
 
 
 def agree(ok: bool) -> bool:
