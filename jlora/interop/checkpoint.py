@@ -119,6 +119,7 @@ class AdapterCheckpointer:
             todelete_subdir=_DELETING,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._wrote = False
 
     # Saving --------------------------------------------------------------------------------
 
@@ -164,6 +165,7 @@ class AdapterCheckpointer:
         items = save_items(step, nodes, opt_state, config, metrics)
         os.makedirs(self.directory, exist_ok=True)
         self._purge()
+        self._wrote = True
         return self._manager.save(
             step, args=ocp.args.Composite(**items), metrics=metrics, force=force
         )
@@ -297,16 +299,19 @@ class AdapterCheckpointer:
             nodes, target_shardings(shardings, nodes), None if opt is None else opt[1]
         )
         out, reason = read_items(self._manager, self.directory, step, args)
-        if reason is None:
-            read = flat_items(out, nodes, None if opt is None else len(opt[1]))
-            saved = {
-                k: v
-                for k, v in meta.get("checksums", {}).items()
-                if k.startswith("adapters/") or (opt is not None and k.startswith("opt_state/"))
-            }
-            reason = compare_checksums(saved, read)
         if not agree(reason is None):  # every process takes the same decision
-            raise CorruptCheckpointError(step, self.directory, reason or "damaged on a process")
+            raise CorruptCheckpointError(
+                step, self.directory, reason or "its items cannot be read on another process"
+            )
+        read = flat_items(out, nodes, None if opt is None else len(opt[1]))
+        saved = {
+            k: v
+            for k, v in meta.get("checksums", {}).items()
+            if k.startswith("adapters/") or (opt is not None and k.startswith("opt_state/"))
+        }
+        reason = compare_checksums(saved, read)  # of all-gathered arrays: the same everywhere
+        if reason is not None:
+            raise CorruptCheckpointError(step, self.directory, reason)
         restored = fill_tree(tree, nodes, out["adapters"])
         new_opt = None
         if opt is not None:
@@ -388,7 +393,8 @@ class AdapterCheckpointer:
         """Wait for pending saves and release the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
-        self._purge()
+        if self._wrote:  # a checkpointer that only read changes nothing
+            self._purge()
 
     def _purge(self) -> None:
         """Remove the steps Orbax renamed away for deletion (see ``todelete_subdir``)."""
