@@ -236,6 +236,9 @@ def _command(args: argparse.Namespace) -> int:
         return _fail(str(e), 2)
     try:
         if args.command == "train":
+            from jlora.train.compiles import enable_compile_cache
+
+            enable_compile_cache(cfg.train.compile_cache_dir)  # before anything compiles
             train(cfg, resume=args.resume)
         elif args.command == "info":
             _info(cfg)

@@ -15,9 +15,24 @@ with ``@pytest.mark.usefixtures("np_ref_attr")``: ``self.np_ref``.
 
 from __future__ import annotations
 
+import os
+
 import _hf_utils
 import _reference
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_home(tmp_path_factory):
+    """``XDG_CACHE_HOME`` in a temporary directory: the ``jlora`` command's default persistent
+    compilation cache (``train.compile_cache_dir: auto``) never writes to the user's home."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
 
 
 @pytest.fixture(scope="session")

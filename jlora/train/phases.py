@@ -60,6 +60,7 @@ class Run:
     cpu_start: float
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     start: int = 0  # the first step to train (after `restore`)
+    compiles: Any = None  # a `jlora.train.compiles.CompileCounter` (set by `train`)
 
 
 @dataclasses.dataclass
@@ -310,4 +311,7 @@ def _summary(run: Run, done: Outcome, before, probe, after) -> dict:
         "timings_s": run.timings,
         "checkpoint_dir": str(p.checkpoint_dir) if run.ckpt is not None else None,
         "last_checkpoint_step": done.last_saved,
+        # XLA programs compiled by this run, and those loaded from the persistent cache instead
+        "compiled_programs": run.compiles.compiled if run.compiles is not None else None,
+        "cached_programs": run.compiles.loaded if run.compiles is not None else None,
     }

@@ -38,6 +38,13 @@ def _cell(results: dict | None, split: str, key: str) -> str:
     return f"{100 * v:.2f}%" if key == "accuracy" else f"{v:.4f}"
 
 
+def _compiles(s: dict[str, Any]) -> str:
+    """``", N programs compiled (M from the cache)"`` when the summary counted them."""
+    if s.get("compiled_programs") is None:
+        return ""
+    return f", {s['compiled_programs']} programs compiled ({s.get('cached_programs', 0)} cached)"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """A human-readable table of a run summary (see `jlora.train.trainer.train`).
 
@@ -62,7 +69,7 @@ def format_summary(s: dict[str, Any]) -> str:
     tok = s.get("tokens_per_s")
     lines = [
         f"== jlora run {s['name']!r}: {s['steps']} steps, wall time {s['wall_time_s']:.1f}s "
-        f"(training {s['train_time_s']:.1f}s, {tok or 0:,.0f} tokens/s) ==",
+        f"(training {s['train_time_s']:.1f}s, {tok or 0:,.0f} tokens/s{_compiles(s)}) ==",
         f"trainable params: {s['trainable_params']:,} of {s['base_params']:,} base params "
         f"({s['trainable_percent']:.4f}%); {s['lora_targets']} LoRA targets; adapters "
         f"{s['adapter_bytes']:,} bytes",

@@ -215,6 +215,10 @@ class TrainConfig:
         loss, gradient, adapter or optimizer-state value stops the run at any step.
       sleep_per_step: seconds to sleep after each step. A testing aid (it slows a tiny run down
         so that a test can kill it mid-way); leave at 0.
+      compile_cache_dir: the persistent XLA compilation cache that ``jlora train`` uses, so a
+        second run of a config compiles nothing (`jlora.train.compiles`); ``auto``:
+        ``$XDG_CACHE_HOME/jlora/xla`` or ``~/.cache/jlora/xla`` (or JAX's own cache directory
+        when one is set, e.g. by ``JAX_COMPILATION_CACHE_DIR``); null: no cache.
     """
 
     seed: int = 0
@@ -229,6 +233,7 @@ class TrainConfig:
     early_stopping_metric: Literal["loss", "accuracy"] = "loss"
     divergence_factor: float | None = 10.0
     sleep_per_step: float = 0.0
+    compile_cache_dir: str | None = "auto"
 
     def __post_init__(self) -> None:
         for f in ("epochs", "grad_accum", "log_every"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from jlora.train.compiles import CompileCounter
 from jlora.train.config import RunConfig
 from jlora.train.evaluation import evaluate
 from jlora.train.loop import DivergenceError, NonFiniteLossError, TrainingLoop
@@ -50,11 +51,16 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
         `DivergenceError` for a diverging loss); the last good checkpoint is kept.
       RunDirLocked: another live run holds the run directory.
     """
-    run = set_up(cfg, resume=resume, echo=echo)
+    counter = CompileCounter().start()  # the programs this run compiles (summary.json)
     try:
-        before, probe = evaluate_before(run)
-        restore(run)
-        outcome = TrainingLoop(run, resume=resume).run_steps()
-        return finish(run, outcome, before, probe)
+        run = set_up(cfg, resume=resume, echo=echo)
+        run.compiles = counter
+        try:
+            before, probe = evaluate_before(run)
+            restore(run)
+            outcome = TrainingLoop(run, resume=resume).run_steps()
+            return finish(run, outcome, before, probe)
+        finally:
+            run.lock.release()
     finally:
-        run.lock.release()
+        counter.stop()

@@ -1,0 +1,129 @@
+"""Compile less, and know how much was compiled: the persistent XLA cache and a compile counter.
+
+* `enable_compile_cache` points JAX's persistent compilation cache at ``train.compile_cache_dir``
+  (``"auto"``: ``$XDG_CACHE_HOME/jlora/xla``, else ``~/.cache/jlora/xla``, unless JAX already has
+  a cache directory, e.g. from ``JAX_COMPILATION_CACHE_DIR``; ``null``: off). Every program is
+  cached, however small or fast to compile, so a second run of the same config compiles nothing
+  on CPU too. It must run before the process compiles anything (the ``jlora`` command calls it
+  first): JAX decides once per process whether it uses the cache.
+* `CompileCounter` counts, while it is active, the XLA programs compiled and those loaded from
+  the persistent cache (from JAX's ``jax.monitoring`` compile events).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.monitoring
+
+__all__ = ["AUTO", "CompileCounter", "default_cache_dir", "enable_compile_cache"]
+
+#: ``train.compile_cache_dir`` value for the default location (see `default_cache_dir`).
+AUTO = "auto"
+
+# One event per XLA program that reached the backend (compiled, or loaded from the cache) ...
+_BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
+# ... and one per program loaded from the persistent cache.
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/jlora/xla`` (``~/.cache/jlora/xla`` when ``XDG_CACHE_HOME`` is unset).
+
+    Example:
+      >>> default_cache_dir().parts[-2:]
+      ('jlora', 'xla')
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jlora" / "xla"
+
+
+def enable_compile_cache(value: str | None) -> Path | None:
+    """Use a persistent compilation cache in ``value`` (``"auto"``, a directory, or None: off).
+
+    The directory is created if it does not exist. Returns the directory in use, or None.
+
+    Example:
+      >>> import tempfile
+      >>> d = enable_compile_cache(tempfile.mkdtemp() + "/new/xla")
+      >>> d.is_dir(), jax.config.jax_compilation_cache_dir == str(d)
+      (True, True)
+      >>> enable_compile_cache(None) is None, jax.config.jax_compilation_cache_dir
+      (True, None)
+    """
+    if value is None:
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
+    if value == AUTO:
+        current = jax.config.jax_compilation_cache_dir
+        path = Path(current) if current else default_cache_dir()
+    else:
+        path = Path(value).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"train.compile_cache_dir: cannot create {str(path)!r} ({e.strerror or e}); "
+            "give a writable directory or null"
+        ) from e
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
+
+
+class CompileCounter:
+    """Counts the XLA programs compiled / loaded from the persistent cache while active.
+
+    Attributes:
+      compiled: programs XLA compiled (not found in the persistent cache).
+      loaded: programs loaded from the persistent cache instead.
+
+    Example:
+      >>> import numpy as np
+      >>> f = jax.jit(lambda x: x * 3 + 1)
+      >>> with CompileCounter() as c:
+      ...     _ = f(np.arange(7.0)), f(np.arange(7.0))  # the second call: jit's own cache
+      ...     _ = f(np.arange(9.0))  # a new shape: a new program
+      >>> c.compiled + c.loaded
+      2
+    """
+
+    def __init__(self) -> None:
+        self.programs, self.loaded = 0, 0
+        self.active = False
+
+    @property
+    def compiled(self) -> int:
+        return self.programs - self.loaded
+
+    def _on_duration(self, event: str, duration: float, **kwargs) -> None:
+        if event == _BACKEND_EVENT:
+            self.programs += 1
+
+    def _on_event(self, event: str, **kwargs) -> None:
+        if event == _HIT_EVENT:
+            self.loaded += 1
+
+    def start(self) -> CompileCounter:
+        """Start counting (listeners registered with ``jax.monitoring``)."""
+        if not self.active:
+            jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+            jax.monitoring.register_event_listener(self._on_event)
+            self.active = True
+        return self
+
+    def stop(self) -> None:
+        """Stop counting; the counts stay."""
+        if self.active:
+            jax.monitoring.unregister_event_duration_listener(self._on_duration)
+            jax.monitoring.unregister_event_listener(self._on_event)
+            self.active = False
+
+    def __enter__(self) -> CompileCounter:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

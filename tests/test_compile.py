@@ -1,0 +1,108 @@
+"""Compile less (`jlora.train.compiles`): the persistent XLA cache of ``jlora train`` and the
+compile counter in summary.json.
+
+The two-run check is a pair of subprocesses (JAX decides once per process whether it uses the
+persistent cache): the second run of the same config, with the cache the first one filled,
+compiles nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jlora.train import load_config
+from jlora.train.compiles import CompileCounter, default_cache_dir, enable_compile_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "llama-tiny.yaml"
+
+
+@pytest.fixture
+def restore_cache_config():
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {k: getattr(jax.config, k) for k in keys}
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+def test_default_is_auto_under_the_user_cache_dir(monkeypatch, tmp_path):
+    assert load_config(TINY).train.compile_cache_dir == "auto"
+    assert load_config(TINY, ["train.compile_cache_dir=null"]).train.compile_cache_dir is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "jlora" / "xla"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "jlora" / "xla"
+
+
+def test_enable_creates_a_missing_dir_and_caches_everything(restore_cache_config, tmp_path):
+    target = tmp_path / "does" / "not" / "exist"
+    assert enable_compile_cache(str(target)) == target
+    assert target.is_dir()
+    assert jax.config.jax_compilation_cache_dir == str(target)
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+    assert jax.config.jax_persistent_cache_min_entry_size_bytes == -1
+    # auto keeps a directory JAX already has (JAX_COMPILATION_CACHE_DIR, the tests' env)
+    assert enable_compile_cache("auto") == target
+    assert enable_compile_cache(None) is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_auto_without_a_jax_dir_uses_xdg(restore_cache_config, monkeypatch, tmp_path):
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert enable_compile_cache("auto") == tmp_path / "xdg" / "jlora" / "xla"
+    assert (tmp_path / "xdg" / "jlora" / "xla").is_dir()
+
+
+def test_unwritable_dir_is_a_one_line_error(restore_cache_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"train.compile_cache_dir: cannot create .*file/xla"):
+        enable_compile_cache(str(blocker / "xla"))
+
+
+def test_counter_counts_new_programs_not_cached_calls():
+    f = jax.jit(lambda x: jnp.sin(x) * 2)
+    x3, x5, x7 = jnp.ones(3), jnp.ones(5), jnp.ones(7)
+    with CompileCounter() as c:
+        f(x3)
+        f(x3)  # same shape: the in-memory jit cache, no compile
+        f(x5)  # new shape: a new program
+    f(x7)  # after stop: not counted
+    assert (c.compiled + c.loaded, c.active) == (2, False)
+
+
+def _train(out: Path, cache: Path) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cmd = [sys.executable, "-m", "jlora.cli", "train", str(TINY), "--set", f"output.dir={out}"]
+    cmd += ["output.progress=false", "train.epochs=1", f"train.compile_cache_dir={cache}"]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"{summary['compiled_programs']} programs compiled" in r.stdout
+    return summary
+
+
+def test_second_run_of_a_config_compiles_nothing(tmp_path):
+    cache = tmp_path / "new" / "xla"  # does not exist yet: created
+    cold = _train(tmp_path / "cold", cache)
+    warm = _train(tmp_path / "warm", cache)
+    assert cold["compiled_programs"] > 0 and cold["cached_programs"] == 0
+    assert warm["compiled_programs"] == 0
+    assert warm["cached_programs"] == cold["compiled_programs"]
+    assert warm["after"] == cold["after"]  # the cached programs compute the same thing
