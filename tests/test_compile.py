@@ -16,8 +16,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import jlora
+import jlora.train.data as D
 from jlora.train import load_config
 from jlora.train.compiles import CompileCounter, default_cache_dir, enable_compile_cache
 
@@ -106,3 +109,69 @@ def test_second_run_of_a_config_compiles_nothing(tmp_path):
     assert warm["compiled_programs"] == 0
     assert warm["cached_programs"] == cold["compiled_programs"]
     assert warm["after"] == cold["after"]  # the cached programs compute the same thing
+
+
+# --------------------------------------------------------------------------------------------
+# Length buckets.
+
+
+def _split(lengths, full=64):
+    mask = (np.arange(full)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return D.Split(mask * 5, mask, np.arange(len(lengths)) % 2)
+
+
+def test_batches_are_padded_up_to_the_next_bucket():
+    s = _split([3, 12, 17, 40, 9, 30, 2, 16])
+    buckets = (16, 32)
+    shapes = [b["input_ids"].shape for b in D.eval_batches(s, 3, buckets=buckets)]
+    # sorted lengths 2 3 9 | 12 16 17 | 30 40 (+pad row): buckets 16, 32, and 64 (> every bucket)
+    assert shapes == [(3, 16), (3, 32), (3, 64)]
+    batcher = D.Batcher(8, 2, seed=0)
+    for step in range(4):
+        b = D.train_batch(s, batcher, step, 1, buckets=buckets)
+        longest = int(b["attention_mask"].sum(-1).max())
+        want = 16 if longest <= 16 else 32 if longest <= 32 else 64
+        assert b["input_ids"].shape == (1, 2, want)
+        assert b["attention_mask"].sum() == s.attention_mask[batcher.indices(step)].sum()
+
+
+@pytest.mark.parametrize("bad", [[], [32, 16], [0, 8], [16, 16]])
+def test_bad_buckets_are_refused(bad):
+    with pytest.raises(ValueError, match=r"data.length_buckets must be a non-empty list of"):
+        load_config(ROOT / "configs" / "minilm-lora.yaml", [f"data.length_buckets={bad}"])
+
+
+def test_padded_bucket_batch_equals_unpadded_examples():
+    """Loss and accuracy of a batch padded up to a bucket = those of each example run alone at
+    its exact length (no padding at all): the padding is masked out."""
+    from jlora.train.setup import prepare
+    from jlora.train.steps import make_eval_step
+
+    cfg = load_config(ROOT / "configs" / "minilm-lora.yaml", ["data.length_buckets=[64]"])
+    p = prepare(cfg)
+    frozen, adapters = jlora.split(p.tree)
+    rng = np.random.default_rng(0)  # non-zero B: the adapted model, not just the base
+    adapters = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(x.dtype), adapters)
+    step = jax.jit(make_eval_step(p.task))
+    split = p.splits["eval"]
+    lengths = split.attention_mask.sum(1)
+    pick = np.unique(lengths, return_index=True)[1][:5]  # 5 texts of different lengths
+    sub = D.Split(split.input_ids[pick], split.attention_mask[pick], split.labels[pick])
+    (batch,) = list(D.eval_batches(sub, 5, buckets=cfg.data.length_buckets))
+    batch.pop("index")
+    full = split.input_ids.shape[1]  # the splits' padded length (40), below the bucket 64
+    assert batch["input_ids"].shape == (5, full) and sub.attention_mask.sum(1).min() < full // 2
+    got = step(adapters, frozen, batch)
+    ref = {"loss": 0.0, "correct": 0.0}
+    for i in range(5):
+        n = int(sub.attention_mask[i].sum())
+        one = {
+            "input_ids": sub.input_ids[i : i + 1, :n],
+            "attention_mask": sub.attention_mask[i : i + 1, :n],
+            "labels": sub.labels[i : i + 1],
+            "weight": np.ones(1, np.float32),
+        }
+        out = step(adapters, frozen, one)
+        ref = {k: ref[k] + float(out[k]) for k in ref}
+    np.testing.assert_allclose(float(got["loss"]), ref["loss"], rtol=1e-5)
+    assert float(got["correct"]) == ref["correct"]

@@ -241,23 +241,51 @@ class Batcher:
         return self.permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
 
 
-def _trim(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
-    """Drop padding columns beyond the longest row (rounded up to ``multiple``)."""
+def bucket_length(
+    longest: int, full: int, multiple: int = 8, buckets: Sequence[int] | None = None
+) -> int:
+    """The padded length of a batch whose longest row has ``longest`` tokens (at most ``full``).
+
+    Without ``buckets``: ``longest`` rounded up to ``multiple``. With ``buckets`` (ascending
+    lengths): the smallest bucket that holds ``longest``, else ``full``, so the batch shapes,
+    and the programs compiled for them, are known before the first step.
+
+    Example:
+      >>> bucket_length(17, 64), bucket_length(17, 64, buckets=(16, 32)), bucket_length(40, 64,
+      ...     buckets=(16, 32))
+      (24, 32, 64)
+    """
+    if buckets:
+        return min([b for b in buckets if b >= longest and b <= full] or [full])
+    return min(-(-longest // multiple) * multiple, full)
+
+
+def _trim(
+    batch: dict[str, np.ndarray], multiple: int, buckets: Sequence[int] | None = None
+) -> dict[str, np.ndarray]:
+    """Drop padding columns beyond the longest row (rounded up to ``multiple`` / a bucket)."""
     full = batch["input_ids"].shape[-1]
     longest = int(batch["attention_mask"].sum(-1).max())
-    length = min(-(-longest // multiple) * multiple, full)
+    length = bucket_length(longest, full, multiple, buckets)
     for k in ("input_ids", "attention_mask"):
         batch[k] = batch[k][..., :length]
     return batch
 
 
 def train_batch(
-    split: Split, batcher: Batcher, step: int, grad_accum: int, *, multiple: int = 8
+    split: Split,
+    batcher: Batcher,
+    step: int,
+    grad_accum: int,
+    *,
+    multiple: int = 8,
+    buckets: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """The batch of optimizer step ``step``: arrays shaped ``(grad_accum, batch_size, length)``.
 
     ``length`` is the longest text of the batch rounded up to ``multiple`` (at most the split's
-    padded length): padding columns that no row needs are not computed.
+    padded length): padding columns that no row needs are not computed. With ``buckets``, it is
+    the smallest bucket that holds the longest text (`bucket_length`).
 
     Example:
       >>> mask = (np.arange(16)[None] < np.array([[3], [12], [5], [2]])).astype(np.int32)
@@ -270,16 +298,17 @@ def train_batch(
       True
     """
     parts = [split.take(batcher.indices(step * grad_accum + j)) for j in range(grad_accum)]
-    return _trim({k: np.stack([p[k] for p in parts]) for k in parts[0]}, multiple)
+    return _trim({k: np.stack([p[k] for p in parts]) for k in parts[0]}, multiple, buckets)
 
 
 def eval_batches(
-    split: Split, batch_size: int, *, multiple: int = 8
+    split: Split, batch_size: int, *, multiple: int = 8, buckets: Sequence[int] | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """Fixed-size batches covering ``split`` once, shortest texts first.
 
     Rows are sorted by length and each batch is trimmed to its longest row (rounded up to
-    ``multiple``), so short texts cost less; the few distinct lengths each compile once. Every
+    ``multiple``, or up to a bucket of ``buckets``: `bucket_length`), so short texts cost less;
+    the few distinct lengths each compile once, shared by every split and evaluation. Every
     batch has a ``weight`` row mask (0 = padding row) and the ``index`` of each row in ``split``.
 
     Example:
@@ -298,7 +327,7 @@ def eval_batches(
         idx = order[start : start + batch_size]
         pad = batch_size - len(idx)
         idx = np.concatenate([idx, np.full(pad, idx[-1])])
-        length = min(-(-int(lengths[idx].max()) // multiple) * multiple, full)
+        length = bucket_length(int(lengths[idx].max()), full, multiple, buckets)
         batch = split.take(idx)
         batch["input_ids"] = batch["input_ids"][:, :length]
         batch["attention_mask"] = batch["attention_mask"][:, :length]

@@ -25,7 +25,8 @@ def evaluate(
     """Metrics of ``adapters`` on ``split`` (and the pooled embeddings when ``features``)."""
     sums = {"loss": 0.0, "weight": 0.0, "correct": 0.0}
     pooled = []
-    for batch in D.eval_batches(split, p.cfg.data.eval_batch_size):
+    d = p.cfg.data
+    for batch in D.eval_batches(split, d.eval_batch_size, buckets=d.length_buckets):
         index = batch.pop("index")
         out = eval_step(adapters, frozen, batch)
         for k in sums:

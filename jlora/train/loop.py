@@ -109,7 +109,14 @@ class TrainingLoop:
         run, p, cfg = self.run, self.p, self.cfg
         t = time.perf_counter()
         batch = scale.place_batch(
-            D.train_batch(p.splits["train"], p.batcher, step, cfg.train.grad_accum), run.mesh
+            D.train_batch(
+                p.splits["train"],
+                p.batcher,
+                step,
+                cfg.train.grad_accum,
+                buckets=cfg.data.length_buckets,
+            ),
+            run.mesh,
         )
         adapters, opt_state, m = self.step_fn(
             run.adapters, run.opt_state, run.frozen, batch, step_key(cfg.train.seed, step)

@@ -123,6 +123,10 @@ class DataConfig:
       group_by_length: put texts of similar length in the same training batch (sorted within
         runs of 8 batches of the epoch's permutation, then the batches shuffled), so less
         padding is computed. Every batch is trimmed to its longest text either way.
+      length_buckets: ascending lengths; every training and evaluation batch is padded up to
+        the smallest that holds its longest text (longer ones: the split's padded length)
+        instead of trimmed to it, so the programs compiled are known up front (one train and
+        one eval program per bucket; padding is masked out). null: trim to multiples of 8.
     """
 
     source: Literal["jsonl", "synthetic"] = "jsonl"
@@ -137,6 +141,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     group_by_length: bool = False
+    length_buckets: tuple[int, ...] | None = None
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -144,6 +149,12 @@ class DataConfig:
             raise ConfigError("data.path is required when data.source is 'jsonl'")
         for f in ("max_len", "batch_size", "eval_batch_size"):
             _positive(f"data.{f}", getattr(self, f))
+        b = self.length_buckets
+        if b is not None and (not b or min(b) < 1 or list(b) != sorted(set(b))):
+            raise ConfigError(
+                f"data.length_buckets must be a non-empty list of increasing positive lengths, "
+                f"got {list(b)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
