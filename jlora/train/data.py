@@ -31,11 +31,17 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """A tokenized split: ``input_ids`` and ``attention_mask`` (n, length) int32, ``labels`` (n,)."""
+    """A tokenized split: ``input_ids`` and ``attention_mask`` (n, length) int32, ``labels`` (n,).
+
+    SFT splits (`jlora.train.sft`) add a ``loss_mask`` (n, length): 1 on the tokens whose
+    prediction is trained, and packed ones ``segment_ids`` (n, length): the example of a token.
+    """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     labels: np.ndarray | None = None
+    loss_mask: np.ndarray | None = None
+    segment_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -43,8 +49,9 @@ class Split:
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """The rows ``idx`` as a batch dict."""
         out = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
-        if self.labels is not None:
-            out["labels"] = self.labels[idx]
+        for k in ("labels", "loss_mask", "segment_ids"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)[idx]
         return out
 
 
@@ -267,8 +274,9 @@ def _trim(
     full = batch["input_ids"].shape[-1]
     longest = int(batch["attention_mask"].sum(-1).max())
     length = bucket_length(longest, full, multiple, buckets)
-    for k in ("input_ids", "attention_mask"):
-        batch[k] = batch[k][..., :length]
+    for k in ("input_ids", "attention_mask", "loss_mask", "segment_ids"):
+        if k in batch:
+            batch[k] = batch[k][..., :length]
     return batch
 
 
@@ -329,8 +337,9 @@ def eval_batches(
         idx = np.concatenate([idx, np.full(pad, idx[-1])])
         length = bucket_length(int(lengths[idx].max()), full, multiple, buckets)
         batch = split.take(idx)
-        batch["input_ids"] = batch["input_ids"][:, :length]
-        batch["attention_mask"] = batch["attention_mask"][:, :length]
+        for k in ("input_ids", "attention_mask", "loss_mask", "segment_ids"):
+            if k in batch:
+                batch[k] = batch[k][:, :length]
         batch["weight"] = (np.arange(batch_size) < batch_size - pad).astype(np.float32)
         batch["index"] = idx
         yield batch

@@ -31,6 +31,7 @@ from jlora.train.probe import linear_probe
 from jlora.train.report import format_summary, load_json, save_json
 from jlora.train.resume import Resumed, check_run_dir, find_resume_point, set_aside
 from jlora.train.setup import Prepared, prepare
+from jlora.train.sft_eval import eval_generate
 from jlora.train.steps import make_eval_step, make_optimizer, make_schedule
 from jlora.train.task import base_name
 
@@ -178,6 +179,7 @@ def evaluate_before(run: Run) -> tuple[dict | None, dict | None]:
     t = time.perf_counter()
     names = ("eval", "test", "train") if need_probe else ("eval", "test")
     before, feats = eval_all(p, run.eval_step, run.adapters, run.frozen, names, features=need_probe)
+    _add_generation(run, before)
     save_json(out / "before.json", before)
     run.timings["before_eval_s"] = time.perf_counter() - t
     run.echo(
@@ -248,9 +250,18 @@ def _evaluate_after(run: Run, done: Outcome) -> dict:
         }
     todo = ("test",) if after else ("eval", "test")
     after.update(eval_all(p, run.eval_step, run.adapters, run.frozen, todo)[0])
+    _add_generation(run, after)
     save_json(run.out / "after.json", after)
     run.timings["after_eval_s"] = time.perf_counter() - t
     return after
+
+
+def _add_generation(run: Run, results: dict) -> None:
+    """``train.eval_generate``: exact match / token accuracy of greedy completions on the eval
+    split, added to its results (`jlora.train.sft_eval`)."""
+    gen = eval_generate(run.p, run.adapters, run.frozen)
+    if gen is not None:
+        results.setdefault(split_name(run.p, "eval"), {}).update(gen)
 
 
 def _export_peft(run: Run, tree: Any) -> Path | None:

@@ -127,6 +127,12 @@ class DataConfig:
         the smallest that holds its longest text (longer ones: the split's padded length)
         instead of trimmed to it, so the programs compiled are known up front (one train and
         one eval program per bucket; padding is masked out). null: trim to multiples of 8.
+      packing: SFT data (`jlora.train.sft`): pack several training examples per row of
+        ``max_len`` tokens, with segment ids so attention and positions never cross examples.
+
+    For ``causal_lm``, jsonl rows with ``{"prompt", "completion"}`` or ``{"messages": [...]}``
+    are SFT data: the loss is on the completion / assistant tokens only; ``messages`` are
+    rendered with the chat template of the tokenizer's directory (``tokenizer_config.json``).
     """
 
     source: Literal["jsonl", "synthetic"] = "jsonl"
@@ -142,6 +148,7 @@ class DataConfig:
     eval_batch_size: int = 128
     group_by_length: bool = False
     length_buckets: tuple[int, ...] | None = None
+    packing: bool = False
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -224,6 +231,9 @@ class TrainConfig:
         running loss (the larger of the step's loss and the mean of the last 16); else the run
         stops as diverging (`jlora.train.guard`). null: only finiteness is required. A NaN / inf
         loss, gradient, adapter or optimizer-state value stops the run at any step.
+      eval_generate: SFT data: greedy-decode the completions of the first this many eval
+        examples (true: all) before and after training, and report their ``exact_match`` and
+        ``token_accuracy`` (`jlora.train.sft_eval`); false / 0: off.
       sleep_per_step: seconds to sleep after each step. A testing aid (it slows a tiny run down
         so that a test can kill it mid-way); leave at 0.
       compile_cache_dir: the persistent XLA compilation cache that ``jlora train`` uses, so a
@@ -243,6 +253,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     early_stopping_metric: Literal["loss", "accuracy"] = "loss"
     divergence_factor: float | None = 10.0
+    eval_generate: bool | int = False
     sleep_per_step: float = 0.0
     compile_cache_dir: str | None = "auto"
 
@@ -252,6 +263,10 @@ class TrainConfig:
         for f in ("max_steps", "eval_every", "early_stopping_patience"):
             _positive(f"train.{f}", getattr(self, f), allow_none=True)
         _non_negative("train.sleep_per_step", self.sleep_per_step)
+        if not isinstance(self.eval_generate, bool) and self.eval_generate < 0:
+            raise ConfigError(
+                f"train.eval_generate must be true/false or a count >= 0, got {self.eval_generate}"
+            )
         if self.divergence_factor is not None and not (
             math.isfinite(self.divergence_factor) and self.divergence_factor > 1
         ):

@@ -18,12 +18,13 @@ from tokenizers import Tokenizer
 
 import jlora
 import jlora.train.data as D
+import jlora.train.sft as sft
 from jlora.train.config import RunConfig
 from jlora.train.sections import ConfigError
 from jlora.train.steps import INIT_STREAM, MODEL_STREAM
 from jlora.train.task import Task, load_base, param_shapes, resolve_model_path
 
-__all__ = ["Prepared", "base_tree", "num_labels_of", "prepare"]
+__all__ = ["Prepared", "base_tree", "load_tokenizer", "num_labels_of", "prepare"]
 
 
 @dataclasses.dataclass
@@ -39,6 +40,7 @@ class Prepared:
     batcher: D.Batcher
     total_steps: int
     steps_per_epoch: int
+    examples: dict[str, list[sft.Example]] | None = None  # SFT data: the examples of each split
 
     @property
     def out_dir(self) -> Path:
@@ -132,6 +134,11 @@ def _tokenizer(cfg: RunConfig) -> tuple[Tokenizer, str]:
         raise ConfigError(f"data.tokenizer {path}: not a valid tokenizer.json ({first})") from e
 
 
+def load_tokenizer(cfg: RunConfig) -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` of a run config (``data.tokenizer``, else the model's)."""
+    return _tokenizer(cfg)[0]
+
+
 def _check_vocab(ids: np.ndarray, vocab_size: int, data: Path, tokenizer: str) -> None:
     """Token ids outside the model's vocabulary are a data error, found before training."""
     bad = ids >= vocab_size
@@ -144,22 +151,37 @@ def _check_vocab(ids: np.ndarray, vocab_size: int, data: Path, tokenizer: str) -
         )
 
 
-def load_splits(cfg: RunConfig, vocab_size: int) -> tuple[dict[str, D.Split], list[str] | None]:
-    """The tokenized train / eval / test splits of the config."""
+def load_splits(
+    cfg: RunConfig, vocab_size: int, *, eos: Any = None
+) -> tuple[dict[str, D.Split], list[str] | None, dict[str, list[sft.Example]] | None]:
+    """The tokenized train / eval / test splits of the config, its class names and (SFT data)
+    its examples; ``eos`` (the model's EOS id or ids) ends every SFT example."""
     d = cfg.data
     if d.source == "synthetic":
         s = d.synthetic
         kw = dict(seq_len=s.seq_len, vocab_size=vocab_size, max_step=s.max_step)
         seed = cfg.train.seed
-        return {
-            "train": D.synthetic_lm(s.num_train, seed=seed * 3 + 0, **kw),
-            "eval": D.synthetic_lm(s.num_eval, seed=seed * 3 + 1, **kw),
-            "test": D.synthetic_lm(s.num_test, seed=seed * 3 + 2, **kw),
-        }, None
+        return (
+            {
+                "train": D.synthetic_lm(s.num_train, seed=seed * 3 + 0, **kw),
+                "eval": D.synthetic_lm(s.num_eval, seed=seed * 3 + 1, **kw),
+                "test": D.synthetic_lm(s.num_test, seed=seed * 3 + 2, **kw),
+            },
+            None,
+            None,
+        )
     labels = D.load_labels(d.path)
     names = {"train": d.train_split, "eval": d.eval_split}
     if d.test_split:
         names["test"] = d.test_split
+    files = {k: Path(d.path) / f"{stem}.jsonl" for k, stem in names.items()}
+    if (
+        cfg.model.task == "causal_lm"
+        and files["train"].is_file()
+        and sft.is_sft_file(files["train"])
+    ):
+        splits, examples = _sft_splits(cfg, files, vocab_size, eos)
+        return splits, None, examples
     label_key = d.label_key if cfg.model.task == "classification" else None
     texts, ys = {}, {}
     for k, stem in names.items():
@@ -185,7 +207,33 @@ def load_splits(cfg: RunConfig, vocab_size: int) -> tuple[dict[str, D.Split], li
     for name, s in splits.items():
         if s.labels is not None and len(s.labels) and s.labels.max() >= k:
             raise ConfigError(f"{names[name]} split has label {s.labels.max()} >= num_labels {k}")
-    return splits, labels
+    return splits, labels, None
+
+
+def _sft_splits(
+    cfg: RunConfig, files: dict[str, Path], vocab_size: int, eos: Any
+) -> tuple[dict[str, D.Split], dict[str, list[sft.Example]]]:
+    """Prompt/completion or chat splits (`jlora.train.sft`) and their examples."""
+    for path in files.values():
+        if not path.is_file():
+            raise ConfigError(f"data.path: {path} does not exist")
+    tok, tok_path = _tokenizer(cfg)
+    pad = tok.token_to_id("[PAD]")
+    try:
+        splits, examples = sft.load_sft_splits(
+            files,
+            tok,
+            tok_path,
+            max_len=cfg.data.max_len,
+            eos_id=sft.first_eos(eos),
+            pad_id=0 if pad is None else pad,
+            packing=cfg.data.packing,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    for k, s in splits.items():
+        _check_vocab(s.input_ids, vocab_size, files[k], tok_path)
+    return splits, examples
 
 
 def _vocab_size(params: Any) -> int:
@@ -198,7 +246,8 @@ def _vocab_size(params: Any) -> int:
 def prepare(cfg: RunConfig) -> Prepared:
     """Load the base model, initialize the adapters and load the data of ``cfg``."""
     task, params, tree = base_tree(cfg)
-    splits, labels = load_splits(cfg, _vocab_size(params))
+    eos = getattr(getattr(task.model, "config", None), "eos_token_id", None)
+    splits, labels, examples = load_splits(cfg, _vocab_size(params), eos=eos)
     train = splits["train"]
     lengths = train.attention_mask.sum(1) if cfg.data.group_by_length else None
     batcher = D.Batcher(len(train), cfg.data.batch_size, seed=cfg.train.seed, lengths=lengths)
@@ -211,4 +260,6 @@ def prepare(cfg: RunConfig) -> Prepared:
     # Whole optimizer steps per epoch; the micro-batch counter of `Batcher` runs across epochs,
     # so an epoch whose micro-batches do not divide evenly spills into the next permutation.
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
-    return Prepared(cfg, task, params, tree, splits, labels, batcher, int(total), per_epoch)
+    return Prepared(
+        cfg, task, params, tree, splits, labels, batcher, int(total), per_epoch, examples
+    )

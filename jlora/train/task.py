@@ -1,6 +1,7 @@
 """The model of a run and what it computes: loading the base, the forward pass, loss and metrics.
 
-``causal_lm``: next-token cross-entropy over non-padding positions; metrics loss, perplexity and
+``causal_lm``: next-token cross-entropy over non-padding positions (SFT data: over the trained
+completion / assistant tokens only, `jlora.train.sft`); metrics loss, perplexity and
 next-token accuracy. ``classification``: cross-entropy of the ``classifier`` head on the
 mean-pooled embedding; metrics loss and accuracy. Losses are computed in float32 whatever the
 compute dtype.
@@ -154,20 +155,25 @@ class Task:
                 kwargs.update(deterministic=False, rngs={"dropout": model_key})
             out = fn({"params": params}, batch["input_ids"], dropout_key=lora_key, **kwargs)
             return out.logits.astype(jnp.float32), out.pooled.astype(jnp.float32)
+        extra = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
         logits = fn(
             {"params": params},
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             dropout_key=lora_key,
+            **extra,
         )
         return logits.astype(jnp.float32), None
 
     def weights(self, batch: dict) -> jax.Array:
-        """Per-example (classification) or per-target-token (causal LM) loss weights."""
+        """Per-example (classification) or per-target-token (causal LM) loss weights.
+
+        Causal LM: the non-padding targets, or with a ``loss_mask`` (SFT) the trained ones.
+        """
         w = batch.get("weight")
         if self.kind == "classification":
             return jnp.ones(batch["input_ids"].shape[:-1]) if w is None else w
-        m = batch["attention_mask"][..., 1:].astype(jnp.float32)
+        m = batch.get("loss_mask", batch["attention_mask"])[..., 1:].astype(jnp.float32)
         return m if w is None else m * w[..., None]
 
     def terms(self, params: Any, batch: dict, *, key: jax.Array | None = None) -> dict:

@@ -1,0 +1,113 @@
+"""Evaluation by generation (``train.eval_generate``): greedy completions of SFT eval prompts.
+
+Each eval example's prompt (the text before its last trained chunk, `jlora.train.sft.Example`)
+is tokenized, left-padded and decoded greedily by `jlora.models.generate` with the run's
+adapters, up to the longest reference completion plus its EOS. A completion is the generated
+tokens before the first EOS; ``exact_match`` is the fraction of completions equal to their
+reference, ``token_accuracy`` the fraction of reference tokens matched at their position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+import jlora
+from jlora.interop.models import generate
+
+__all__ = ["generation_metrics", "score"]
+
+
+def score(completions: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> dict:
+    """``exact_match`` and ``token_accuracy`` of token-id completions against references.
+
+    Example:
+      >>> score([[1, 2], [3, 4, 5]], [[1, 2], [3, 5]])
+      {'exact_match': 0.5, 'token_accuracy': 0.75}
+    """
+    exact = [list(c) == list(r) for c, r in zip(completions, references, strict=True)]
+    hits = sum(
+        sum(a == b for a, b in zip(c, r, strict=False))
+        for c, r in zip(completions, references, strict=True)
+    )
+    total = max(sum(len(r) for r in references), 1)
+    return {"exact_match": float(np.mean(exact)), "token_accuracy": hits / total}
+
+
+def _cut(tokens: np.ndarray, eos: int | None) -> list[int]:
+    out = tokens.tolist()
+    return out[: out.index(eos)] if eos is not None and eos in out else out
+
+
+def generation_metrics(
+    task: Any,
+    tree: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    *,
+    eos_id: int | None,
+    pad_id: int = 0,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Exact match and token accuracy of greedy completions of ``examples`` (see the module).
+
+    Args:
+      task: the run's `jlora.train.task.Task` (a causal LM).
+      tree: the params with adapters (`jlora.combine` of the frozen base and the adapters).
+      tokenizer: the run's ``tokenizers.Tokenizer``.
+      examples: `jlora.train.sft.Example` items.
+      eos_id: the EOS id ending completions (None: only the length limit).
+      pad_id: the id of left padding.
+      batch_size: prompts decoded per `generate` call.
+    """
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    prompts = [tokenizer.encode(ex.prompt).ids for ex in examples]
+    refs = [tokenizer.encode(ex.completion, add_special_tokens=False).ids for ex in examples]
+    new = max(len(r) for r in refs) + 1
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape per bucket
+        width = max(len(p) for p in chunk)
+        ids = np.full((len(chunk), width), pad_id, np.int32)
+        mask = np.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+        out = generate(
+            task.model,
+            tree,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id if eos_id is not None else None,
+        )
+        completions += [_cut(row, eos_id) for row in np.asarray(out)[:, width:]]
+    return score(completions[: len(refs)], refs)
+
+
+def eval_generate(p: Any, adapters: Any, frozen: Any) -> dict[str, float] | None:
+    """The generation metrics of a prepared run (`jlora.train.setup.Prepared`) on its eval
+    split (the first ``train.eval_generate`` examples), or None when it is off / not SFT."""
+    n = p.cfg.train.eval_generate
+    if not n or not p.examples:
+        return None
+    examples = p.examples["eval"] if n is True else p.examples["eval"][: int(n)]
+    from jlora.train.setup import load_tokenizer
+
+    tokenizer = load_tokenizer(p.cfg)
+    eos = getattr(p.task.model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, tuple) else eos
+    pad = tokenizer.token_to_id("[PAD]")
+    return generation_metrics(
+        p.task,
+        jlora.combine(frozen, adapters),
+        tokenizer,
+        examples,
+        eos_id=eos,
+        pad_id=0 if pad is None else pad,
+        batch_size=min(p.cfg.data.eval_batch_size, len(examples)),
+    )

@@ -1,0 +1,211 @@
+"""SFT data for the causal-LM task: prompt/completion and chat rows, completion-only loss,
+packing with segment ids (jlora.train.sft)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM
+from jlora.train.data import Split
+from jlora.train.sft import (
+    Example,
+    encode_examples,
+    load_sft_jsonl,
+    pack,
+    render_chat,
+)
+from jlora.train.task import Task
+
+TOKENIZER = "data/sft-tiny/tokenizer.json"
+CHATML = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' </s> ' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def _tok() -> Tokenizer:
+    return Tokenizer.from_file(TOKENIZER)
+
+
+def _model(vocab: int = 32) -> tuple[LlamaForCausalLM, dict]:
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(cfg)
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+def _write(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _np_loss(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> float:
+    """Mean next-token cross-entropy (float64) over targets t with mask[t] = 1."""
+    x = logits[:, :-1].astype(np.float64)
+    logp = x - x.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+    w = mask[:, 1:].astype(np.float64)
+    return float((nll * w).sum() / w.sum())
+
+
+def test_prompt_completion_loss_is_on_completion_tokens_only(tmp_path):
+    _write(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "sort : 3 1 2 =>", "completion": " 1 2 3"},
+            {"prompt": "reverse : red cat =>", "completion": " cat red"},
+        ],
+    )
+    examples = load_sft_jsonl(tmp_path / "d.jsonl", template_dir=tmp_path)
+    split, lengths = encode_examples(_tok(), examples, 16, eos_id=1)
+    vocab = json.loads(Path(TOKENIZER).read_text())["model"]["vocab"]
+    for i, (p, c) in enumerate([("sort : 3 1 2 =>", "1 2 3"), ("reverse : red cat =>", "cat red")]):
+        want = [vocab[w] for w in p.split()] + [vocab[w] for w in c.split()] + [1]
+        n_prompt = len(p.split())
+        assert lengths[i] == len(want)
+        np.testing.assert_array_equal(split.input_ids[i, : len(want)], want)
+        expect_mask = np.zeros(16, np.int32)
+        expect_mask[n_prompt : len(want)] = 1  # completion tokens and EOS
+        np.testing.assert_array_equal(split.loss_mask[i], expect_mask)
+    model, params = _model()
+    task = Task(model, "causal_lm")
+    batch = {k: jnp.asarray(v) for k, v in split.take(np.arange(2)).items()}
+    t = task.terms(params, batch)
+    logits = np.asarray(
+        model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+    )
+    want = _np_loss(logits, split.input_ids, split.loss_mask)
+    assert float(t["weight"]) == split.loss_mask[:, 1:].sum()
+    np.testing.assert_allclose(float(t["loss"] / t["weight"]), want, rtol=1e-5)
+
+
+def test_chat_template_renders_as_transformers_and_trains_assistant_turns(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "sort : 3 1"},
+        {"role": "assistant", "content": "1 3"},
+        {"role": "user", "content": "reverse : red cat"},
+        {"role": "assistant", "content": "cat red"},
+    ]
+    _write(tmp_path / "chat.jsonl", [{"messages": msgs}])
+    hf = PreTrainedTokenizerFast(tokenizer_file=TOKENIZER)
+    hf.chat_template = CHATML
+    assert render_chat(CHATML, msgs) == hf.apply_chat_template(msgs, tokenize=False)
+    head = hf.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    assert render_chat(CHATML, msgs[:1], add_generation_prompt=True) == head
+    (ex,) = load_sft_jsonl(tmp_path / "chat.jsonl", template_dir=tmp_path)
+    assert "".join(t for t, _ in ex.chunks) == hf.apply_chat_template(msgs, tokenize=False)
+    assert [t for t, trained in ex.chunks if trained] == [" 1 3 </s> ", " cat red </s> "]
+    assert ex.prompt.endswith("reverse : red cat </s> <|assistant|>")
+
+
+def test_chat_data_without_a_template_is_one_clear_error(tmp_path):
+    _write(tmp_path / "c.jsonl", [{"messages": [{"role": "assistant", "content": "x"}]}])
+    with pytest.raises(
+        ValueError,
+        match=r"c.jsonl:1: chat data needs a chat template, but .*"
+        r"tokenizer_config.json has no 'chat_template'",
+    ):
+        load_sft_jsonl(tmp_path / "c.jsonl", template_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "a"}, "a 'prompt' row needs a string 'completion'"),
+        ({"messages": [{"role": "user"}]}, "expected {'prompt', 'completion'} strings or"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "'messages' has no assistant turn"),
+    ],
+)
+def test_malformed_sft_rows_name_file_and_line(tmp_path, row, message):
+    _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, row])
+    with pytest.raises(ValueError, match=r"d.jsonl:2: " + re.escape(message)):
+        load_sft_jsonl(tmp_path / "d.jsonl", template_dir=tmp_path)
+
+
+def _examples(n: int, seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 9, n)
+    ids = np.zeros((n, 12), np.int32)
+    mask, loss = np.zeros_like(ids), np.zeros_like(ids)
+    for i, k in enumerate(lengths):
+        ids[i, :k] = rng.integers(3, 32, k)
+        mask[i, :k] = 1
+        loss[i, k // 2 : k] = 1
+    return Split(ids, mask, None, loss_mask=loss)
+
+
+def test_packed_logits_and_loss_equal_unpacked():
+    split = _examples(7)
+    packed = pack(split)
+    assert len(packed) < len(split)
+    model, params = _model()
+    fwd = jax.jit(lambda ids, m, seg: model.apply({"params": params}, ids, m, segment_ids=seg))
+    plain = np.asarray(model.apply({"params": params}, split.input_ids, split.attention_mask))
+    pl = np.asarray(fwd(packed.input_ids, packed.attention_mask, packed.segment_ids))
+    # every example, found in its packed row by its segment, has its own logits
+    seen = 0
+    for r in range(len(packed)):
+        at = 0
+        for s in range(1, packed.segment_ids[r].max() + 1):
+            n = int((packed.segment_ids[r] == s).sum())
+            i = next(
+                i
+                for i in range(len(split))
+                if split.attention_mask[i].sum() == n
+                and (split.input_ids[i, :n] == packed.input_ids[r, at : at + n]).all()
+            )
+            np.testing.assert_allclose(pl[r, at : at + n], plain[i, :n], atol=2e-5)
+            at += n
+            seen += 1
+    assert seen == len(split)
+    task = Task(model, "causal_lm")
+    tp = task.terms(
+        params, {k: jnp.asarray(v) for k, v in packed.take(np.arange(len(packed))).items()}
+    )
+    tu = task.terms(
+        params, {k: jnp.asarray(v) for k, v in split.take(np.arange(len(split))).items()}
+    )
+    want = _np_loss(plain, split.input_ids, split.loss_mask)
+    assert float(tp["weight"]) == float(tu["weight"])
+    np.testing.assert_allclose(float(tp["loss"] / tp["weight"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(tu["loss"] / tu["weight"]), want, rtol=1e-5)
+
+
+def test_example_prompt_and_completion():
+    ex = Example((("a", False), ("b", True), ("c", False), ("d", True)))
+    assert (ex.prompt, ex.completion) == ("abc", "d")
+
+
+def test_config_reads_sft_data_and_packs_the_train_split():
+    from jlora.train import load_config
+    from jlora.train.setup import prepare
+
+    over = ["data.packing=true", "model.random.num_hidden_layers=1"]
+    p = prepare(load_config("configs/llama-sft-tiny.yaml", overrides=over))
+    train, ev = p.splits["train"], p.splits["eval"]
+    assert train.segment_ids is not None and ev.segment_ids is None
+    assert len(train) < 2000 and train.input_ids.shape[1] == 32
+    assert train.attention_mask.sum() == sum(  # every example's tokens, each once
+        len(_tok().encode(t).ids) + (t == ex.chunks[-1][0])
+        for ex in p.examples["train"]
+        for t, _ in ex.chunks
+    )
+    assert len(p.examples["eval"]) == len(ev) == 128
