@@ -209,3 +209,63 @@ def test_config_reads_sft_data_and_packs_the_train_split():
         for t, _ in ex.chunks
     )
     assert len(p.examples["eval"]) == len(ev) == 128
+
+
+def test_score_counts_exact_matches_and_positional_tokens():
+    from jlora.train.sft_eval import score
+
+    got = score([[5, 6, 7], [5], []], [[5, 6, 7], [5, 9], [4]])
+    assert got == {"exact_match": 1 / 3, "token_accuracy": 4 / 6}
+
+
+def test_generation_metrics_equal_a_full_forward_greedy_reference(tmp_path):
+    from jlora.train.sft_eval import generation_metrics
+
+    rows = [
+        {"prompt": "sort : 3 1 2 =>", "completion": " 1 2 3"},
+        {"prompt": "reverse : red cat dog =>", "completion": " dog cat red"},
+        {"prompt": "add : 4 + 5 =>", "completion": " 9"},
+    ]
+    _write(tmp_path / "d.jsonl", rows)
+    examples = load_sft_jsonl(tmp_path / "d.jsonl", template_dir=tmp_path)
+    model, params = _model()
+    tok, eos = _tok(), 1
+    got = generation_metrics(Task(model, "causal_lm"), params, tok, examples, eos_id=eos)
+    exact, hits, total = 0, 0, 0
+    for ex in examples:  # no cache, no padding: the whole sequence re-run for every token
+        ids = tok.encode(ex.prompt).ids
+        ref = tok.encode(ex.completion, add_special_tokens=False).ids
+        out = []
+        for _ in range(4):  # the longest reference + EOS
+            logits = model.apply({"params": params}, jnp.asarray([ids + out]))
+            nxt = int(np.argmax(np.asarray(logits)[0, -1]))
+            if nxt == eos:
+                break
+            out.append(nxt)
+        exact += out == ref
+        hits += sum(a == b for a, b in zip(out, ref, strict=False))
+        total += len(ref)
+    assert got == {"exact_match": exact / 3, "token_accuracy": hits / total}
+
+
+def test_train_reports_generation_exact_match_before_and_after(tmp_path):
+    from jlora.cli import main
+
+    out = tmp_path / "run"
+    over = [
+        "train.max_steps=2",
+        "train.eval_generate=8",
+        "model.random.num_hidden_layers=1",
+        "data.test_split=null",
+        "data.packing=true",
+        f"output.dir={out}",
+        "output.progress=false",
+        "output.plot=false",
+        "output.peft=false",
+        "checkpoint.enabled=false",
+    ]
+    assert main(["train", "configs/llama-sft-tiny.yaml", "--set", *over]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for when in ("before", "after"):
+        m = summary[when]["validation"]
+        assert 0.0 <= m["exact_match"] <= 1.0 and 0.0 <= m["token_accuracy"] <= 1.0
