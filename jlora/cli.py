@@ -1,4 +1,5 @@
-"""The ``jlora`` command: ``train``, ``info``, ``merge``, ``export-peft`` and ``import-peft``.
+"""The ``jlora`` command: ``train``, ``info``, ``merge``, ``export-peft``, ``import-peft`` and
+``generate``.
 
 Every subcommand reads a run config (YAML; see ``configs/``) for the base model, accepts
 ``--set key.sub=value`` overrides (values parsed as YAML), and explains its options with
@@ -30,6 +31,7 @@ EXAMPLES = """examples:
   jlora export-peft configs/minilm-lora.yaml --out runs/minilm-lora/peft-step200 --step 200
   jlora import-peft configs/minilm-lora.yaml --peft path/to/peft_dir --out runs/imported
   jlora merge configs/minilm-lora.yaml --out runs/minilm-lora/merged
+  jlora generate configs/llama-sft-tiny.yaml --adapter runs/llama-sft-tiny --prompt "sort : 3 1 2 =>"
 """
 
 
@@ -138,7 +140,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft", required=True, metavar="DIR", help="PEFT adapter directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
     p.add_argument("--step", type=int, default=0, help="step number to save under (default 0)")
+
+    p = sub.add_parser(
+        "generate",
+        help="complete prompts with the config's model (and adapters)",
+        description="Complete each --prompt with the config's base model, with the adapters of a "
+        "run directory's newest checkpoint (--adapter) or a PEFT directory (--peft), and print "
+        "one completion per prompt. The chat template of the tokenizer's directory is applied "
+        "when it has one. Greedy by default.",
+    )
+    _config_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", metavar="RUN_DIR", help="a jlora train output directory")
+    src.add_argument("--peft", metavar="DIR", help="a PEFT adapter directory")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to add (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     return parser
+
+
+def _generate(args: argparse.Namespace, cfg) -> int:
+    from jlora.train import export
+    from jlora.train.setup import base_tree
+    from jlora.train.sft_eval import complete
+
+    if args.adapter:
+        ckdir = os.path.join(args.adapter, "checkpoints")
+        if not os.path.isdir(ckdir):
+            raise ValueError(f"--adapter {args.adapter}: no checkpoints directory there")
+        tree = export.from_checkpoint(cfg, ckdir)[0]
+    elif args.peft:
+        tree = export.from_peft(cfg, args.peft)[0]
+    else:
+        tree = base_tree(cfg)[1]
+    texts = complete(
+        cfg,
+        tree,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    for text in texts:
+        print(text)
+    return 0
 
 
 def _checkpoint_dir(cfg, given: str | None) -> str:
@@ -242,6 +290,8 @@ def _command(args: argparse.Namespace) -> int:
             train(cfg, resume=args.resume)
         elif args.command == "info":
             _info(cfg)
+        elif args.command == "generate":
+            return _generate(args, cfg)
         else:
             return _adapters(args, cfg)
     except NonFiniteLossError as e:

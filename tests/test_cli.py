@@ -374,3 +374,48 @@ def test_traceback_on_request(env):
     r = run({**env, "JLORA_TRACEBACK": "1"}, "info", str(TINY), "--set", "optim.lr=fast")
     assert r.returncode == 1
     assert "Traceback" in r.stderr and "TypeError: optim.lr: expected float" in r.stderr
+
+
+SFT = ROOT / "configs" / "llama-sft-tiny.yaml"
+SFT_SMALL = ["model.random.num_hidden_layers=1", "data.test_split=null"]
+
+
+def test_generate_prints_greedy_completions_of_a_trained_run(capsys, tmp_path):
+    from jlora.train import export
+
+    out = tmp_path / "run"
+    over = [*SFT_SMALL, "train.max_steps=3", f"output.dir={out}", "output.progress=false"]
+    assert call(capsys, "train", str(SFT), "--set", *over).returncode == 0
+    prompts = ["sort : 3 1 2 =>", "reverse : red cat dog =>"]
+    args = ["--max-new-tokens", "3", "--adapter", str(out), "--set", *over]
+    r = call(capsys, "generate", str(SFT), "--prompt", prompts[0], "--prompt", prompts[1], *args)
+    assert r.returncode == 0, r.stderr
+    # reference: the checkpoint's tree, the whole sequence re-run for each token, no cache
+    cfg = load_config(SFT, over)
+    tree = export.from_checkpoint(cfg, out / "checkpoints")[0]
+    model = base_tree(cfg)[0].model
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ROOT / "data" / "sft-tiny" / "tokenizer.json"))
+    want = []
+    for p in prompts:
+        ids, new = tok.encode(p).ids, []
+        for _ in range(3):
+            logits = jlora.lora(model.apply)({"params": tree}, np.asarray([ids + new]))
+            nxt = int(np.argmax(np.asarray(logits)[0, -1]))
+            if nxt == 1:  # the config's eos_token_id
+                break
+            new.append(nxt)
+        want.append(tok.decode(new))
+    assert r.stdout.splitlines() == want
+
+
+def test_generate_errors_are_one_line_exit_2(capsys, tmp_path):
+    r = call(capsys, "generate", str(SFT), "--prompt", "x", "--adapter", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"jlora: error: --adapter {tmp_path}: no checkpoints directory there"
+    both = call(capsys, "generate", str(SFT), "--prompt", "x", "--adapter", "a", "--peft", "b")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    r = call(capsys, "generate", str(SFT), "--prompt", "x", "--max-new-tokens", "0")
+    assert r.returncode == 2 and r.stderr.startswith("jlora: error: `max_new_tokens` must be a positive")
+    assert len(r.stderr.strip().splitlines()) == 1

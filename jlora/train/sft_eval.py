@@ -17,7 +17,7 @@ import numpy as np
 import jlora
 from jlora.interop.models import generate
 
-__all__ = ["generation_metrics", "score"]
+__all__ = ["complete", "eval_generate", "generation_metrics", "score"]
 
 
 def score(completions: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> dict:
@@ -111,3 +111,61 @@ def eval_generate(p: Any, adapters: Any, frozen: Any) -> dict[str, float] | None
         pad_id=0 if pad is None else pad,
         batch_size=min(p.cfg.data.eval_batch_size, len(examples)),
     )
+
+
+def complete(
+    cfg: Any,
+    tree: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """The completions of ``prompts`` by the model of run config ``cfg`` with params ``tree``
+    (``jlora generate``): each prompt is rendered as a user turn with the chat template of the
+    tokenizer's directory when it has one, left-padded, decoded until the model's EOS (or
+    ``max_new_tokens``) and detokenized."""
+    import os
+
+    import jax
+
+    from jlora.train.setup import load_tokenizer
+    from jlora.train.sft import load_chat_template, render_chat
+    from jlora.train.task import param_shapes, resolve_model_path
+
+    tok = load_tokenizer(cfg)
+    tok_file = cfg.data.tokenizer or os.path.join(resolve_model_path(cfg.model.path), "x")
+    template = load_chat_template(os.path.dirname(os.path.abspath(tok_file)))
+    if template is not None:
+        prompts = [
+            render_chat(template, [{"role": "user", "content": p}], add_generation_prompt=True)
+            for p in prompts
+        ]
+    model, _ = param_shapes(cfg.model, None)
+    eos = getattr(model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, tuple) else eos
+    pad = tok.token_to_id("[PAD]")
+    pad = 0 if pad is None else pad
+    tok.no_padding()
+    tok.no_truncation()
+    ids_list = [tok.encode(p).ids for p in prompts]
+    width = max(len(p) for p in ids_list)
+    ids = np.full((len(ids_list), width), pad, np.int32)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(ids_list):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    out = generate(
+        model,
+        tree,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_token_id=eos,
+        pad_token_id=pad if eos is not None else None,
+        key=jax.random.key(seed),
+    )
+    return [tok.decode(_cut(row, eos)) for row in np.asarray(out)[:, width:]]
