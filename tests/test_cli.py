@@ -417,5 +417,7 @@ def test_generate_errors_are_one_line_exit_2(capsys, tmp_path):
     both = call(capsys, "generate", str(SFT), "--prompt", "x", "--adapter", "a", "--peft", "b")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     r = call(capsys, "generate", str(SFT), "--prompt", "x", "--max-new-tokens", "0")
-    assert r.returncode == 2 and r.stderr.startswith("jlora: error: `max_new_tokens` must be a positive")
+    assert r.returncode == 2 and r.stderr.startswith(
+        "jlora: error: `max_new_tokens` must be a positive"
+    )
     assert len(r.stderr.strip().splitlines()) == 1
