@@ -269,3 +269,26 @@ def test_train_reports_generation_exact_match_before_and_after(tmp_path):
     for when in ("before", "after"):
         m = summary[when]["validation"]
         assert 0.0 <= m["exact_match"] <= 1.0 and 0.0 <= m["token_accuracy"] <= 1.0
+
+
+def test_complete_applies_the_tokenizer_dirs_chat_template(tmp_path):
+    import shutil
+
+    from jlora.train import load_config
+    from jlora.train.setup import base_tree
+    from jlora.train.sft_eval import complete
+
+    shutil.copy(TOKENIZER, tmp_path / "tokenizer.json")
+    template = (
+        "{{ 'sort : ' + messages[0]['content'] }}{% if add_generation_prompt %} =>{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    over = ["model.random.num_hidden_layers=1"]
+    plain = load_config("configs/llama-sft-tiny.yaml", overrides=over)
+    chat = load_config(
+        "configs/llama-sft-tiny.yaml",
+        overrides=[*over, f"data.tokenizer={tmp_path}/tokenizer.json"],
+    )
+    tree = base_tree(plain)[1]
+    want = complete(plain, tree, ["sort : 3 1 2 =>", "sort : 9 4 =>"], max_new_tokens=4)
+    assert complete(chat, tree, ["3 1 2", "9 4"], max_new_tokens=4) == want
