@@ -264,6 +264,17 @@ HELP = {
     "merge": ["--checkpoint", "--step", "--peft", "--out", "--format", "--set"],
     "export-peft": ["--checkpoint", "--step", "--out", "--set"],
     "import-peft": ["--peft", "--out", "--step", "--set"],
+    "generate": [
+        "CONFIG",
+        "--prompt",
+        "--adapter",
+        "--peft",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-p",
+        "--seed",
+        "--set",
+    ],
 }
 
 
