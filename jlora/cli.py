@@ -17,6 +17,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -70,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_train(sub)
+    _add_info(sub)
+    _add_merge(sub)
+    _add_export_peft(sub)
+    _add_import_peft(sub)
+    _add_generate(sub)
+    return parser
+
+
+def _add_train(sub: Any) -> None:
+    """The ``train`` subcommand."""
     p = sub.add_parser(
         "train",
         help="fine-tune with LoRA as a config says",
@@ -87,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a run directory that holds checkpoints or outputs is an error)",
     )
 
+
+def _add_info(sub: Any) -> None:
+    """The ``info`` subcommand."""
     p = sub.add_parser(
         "info",
         help="show the model, LoRA targets and trainable-parameter report of a config",
@@ -95,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(p)
 
+
+def _add_merge(sub: Any) -> None:
+    """The ``merge`` subcommand."""
     p = sub.add_parser(
         "merge",
         help="merge adapters into the base weights and save the plain model",
@@ -117,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "flax: model.safetensors keyed by flax parameter paths",
     )
 
+
+def _add_export_peft(sub: Any) -> None:
+    """The ``export-peft`` subcommand."""
     p = sub.add_parser(
         "export-peft",
         help="Orbax adapter checkpoint -> PEFT adapter directory",
@@ -127,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output PEFT directory")
 
+
+def _add_import_peft(sub: Any) -> None:
+    """The ``import-peft`` subcommand."""
     p = sub.add_parser(
         "import-peft",
         help="PEFT adapter directory -> Orbax adapter checkpoint",
@@ -141,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
     p.add_argument("--step", type=int, default=0, help="step number to save under (default 0)")
 
+
+def _add_generate(sub: Any) -> None:
+    """The ``generate`` subcommand."""
     p = sub.add_parser(
         "generate",
         help="complete prompts with the config's model (and adapters)",
@@ -158,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    return parser
 
 
 def _generate(args: argparse.Namespace, cfg) -> int:
