@@ -237,7 +237,9 @@ def route(tree: Any, ids: jax.Array) -> Any:
       ids: integer array ``(batch,)``: an index into the stacked adapter names, or -1 (none).
 
     Raises:
-      ValueError: ``ids`` is not a 1-D integer array, or ``tree`` has no `MultiLoraWeight`.
+      ValueError: ``ids`` is not a 1-D integer array, ``tree`` has no `MultiLoraWeight`, or
+        (concrete ``ids`` only: under ``jit`` they are not checked) an id outside
+        ``[-1, n_adapters)`` of a node.
     """
     ids = jnp.asarray(ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -245,10 +247,18 @@ def route(tree: Any, ids: jax.Array) -> Any:
             f"ids must be a 1-D integer array (one adapter index per example), got shape "
             f"{tuple(ids.shape)} and dtype {ids.dtype}."
         )
+    concrete = not isinstance(ids, jax.core.Tracer) and ids.size > 0
+    lo, hi = (int(ids.min()), int(ids.max())) if concrete else (0, -1)
     found = []
 
     def set_ids(x):
         if isinstance(x, MultiLoraWeight):
+            if concrete and (lo < -1 or hi >= x.n_adapters):
+                bad = lo if lo < -1 else hi
+                raise ValueError(
+                    f"route: id {bad} is out of range for a MultiLoraWeight of shape {x.shape} "
+                    f"with {x.n_adapters} adapters: ids must be in [-1, {x.n_adapters})."
+                )
             found.append(x)
             return dataclasses.replace(x, ids=ids.astype(jnp.int32))
         return x

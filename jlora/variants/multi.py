@@ -12,6 +12,10 @@ example uses (an index into the stacked names, or -1 for none), and `jlora.lora`
 batch in one forward: its ``dot_general`` rule gathers each example's ``a``, ``b`` and scale.
 The rule plugs into the interpreter through the node protocol (`jlora.core.node.register`).
 
+Multitask training (`jlora.variants.multitask`): `init_tasks` stacks one fresh adapter per
+task, `task_ids` / `route` route a mixed batch, `per_task_mean` gives the loss whose gradient
+per adapter is that task's own, and `unstack` gives the trained adapters back as an `AdapterSet`.
+
 Example:
   >>> import jax, jax.numpy as jnp, jlora
   >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
@@ -27,5 +31,15 @@ Example:
 
 from jlora.variants.adapter_set import AdapterSet
 from jlora.variants.mixed import DENSE_MAX_RANK, MultiLoraWeight, route
+from jlora.variants.multitask import init_tasks, per_task_mean, task_ids, unstack
 
-__all__ = ["DENSE_MAX_RANK", "AdapterSet", "MultiLoraWeight", "route"]
+__all__ = [
+    "DENSE_MAX_RANK",
+    "AdapterSet",
+    "MultiLoraWeight",
+    "init_tasks",
+    "per_task_mean",
+    "route",
+    "task_ids",
+    "unstack",
+]
