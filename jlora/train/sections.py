@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Literal
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "OptimConfig",
     "OutputConfig",
     "SyntheticConfig",
+    "TaskDataConfig",
     "TrainConfig",
 ]
 
@@ -104,6 +106,50 @@ class SyntheticConfig:
             raise ConfigError(f"data.synthetic.seq_len must be >= 3, got {self.seq_len}")
 
 
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskDataConfig:
+    """One entry of ``data.tasks`` (multitask runs, `jlora.train.multitask`).
+
+    Attributes:
+      name: the task's name: its metric keys (``<name>/accuracy``), its PEFT directory
+        (``peft/<name>``); letters, digits, ``_ . -``.
+      path: a directory with ``{train,validation,test}.jsonl`` (``data.*_split`` stems) and,
+        for ``classification``, ``labels.json``.
+      kind: ``classification`` (its own head of ``num_labels`` classes) or ``causal_lm``.
+      num_labels: the task's classes; default: the length of its ``labels.json``.
+      text_key, label_key: the fields of a jsonl row.
+    """
+
+    name: str = ""
+    path: str = ""
+    kind: Literal["classification", "causal_lm"] = "classification"
+    num_labels: int | None = None
+    text_key: str = "text"
+    label_key: str = "label"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("data.tasks: every task needs a name")
+        if not _TASK_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"data.tasks: task name {self.name!r} must start with a letter or digit and hold "
+                "only letters, digits, '_', '.' and '-'"
+            )
+        if not self.path:
+            raise ConfigError(f"data.tasks: task {self.name!r} needs a path")
+        if self.num_labels is not None and self.num_labels < 2:
+            raise ConfigError(
+                f"data.tasks: task {self.name!r}: num_labels must be >= 2, got {self.num_labels}"
+            )
+        if self.kind != "classification" and self.num_labels is not None:
+            raise ConfigError(
+                f"data.tasks: task {self.name!r}: num_labels is for kind 'classification'"
+            )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """``data``: where examples come from and how they are batched.
@@ -130,6 +176,17 @@ class DataConfig:
       packing: SFT data (`jlora.train.sft`): pack several training examples per row of
         ``max_len`` tokens, with segment ids so attention and positions never cross examples.
 
+      tasks: several tasks in one run (`TaskDataConfig` each; instead of ``path``): a
+        multitask run (`jlora.train.multitask`).
+      mixing: how training batches mix the tasks: ``size`` (task t's share of the examples
+        proportional to its training set size n_t) or ``temperature`` (p_t ∝ n_t^(1/T),
+        ``temperature`` T; T = 1 is ``size``, larger T flattens towards uniform). Default
+        ``size``.
+      temperature: T of ``mixing: temperature`` (> 0).
+      adapters: ``per_task`` (default: one adapter per task, trained together, each example
+        routed to its task's adapter) or ``shared`` (one adapter for all tasks); every
+        classification task has its own head either way.
+
     For ``causal_lm``, jsonl rows with ``{"prompt", "completion"}`` or ``{"messages": [...]}``
     are SFT data: the loss is on the completion / assistant tokens only; ``messages`` are
     rendered with the chat template of the tokenizer's directory (``tokenizer_config.json``).
@@ -150,9 +207,14 @@ class DataConfig:
     length_buckets: tuple[int, ...] | None = None
     packing: bool = False
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    tasks: tuple[TaskDataConfig, ...] | None = None
+    mixing: Literal["size", "temperature"] | None = None
+    temperature: float | None = None
+    adapters: Literal["per_task", "shared"] | None = None
 
     def __post_init__(self) -> None:
-        if self.source == "jsonl" and not self.path:
+        self._check_tasks()
+        if self.source == "jsonl" and not self.path and self.tasks is None:
             raise ConfigError("data.path is required when data.source is 'jsonl'")
         for f in ("max_len", "batch_size", "eval_batch_size"):
             _positive(f"data.{f}", getattr(self, f))
@@ -162,6 +224,32 @@ class DataConfig:
                 f"data.length_buckets must be a non-empty list of increasing positive lengths, "
                 f"got {list(b)}"
             )
+
+    def _check_tasks(self) -> None:
+        if self.tasks is None:
+            for k in ("mixing", "temperature", "adapters"):
+                if getattr(self, k) is not None:
+                    raise ConfigError(f"data.{k} is for multitask runs: it needs data.tasks")
+            return
+        if not self.tasks:
+            raise ConfigError("data.tasks is empty: list at least one task")
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"data.tasks: task names must be unique, {dup} repeat")
+        if self.path is not None:
+            raise ConfigError("set data.path or data.tasks (each task has its path), not both")
+        if self.source != "jsonl":
+            raise ConfigError(f"data.tasks needs data.source 'jsonl', got {self.source!r}")
+        for k in ("packing", "group_by_length"):
+            if getattr(self, k):
+                raise ConfigError(f"data.{k} is not supported with data.tasks")
+        if self.temperature is not None:
+            _positive("data.temperature", self.temperature)
+            if self.mixing != "temperature":
+                raise ConfigError("data.temperature needs data.mixing 'temperature'")
+        elif self.mixing == "temperature":
+            raise ConfigError("data.mixing 'temperature' needs data.temperature (> 0)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
