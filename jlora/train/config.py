@@ -100,6 +100,23 @@ class RunConfig:
                 "train.early_stopping_metric 'accuracy' needs model.task 'classification'; "
                 "use 'loss'"
             )
+        for i, task in enumerate(d.tasks or ()):
+            if task.kind != m.task:
+                raise ConfigError(
+                    f"data.tasks[{i}] ({task.name!r}) is a {task.kind!r} task, but model.task is "
+                    f"{m.task!r}: one model serves one kind of task (classification needs a "
+                    "BERT encoder, causal_lm a decoder), so all tasks must be of model.task's kind"
+                )
+            if task.kind == "causal_lm":
+                raise ConfigError(
+                    f"data.tasks[{i}] ({task.name!r}): multitask runs support classification "
+                    "tasks only so far (kind 'causal_lm' is not implemented)"
+                )
+        if d.tasks is not None and m.num_labels is not None:
+            raise ConfigError(
+                "model.num_labels does not apply to a multitask run: each task in data.tasks "
+                "has its own (its labels.json, or data.tasks[i].num_labels)"
+            )
         if (
             m.task == "classification"
             and m.random is not None
@@ -151,6 +168,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, a, key)
+            except ConfigError:  # a section's own check: its message is the precise one
+                raise
             except (TypeError, ValueError) as e:
                 errors.append(e)
         kind = TypeError if any(isinstance(e, TypeError) for e in errors) else ValueError
