@@ -140,7 +140,8 @@ def _sizes(node: Node, *kinds: str) -> tuple[int, int]:
         for v in jax.tree.leaves(getattr(node, f.name)):
             size = math.prod(np.shape(v))
             n += size
-            nbytes += size * np.dtype(v.dtype).itemsize
+            dtype = v.dtype if hasattr(v, "dtype") else np.result_type(v)  # a Python number
+            nbytes += size * np.dtype(dtype).itemsize
     return n, nbytes
 
 
