@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from jlora.core.config import LoraConfig
+from jlora.variants.adalora import AdaLoraConfig
 
 __all__ = ["config_from_json", "config_to_json"]
 
@@ -19,6 +20,10 @@ def config_to_json(config: LoraConfig) -> dict[str, Any]:
       >>> d["targets"], d["rank_pattern"]
       (['q_proj'], [['v_proj', 2]])
       >>> config_from_json(d) == cfg
+      True
+      >>> from jlora.variants.adalora import AdaLoraConfig
+      >>> ada = AdaLoraConfig(init_r=6, target_r=2, tinit=3, total_step=50, targets=["q_proj"])
+      >>> config_from_json(config_to_json(ada)) == ada
       True
     """
 
@@ -44,4 +49,6 @@ def config_from_json(data: dict[str, Any]) -> LoraConfig:
             f"the saved config has a callable `targets` ({data['targets']['callable']}), which "
             "JSON cannot hold: rebuild the LoraConfig yourself."
         )
-    return LoraConfig(**data)
+    # AdaLoRA's extra fields (init_r, target_r, the schedule) need its config class.
+    cls = AdaLoraConfig if data.get("variant") == "adalora" else LoraConfig
+    return cls(**data)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from jlora.core.config import LoraConfig
+from jlora.train.adalora import ADALORA_KEYS, lora_section
 from jlora.train.sections import (
     CheckpointConfig,
     DataConfig,
@@ -55,8 +56,10 @@ __all__ = [
     "to_dict",
 ]
 
-# `lora` keys that a YAML file can set (a predicate `targets` cannot be written in YAML).
+# `lora` keys that a YAML file can set (a predicate `targets` cannot be written in YAML):
+# LoraConfig's, `method` (another name for `variant`) and AdaLoRA's (`lora.method: adalora`).
 LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig))
+LORA_SECTION_KEYS = (*LORA_KEYS, "method", *ADALORA_KEYS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -231,14 +234,10 @@ def _lora(raw: Any) -> LoraConfig:
     if not isinstance(raw, Mapping):
         raise TypeError(f"lora: expected a mapping (section), got {_got(raw)}")
     for k in raw:
-        if k not in LORA_KEYS:
-            raise _unknown(f"lora.{k}", "lora", LORA_KEYS)
-    try:
-        return LoraConfig(**raw)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        # LoraConfig names the field as `rank`; say where it is in the file.
-        raise type(e)(f"lora: {msg}" if "lora." not in msg else msg) from e
+        if k not in LORA_SECTION_KEYS:
+            raise _unknown(f"lora.{k}", "lora", LORA_SECTION_KEYS)
+    # LoraConfig, or AdaLoraConfig for `method: adalora`; errors name the key (`lora: ...`).
+    return lora_section(raw)
 
 
 def from_dict(raw: Mapping[str, Any]) -> RunConfig:

@@ -21,6 +21,7 @@ import safetensors.numpy
 import jlora
 from jlora.interop.checkpoint import AdapterCheckpointer, CorruptCheckpointError
 from jlora.interop.models import to_hf_state_dict
+from jlora.train.adalora import export_tree
 from jlora.train.config import RunConfig
 from jlora.train.data import load_labels
 from jlora.train.sections import ConfigError
@@ -113,9 +114,14 @@ def from_peft(cfg: RunConfig, directory: str | Path) -> tuple[Any, jlora.LoraCon
 
 
 def to_peft(cfg: RunConfig, directory: str | Path, tree: Any, lcfg: jlora.LoraConfig) -> None:
-    """Write ``tree``'s adapters as a PEFT LoRA directory."""
+    """Write ``tree``'s adapters as a PEFT LoRA directory (AdaLoRA targets cut to their kept
+    triplets, with PEFT's ``rank_pattern``: `jlora.train.adalora.export_tree`)."""
     jlora.peft.save(
-        directory, tree, lcfg, base_model_name_or_path=base_name(cfg), task_type=_task_type(cfg)
+        directory,
+        export_tree(tree),
+        lcfg,
+        base_model_name_or_path=base_name(cfg),
+        task_type=_task_type(cfg),
     )
 
 

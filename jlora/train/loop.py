@@ -26,6 +26,7 @@ from jlora.train.guard import DivergenceError, NonFiniteLossError, StepGuard
 from jlora.train.metrics import MetricsLog
 from jlora.train.phases import Outcome, Run
 from jlora.train.steps import make_train_step, step_key
+from jlora.variants.adalora import AdaLoraConfig
 
 __all__ = ["DivergenceError", "NonFiniteLossError", "TrainingLoop"]
 
@@ -69,7 +70,8 @@ class TrainingLoop:
         evals = [r for r in self.log.records if r["split"] == "eval"]
         t = cfg.train
         self.stopper = _Stopper(t.early_stopping_metric, t.early_stopping_patience, evals)
-        self.step_fn = scale.jit_train_step(make_train_step(p.task, run.tx), run.mesh)
+        ada = cfg.lora if isinstance(cfg.lora, AdaLoraConfig) else None
+        self.step_fn = scale.jit_train_step(make_train_step(p.task, run.tx, ada), run.mesh)
         self.eval_every = t.eval_every or p.steps_per_epoch
         self.last_eval: dict[str, Any] | None = evals[-1] if evals else None
         self.last_saved: int | None = run.start if resume and run.existing else None
@@ -77,6 +79,7 @@ class TrainingLoop:
         self.steps_done = run.start
         self.bar = _progress(cfg, p.total_steps, run.start) if scale.is_main_process() else None
         self.window: list[tuple[float, float]] = []  # (loss, accuracy) since the last log line
+        self.budget: float | None = None  # AdaLoRA: the scheduled budget of the latest step
         self.guard = StepGuard(t.divergence_factor, where=p.checkpoint_dir, lr=cfg.optim.lr)
         self.ahead: tuple[int, Any] | None = None  # the next step, computed by `_checkpoint`
         self.tokens, self.t_train = 0, 0.0
@@ -138,6 +141,7 @@ class TrainingLoop:
         done = step + 1
         self.tokens += int(m["tokens"])
         self.window.append((loss, float(m["accuracy"])))
+        self.budget = m.get("budget")
         tok_s = self.tokens / max(self.t_train, 1e-9)
         lr = float(run.schedule(step))
         self._log_train(done, lr, gnorm, tok_s)
@@ -179,6 +183,7 @@ class TrainingLoop:
                 "accuracy": float(np.mean([w[1] for w in window])),
                 "tokens_per_s": tok_s,
                 "epoch": done / self.p.steps_per_epoch,
+                **({} if self.budget is None else {"adalora_budget": int(self.budget)}),
             },
         )
         self.window = []

@@ -6,6 +6,11 @@ state), so it can be jitted with shardings for a mesh. ``batch`` leaves are shap
 ``(grad_accum, micro_batch, ...)``; micro-batches are accumulated by ``lax.scan`` and the
 optimizer steps once, on the gradient of the mean loss over the whole batch (token-weighted for
 causal LM).
+
+For AdaLoRA (an `jlora.variants.adalora.AdaLoraConfig`), ``opt_state`` is a
+`jlora.train.adalora.AdaLoraTrainState`: the loss gains ``orth_reg_weight`` × PEFT's orthogonal
+regularizer, and after the optimizer update the rank allocator runs on the updated adapters with
+the step's accumulated gradient and the carried step number (all in the one jitted step).
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ import jax.numpy as jnp
 import optax
 
 import jlora
+from jlora.train.adalora import AdaLoraTrainState
 from jlora.train.sections import OptimConfig
 from jlora.train.task import Task
+from jlora.variants import adalora_alloc
+from jlora.variants.adalora import AdaLoraConfig
 
 __all__ = ["make_eval_step", "make_optimizer", "make_schedule", "make_train_step", "step_key"]
 
@@ -94,10 +102,14 @@ def make_optimizer(
     return tx
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation) -> Callable[..., Any]:
-    """The train step (see the module docstring); metrics hold ``loss``, ``grad_norm``,
-    ``accuracy``, ``tokens`` (non-padding tokens seen) and ``finite`` (every value of the updated
-    adapters and optimizer state is finite; `jlora.train.guard`)."""
+def make_train_step(
+    task: Task, tx: optax.GradientTransformation, adalora: AdaLoraConfig | None = None
+) -> Callable[..., Any]:
+    """The train step (see the module docstring); metrics hold ``loss`` (the task's),
+    ``grad_norm``, ``accuracy``, ``tokens`` (non-padding tokens seen) and ``finite`` (every
+    value of the updated adapters and optimizer state is finite; `jlora.train.guard`); with
+    ``adalora`` also ``orth_loss`` (the weighted regularizer) and ``budget`` (the scheduled
+    number of kept triplets)."""
 
     def train_step(adapters: Any, opt_state: Any, frozen: Any, batch: dict, key: jax.Array):
         total = jnp.sum(task.weights(batch))
@@ -120,14 +132,32 @@ def make_train_step(task: Task, tx: optax.GradientTransformation) -> Callable[..
             grads, (losses, correct) = micro(grads0, first)
         else:
             grads, (losses, correct) = jax.lax.scan(micro, grads0, (batch, keys))
-        updates, opt_state = tx.update(grads, opt_state, adapters)
+        extra = {}
+        if adalora is not None:
+            # The regularizer depends on the adapters alone: once per step, as PEFT adds it to
+            # the loss of each micro-batch (scaled by 1 / accumulation steps).
+            orth, g_orth = jax.value_and_grad(adalora_alloc.orth_loss)(adapters, adalora)
+            grads = jax.tree.map(jnp.add, grads, g_orth)
+            inner = opt_state.opt
+        else:
+            inner = opt_state
+        updates, inner = tx.update(grads, inner, adapters)
         adapters = optax.apply_updates(adapters, updates)
+        if adalora is not None:
+            adapters, alloc, budget = adalora_alloc.update_and_allocate(
+                adapters, grads, opt_state.alloc, opt_state.step, adalora
+            )
+            opt_state = AdaLoraTrainState(inner, alloc, opt_state.step + 1)
+            extra = {"orth_loss": orth, "budget": budget}
+        else:
+            opt_state = inner
         metrics = {
             "loss": jnp.sum(losses) / total,
             "accuracy": jnp.sum(correct) / total,
             "grad_norm": optax.global_norm(grads),
             "tokens": jnp.sum(batch["attention_mask"]),
             "finite": _all_finite((adapters, opt_state)),
+            **extra,
         }
         return adapters, opt_state, metrics
 

@@ -1,0 +1,307 @@
+"""AdaLoRA in `jlora train`: the ``lora`` section, the carried train state, export and report.
+
+A run selects AdaLoRA with ``lora.method: adalora`` (``method`` is another name for
+``lora.variant``); the section then takes `jlora.variants.adalora.AdaLoraConfig`'s fields
+(``init_r``, ``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``,
+``orth_reg_weight``, ``total_step``) beside LoRA's (``alpha``, ``targets``, ``trainable`` ...).
+``total_step`` defaults to the run's number of optimizer steps: the section parses to a
+`PendingAdaLoraConfig` and `resolve` fixes it once `jlora.train.setup.prepare` knows the steps.
+
+The train step (`jlora.train.steps.make_train_step`) adds ``orth_reg_weight`` × PEFT's
+orthogonal regularizer to the loss and, after the optimizer update, runs
+`jlora.variants.adalora_alloc.update_and_allocate` with that step's (accumulated) gradient and
+the traced step number. The optimizer state it carries is an `AdaLoraTrainState`: the optax
+state, the allocator state and the step counter, one pytree, so checkpoints hold all three and
+a resumed run continues exactly.
+
+Exports cut each target to its kept triplets (`export_tree`: PEFT's ``rank_pattern`` form);
+`report` gives the final rank per target for ``summary.json`` and `plot_ranks` draws where the
+budget went (``adalora_ranks.png``).
+
+Example:
+  >>> cfg = lora_section({"method": "adalora", "init_r": 6, "target_r": 2, "targets": ["q"]})
+  >>> type(cfg).__name__, cfg.rank, cfg.total_step
+  ('PendingAdaLoraConfig', 6, None)
+  >>> resolve(cfg, 40).total_step
+  40
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jlora
+from jlora.core.config import LoraConfig
+from jlora.train.sections import ConfigError
+from jlora.variants import adalora_alloc as alloc
+from jlora.variants.adalora import AdaLoraConfig
+
+__all__ = [
+    "ADALORA_KEYS",
+    "AdaLoraTrainState",
+    "PendingAdaLoraConfig",
+    "export_tree",
+    "init_opt_state",
+    "kept_mask",
+    "lora_section",
+    "plot_ranks",
+    "report",
+    "resolve",
+]
+
+_LORA_FIELDS = tuple(f.name for f in dataclasses.fields(LoraConfig))
+#: The ``lora`` keys that only AdaLoRA takes (`AdaLoraConfig`'s own fields).
+ADALORA_KEYS = tuple(
+    f.name for f in dataclasses.fields(AdaLoraConfig) if f.name not in _LORA_FIELDS
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PendingAdaLoraConfig(AdaLoraConfig):
+    """An `AdaLoraConfig` whose ``total_step`` may be None: the run's step count, set by
+    `resolve` once it is known. Every other field is checked as `AdaLoraConfig` checks it; the
+    allocator needs the resolved config."""
+
+    def __post_init__(self) -> None:
+        if self.total_step is not None:
+            super().__post_init__()
+            return
+        ints = all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (self.tinit, self.tfinal)
+        )
+        # Check the rest with the smallest total_step that leaves a budgeting phase.
+        object.__setattr__(self, "total_step", self.tinit + self.tfinal + 1 if ints else 1)
+        try:
+            super().__post_init__()
+        finally:
+            object.__setattr__(self, "total_step", None)
+
+
+def lora_section(raw: Mapping[str, Any]) -> LoraConfig:
+    """The ``lora`` section of a run config (its keys already checked) as a config object.
+
+    Raises:
+      ConfigError: ``method`` and ``variant`` disagree, an AdaLoRA field without
+        ``method: adalora``, or ``rank`` / ``init`` set for AdaLoRA (``init_r`` is its rank).
+      TypeError, ValueError: a value `LoraConfig` / `AdaLoraConfig` refuses (prefixed ``lora:``).
+
+    Example:
+      >>> lora_section({"init_r": 4})
+      Traceback (most recent call last):
+      ...
+      jlora.train.sections.ConfigError: lora.init_r is an AdaLoRA field: set lora.method: adalora (or remove init_r)
+    """
+    raw = dict(raw)
+    if "method" in raw:
+        method = raw.pop("method")
+        if not isinstance(method, str):
+            raise TypeError(f"lora.method: expected str, got {type(method).__name__} {method!r}")
+        if raw.get("variant", method) != method:
+            raise ConfigError(
+                f"lora.method ({method!r}) and lora.variant ({raw['variant']!r}) disagree: "
+                "method is another name for variant; give one of them"
+            )
+        raw["variant"] = method
+    if raw.get("variant") == "adalora":
+        init_r = raw.get("init_r", AdaLoraConfig.init_r)
+        if "rank" in raw and raw["rank"] != init_r:
+            raise ConfigError(
+                f"lora.rank ({raw['rank']!r}) differs from lora.init_r ({init_r!r}): AdaLoRA's "
+                "initial rank is lora.init_r; remove lora.rank"
+            )
+        if raw.get("init", "adalora") != "adalora":
+            raise ConfigError(
+                f"lora.init ({raw['init']!r}): AdaLoRA has its own init (Λ = 0, P, Q ~ "
+                "N(0, 0.02²), as PEFT); remove lora.init"
+            )
+        cls = PendingAdaLoraConfig if raw.get("total_step") is None else AdaLoraConfig
+    else:
+        if extra := [k for k in raw if k in ADALORA_KEYS]:
+            raise ConfigError(
+                f"lora.{extra[0]} is an AdaLoRA field: set lora.method: adalora (or remove "
+                f"{', '.join(extra)})"
+            )
+        cls = LoraConfig
+    try:
+        return cls(**raw)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise type(e)(f"lora: {msg}" if "lora." not in msg else msg) from e
+
+
+def resolve(config: LoraConfig, total_steps: int) -> LoraConfig:
+    """``config`` with AdaLoRA's ``total_step`` set to ``total_steps`` when it was left out
+    (a `PendingAdaLoraConfig` becomes an `AdaLoraConfig`); any other config unchanged.
+
+    Raises:
+      ConfigError: ``tinit + tfinal`` leaves no budgeting phase in ``total_steps``.
+    """
+    if not isinstance(config, PendingAdaLoraConfig):
+        return config
+    if config.tinit + config.tfinal >= total_steps:
+        raise ConfigError(
+            f"lora.tinit ({config.tinit}) + lora.tfinal ({config.tfinal}) must be less than the "
+            f"run's {total_steps} optimizer steps (lora.total_step defaults to them): AdaLoRA "
+            "needs steps between them to shrink the budget; lower them, or train longer"
+        )
+    kw = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    return AdaLoraConfig(**{**kw, "total_step": int(total_steps)})
+
+
+# The carried state --------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdaLoraTrainState:
+    """The optimizer state an AdaLoRA train step carries (one pytree, checkpointed whole).
+
+    Attributes:
+      opt: the optax state of the adapters.
+      alloc: the rank allocator's `jlora.variants.adalora_alloc.AllocatorState`.
+      step: the number of optimizer steps taken (int32; PEFT's ``global_step`` of the next one).
+    """
+
+    opt: Any
+    alloc: alloc.AllocatorState
+    step: jax.Array
+
+
+def init_opt_state(tx: optax.GradientTransformation, adapters: Any, config: LoraConfig) -> Any:
+    """``tx.init(adapters)``, wrapped in an `AdaLoraTrainState` for an `AdaLoraConfig`.
+
+    Example:
+      >>> tree = jlora.init({"k": jnp.ones((4, 4))}, AdaLoraConfig(init_r=2, target_r=1,
+      ...                   total_step=5, targets="k"), key=jax.random.key(0))
+      >>> _, ad = jlora.split(tree)
+      >>> s = init_opt_state(optax.sgd(0.1), ad, AdaLoraConfig(init_r=2, target_r=1, total_step=5))
+      >>> int(s.step), s.alloc.mask["k"].tolist()
+      (0, [True, True])
+    """
+    opt = tx.init(adapters)
+    if not isinstance(config, AdaLoraConfig):
+        return opt
+    return AdaLoraTrainState(opt, alloc.init_state(adapters), jnp.zeros((), jnp.int32))
+
+
+# Export and report --------------------------------------------------------------------------
+
+
+def kept_mask(tree: Any) -> dict[str, np.ndarray]:
+    """``{path: Λ ≠ 0}`` per AdaLoRA target: the triplets that contribute to the model.
+
+    After the final reallocation this is the allocator's mask (masked Λ are zeroed every step);
+    earlier, a masked Λ may have grown back since the last reallocation, as in PEFT, and then
+    it still counts. A triplet with Λ = 0 adds nothing, so cutting the others away
+    (`export_tree`) leaves the model's outputs unchanged.
+    """
+    return {s: np.asarray(n.e) != 0 for s, n in alloc.adalora_targets(tree).items()}
+
+
+def export_tree(tree: Any) -> Any:
+    """``tree`` with each AdaLoRA target cut to its kept triplets (`kept_mask`), the form PEFT
+    saves with a ``rank_pattern``; a tree without AdaLoRA targets is returned as is."""
+    if not alloc.adalora_targets(tree):
+        return tree
+    return alloc.resize(tree, kept_mask(tree))
+
+
+def report(tree: Any, state: AdaLoraTrainState, config: AdaLoraConfig) -> dict[str, Any]:
+    """The ``adalora`` entry of ``summary.json``: budgets, the final rank per target (from the
+    allocator's mask) and the parameter counts of the exported (cut) adapters.
+
+    Args:
+      tree: the trained tree (frozen and trainable halves combined).
+      state: the run's final `AdaLoraTrainState`.
+      config: the run's `AdaLoraConfig`.
+    """
+    ranks = alloc.ranks(state.alloc)
+    kept = sum(np.sum(r) for r in ranks.values())
+    n = sum(int(np.size(r)) for r in ranks.values())
+    cut = jlora.summary(export_tree(tree))
+    return {
+        "init_r": config.init_r,
+        "target_r": config.target_r,
+        "total_step": config.total_step,
+        "steps_done": int(state.step),
+        "budget_initial": config.init_r * n,
+        "budget_target": config.target_r * n,
+        "budget_final": int(kept),
+        "ranks": ranks,
+        "final_trainable_params": cut.trainable,
+        "final_adapter_params": cut.adapter,
+        "final_adapter_bytes": cut.adapter_bytes,
+    }
+
+
+_LAYER = re.compile(r"(?:^|/)(?:layers?|h|blocks?)[_/](\d+)(?=/)")
+
+
+def _layer_and_module(path: str) -> tuple[int | None, str]:
+    """``(layer index, module name)`` of a target path such as
+    ``bert/encoder/layer_3/attention/self/query/kernel`` → ``(3, "attention/self/query")``."""
+    m = _LAYER.search(path)
+    rest = path[m.end() + 1 :] if m else path
+    rest = re.sub(r"/(kernel|weight|embedding)$", "", rest)
+    return (int(m.group(1)) if m else None), rest
+
+
+def plot_ranks(ranks: Mapping[str, Any], path: str | Path, *, init_r: int, title: str = "") -> None:
+    """Write a heatmap PNG of the final ranks: one row per layer, one column per module (a
+    stacked target's list gives one rank per layer).
+
+    Example:
+      >>> import tempfile, os
+      >>> p = os.path.join(tempfile.mkdtemp(), "ranks.png")
+      >>> plot_ranks({"m/layers_0/q/kernel": 3, "m/layers_1/q/kernel": 1, "m/v": [2, 0]}, p,
+      ...            init_r=4)
+      >>> os.path.getsize(p) > 0
+      True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    cells: dict[tuple[int, str], int] = {}
+    for p, r in ranks.items():
+        layer, module = _layer_and_module(p)
+        if isinstance(r, list):  # a stacked target: one rank per layer
+            for i, v in enumerate(np.ravel(r)):
+                cells[(i, module)] = int(v)
+        else:
+            cells[(layer if layer is not None else 0, module)] = int(r)
+    layers = sorted({k[0] for k in cells})
+    modules = list(dict.fromkeys(k[1] for k in sorted(cells, key=lambda k: (k[0], k[1]))))
+    grid = np.full((len(layers), len(modules)), np.nan)
+    for (layer, module), v in cells.items():
+        grid[layers.index(layer), modules.index(module)] = v
+    width = max(6.0, 2.4 + 1.1 * len(modules))
+    fig, ax = plt.subplots(figsize=(width, 1.8 + 0.45 * len(layers)))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=init_r, aspect="auto")
+    for i in range(len(layers)):
+        for j in range(len(modules)):
+            if np.isfinite(grid[i, j]):
+                v = int(grid[i, j])
+                ax.text(j, i, str(v), ha="center", va="center",
+                        color="white" if v < 0.6 * init_r else "black")  # fmt: skip
+    ax.set_xticks(range(len(modules)), modules, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
+    fig.colorbar(im, ax=ax, label=f"kept rank (of init_r = {init_r})")
+    total = int(np.nansum(grid))
+    head = f"{title}\n" if title else ""
+    ax.set_title(
+        f"{head}AdaLoRA final ranks: {total} of {init_r * int(np.isfinite(grid).sum())} triplets kept"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
