@@ -23,6 +23,8 @@ import jlora
 import jlora.train.scale as scale
 from jlora.interop import peft
 from jlora.interop.checkpoint import AdapterCheckpointer
+from jlora.train.adalora import AdaLoraTrainState, export_tree, init_opt_state, plot_ranks
+from jlora.train.adalora import report as adalora_report
 from jlora.train.config import RunConfig, to_dict
 from jlora.train.evaluation import eval_all, format_results, split_name
 from jlora.train.lock import RunLock
@@ -120,7 +122,7 @@ def _checked_run(
         frozen, adapters = jlora.split(p.tree)
         schedule = make_schedule(cfg.optim, p.total_steps)
         tx = make_optimizer(cfg.optim, schedule, adapters)
-        opt_state = tx.init(adapters)
+        opt_state = init_opt_state(tx, adapters, cfg.lora)  # AdaLoRA: with the allocator's
         frozen = scale.place_state(frozen, mesh)
         resumed = None
         if resume and existing:
@@ -233,6 +235,8 @@ def finish(run: Run, done: Outcome, before: dict | None, probe: dict | None) -> 
     peft_dir = _export_peft(run, tree) if scale.is_main_process() else None
     png = _plot(run, before) if run.p.cfg.output.plot and scale.is_main_process() else None
     summary = _summary(run, done, before, probe, after)
+    if isinstance(run.opt_state, AdaLoraTrainState):  # final ranks, budget, adalora_ranks.png
+        summary["adalora"] = _adalora_report(run, tree)
     summary["peft_dir"] = str(peft_dir) if peft_dir else None
     summary["loss_png"] = str(png) if png else None
     save_json(run.out / "summary.json", summary)
@@ -272,7 +276,7 @@ def _export_peft(run: Run, tree: Any) -> Path | None:
     try:
         peft.save(
             run.out / "peft",
-            tree,
+            export_tree(tree),  # AdaLoRA: cut to the kept triplets (PEFT's rank_pattern)
             cfg.lora,
             base_model_name_or_path=base_name(cfg),
             task_type=task_type,
@@ -293,6 +297,21 @@ def _plot(run: Run, before: dict | None) -> Path:
         records = [{"step": 0, "split": "eval", **start_point}, *records]
     plot_curves(records, png, title=cfg.name, metric=metric)
     return png
+
+
+def _adalora_report(run: Run, tree: Any) -> dict:
+    cfg = run.p.cfg
+    rep = adalora_report(tree, scale.gather(run.opt_state), cfg.lora)
+    png = run.out / "adalora_ranks.png"
+    if cfg.output.plot and scale.is_main_process():
+        plot_ranks(rep["ranks"], png, init_r=cfg.lora.init_r, title=cfg.name)
+        rep["ranks_png"] = str(png)
+    run.echo(
+        f"[jlora] AdaLoRA: {rep['budget_final']} of {rep['budget_initial']} triplets kept "
+        f"(target {rep['budget_target']}); {rep['final_trainable_params']:,} trainable params "
+        "in the exported adapters"
+    )
+    return rep
 
 
 def _summary(run: Run, done: Outcome, before, probe, after) -> dict:

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 import jlora
 import jlora.train.data as D
 import jlora.train.sft as sft
+from jlora.train.adalora import resolve as resolve_lora
 from jlora.train.config import RunConfig
 from jlora.train.sections import ConfigError
 from jlora.train.steps import INIT_STREAM, MODEL_STREAM
@@ -260,6 +261,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     # Whole optimizer steps per epoch; the micro-batch counter of `Batcher` runs across epochs,
     # so an epoch whose micro-batches do not divide evenly spills into the next permutation.
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    # AdaLoRA's lora.total_step defaults to the run's optimizer steps, known only now.
+    cfg = dataclasses.replace(cfg, lora=resolve_lora(cfg.lora, int(total)))
     return Prepared(
         cfg, task, params, tree, splits, labels, batcher, int(total), per_epoch, examples
     )
