@@ -8,6 +8,7 @@ LoRA rules, with its own optimizer state.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import chex
 import flax.linen as nn
@@ -16,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _hf_utils import require, tiny_causal_lm
 
 import jlora
+import jlora.interop.models
 from jlora.interop.models import LlamaConfig, LlamaForCausalLM
 from jlora.variants.multi import (
     MultiLoraWeight,
@@ -112,7 +115,7 @@ def _check_task_slices(stacked, plains, atol):
                 np.testing.assert_allclose(got, getattr(lw, f), atol=atol, err_msg=f"{s}.{f}")
 
 
-def _train(apply, params, cfg, stacked, tx, batches, loss_fn=_mse, variant=lambda f: f, init_kw=()):
+def _train(apply, params, cfg, stacked, tx, batches, loss_fn=_mse, variant=jax.jit, init_kw=()):
     """The mixed run and the separate per-task runs over ``batches`` of (ids, x, y)."""
     n = len(NAMES)
     frozen, tr = jlora.split(stacked)
@@ -396,3 +399,107 @@ def test_errors():
         per_task_mean(jnp.ones(3), jnp.zeros(4, jnp.int32), 2)
     with pytest.raises(ValueError, match=r"per_task_mean: `mask` has shape \(3, 1\)"):
         per_task_mean(jnp.ones(3), jnp.zeros(3, jnp.int32), 2, mask=jnp.ones((3, 1)))
+
+
+# PEFT's multi-adapter layout, against the real peft ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    require("torch")
+    path = tmp_path_factory.mktemp("mt_llama")
+    tiny_causal_lm().save_pretrained(path, safe_serialization=True)
+    model, params = jlora.models.from_pretrained(path)
+    return str(path), model, params
+
+
+def test_per_task_adapters_save_as_peft_multi_adapter_dirs(hf_llama, tmp_path):
+    torch, peft, transformers = require("torch"), require("peft"), require("transformers")
+    path, model, params = hf_llama
+    names = ["sst", "nli"]
+    cfg = jlora.LoraConfig(rank=4, alpha=8, targets=["embed_tokens", "q_proj", "v_proj"])
+    stacked = _randomize(init_tasks(params, cfg, names, key=jax.random.key(0)), seed=4)
+    aset = unstack(stacked, names)
+    dirs = jlora.peft.save_adapters(tmp_path, aset, cfg, base_model_name_or_path=path)
+    assert dirs == [str(tmp_path / n) for n in names]
+    assert sorted(os.listdir(tmp_path / "nli")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    pm = peft.PeftModel.from_pretrained(hf.eval(), str(tmp_path / "sst"), adapter_name="sst")
+    pm.load_adapter(str(tmp_path / "nli"), adapter_name="nli")
+    tokens = np.random.default_rng(0).integers(0, 128, (3, 9))
+    routed = jax.jit(lambda t, ids, x: jlora.lora(model.apply)(route(t, ids), x))
+
+    def peft_logits(**kw):
+        with torch.no_grad():
+            return pm(torch.from_numpy(tokens).long(), **kw).logits.numpy()
+
+    base = np.asarray(jax.jit(model.apply)(params, tokens))
+    for i, n in enumerate(names):  # one adapter active: PEFT's set_adapter
+        pm.set_adapter(n)
+        want = peft_logits()
+        got = routed(stacked, jnp.full((3,), i), tokens)
+        d, moved = np.abs(got - want).max(), np.abs(want - base).max()
+        print(
+            f"PEFT set_adapter({n!r}) vs jlora routed: max |logits diff| {d:.2e} (moved {moved:.2f})"
+        )
+        assert d <= 1e-5 and moved > 0.1  # the adapter matters
+    # PEFT's own mixed batch (inference only) against jlora's routed mixed batch
+    want = peft_logits(adapter_names=["nli", "__base__", "sst"])
+    got = routed(stacked, jnp.array([1, -1, 0]), tokens)
+    d = np.abs(got - want).max()
+    print(f"PEFT adapter_names= mixed batch vs jlora routed: max |logits diff| {d:.2e}")
+    assert d <= 1e-5
+    # loading back gives the same adapters
+    back, configs = jlora.peft.load_adapters(tmp_path, params, names=names)
+    assert back.names == tuple(names) and set(configs) == set(names)
+    for n in names:
+        want_nodes = _nodes(aset.tree(n), jlora.LoraWeight)
+        got_nodes = _nodes(back.tree(n), jlora.LoraWeight)
+        assert set(got_nodes) == set(want_nodes)
+        for s, lw in want_nodes.items():
+            assert got_nodes[s].scale == pytest.approx(lw.scale, rel=1e-12)
+            np.testing.assert_array_equal(got_nodes[s].a, lw.a)
+            np.testing.assert_array_equal(got_nodes[s].b, lw.b)
+    assert jlora.peft.load_adapters(tmp_path, params)[0].names == ("nli", "sst")  # sorted
+
+
+def test_save_and_load_adapters_errors(tmp_path):
+    params = {"model": {"q_proj": {"kernel": jnp.ones((8, 8))}}}
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=["q_proj"])
+    aset = unstack(init_tasks(params, cfg, ["a", "b"], key=jax.random.key(0)), ["a", "b"])
+    save = jlora.peft.save_adapters
+    with pytest.raises(ValueError, match=r"adapter name '\.\.' cannot be a directory name"):
+        save(tmp_path, {"..": aset.tree("a")}, cfg)
+    with pytest.raises(ValueError, match=r"adapter name 'x/y' cannot be a directory name"):
+        save(tmp_path, {"x/y": aset.tree("a")}, cfg)
+    with pytest.raises(ValueError, match=r"save_adapters: no adapter named 'c'; the adapters"):
+        save(tmp_path, aset, cfg, names=["c"])
+    with pytest.raises(ValueError, match=r"save_adapters: no adapters to save"):
+        save(tmp_path, aset, cfg, names=[])
+    with pytest.raises(ValueError, match=r"save_adapters: `names` repeats adapters"):
+        save(tmp_path, aset, cfg, names=["a", "a"])
+    with pytest.raises(ValueError, match=r"save_adapters: `config` has no entry for adapter 'b'"):
+        save(tmp_path, aset, {"a": cfg})
+    with pytest.raises(TypeError, match=r"`adapters` must be an AdapterSet or a mapping"):
+        save(tmp_path, [aset.tree("a")], cfg)
+    pissa = dataclasses.replace(cfg, init="pissa")
+    with pytest.raises(ValueError, match=r"save_adapters: adapter 'a': config.init='pissa'"):
+        save(tmp_path / "p", aset, pissa)
+    load = jlora.peft.load_adapters
+    with pytest.raises(ValueError, match=r"load_adapters: .*nowhere is not a directory"):
+        load(tmp_path / "nowhere", params)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"load_adapters: .*empty has no adapter directory"):
+        load(tmp_path / "empty", params)
+    save(tmp_path / "ok", aset, cfg)
+    with pytest.raises(ValueError, match=r"load_adapters: adapter 'zz': .* has no adapter_config"):
+        load(tmp_path / "ok", params, names=["a", "zz"])
+    with pytest.raises(ValueError, match=r"load_adapters: `names` repeats adapters"):
+        load(tmp_path / "ok", params, names=["a", "a"])
+    other = {"model": {"q_proj": {"kernel": jnp.ones((8, 6))}}}
+    with pytest.raises(ValueError, match=r"load_adapters: adapter 'a': "):
+        load(tmp_path / "ok", other)

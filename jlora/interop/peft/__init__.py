@@ -14,11 +14,24 @@ match, regex full match, ``"all-linear"``, ``exclude_modules``, ``layers_to_tran
 ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), ``modules_to_save`` (name ``endswith``) and
 ``bias``. Options that change the saved weights or the forward pass (DoRA, ``lora_bias``,
 ``fan_in_fan_out``, PiSSA-style inits, ...) raise ValueError. Only safetensors are read.
+
+Several adapters (e.g. one per task, `jlora.multi.init_tasks`): `save_adapters` writes PEFT's
+multi-adapter layout, ``<directory>/<name>/`` per adapter, and `load_adapters` reads it back into
+an `AdapterSet` (`jlora.interop.peft.multi`).
 """
 
 from jlora.interop.peft.config import CONFIG_NAME, WEIGHTS_NAME
 from jlora.interop.peft.loading import load
+from jlora.interop.peft.multi import load_adapters, save_adapters
 from jlora.interop.peft.names import torch_module_name
 from jlora.interop.peft.saving import save
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load", "save", "torch_module_name"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "load",
+    "load_adapters",
+    "save",
+    "save_adapters",
+    "torch_module_name",
+]
