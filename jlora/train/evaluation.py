@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 import jlora.train.data as D
+from jlora.train.multitask import MultitaskTask, task_metrics
 from jlora.train.setup import Prepared
 
 __all__ = ["eval_all", "evaluate", "format_results", "split_name"]
@@ -22,7 +23,19 @@ def evaluate(
     *,
     features: bool = False,
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Metrics of ``adapters`` on ``split`` (and the pooled embeddings when ``features``)."""
+    """Metrics of ``adapters`` on ``split`` (and the pooled embeddings when ``features``).
+
+    A multitask split (``split.task_ids``, `jlora.train.multitask`) is evaluated task by task:
+    ``<task>/loss``, ``<task>/accuracy`` and their sum / mean (`task_metrics`).
+    """
+    if split.task_ids is not None and isinstance(p.task, MultitaskTask):
+        return _evaluate_tasks(p, eval_step, adapters, frozen, split, features=features)
+    return _evaluate_plain(p, eval_step, adapters, frozen, split, features=features)
+
+
+def _evaluate_plain(
+    p: Prepared, eval_step: Callable, adapters: Any, frozen: Any, split: D.Split, *, features: bool
+) -> tuple[dict[str, float], np.ndarray | None]:
     sums = {"loss": 0.0, "weight": 0.0, "correct": 0.0}
     pooled = []
     d = p.cfg.data
@@ -40,6 +53,25 @@ def evaluate(
     for index, x in pooled:
         feats[index] = x
     return p.task.metrics(sums), feats
+
+
+def _evaluate_tasks(
+    p: Prepared, eval_step: Callable, adapters: Any, frozen: Any, split: D.Split, *, features: bool
+) -> tuple[dict[str, float], np.ndarray | None]:
+    per_task, feats = {}, None
+    for i, spec in enumerate(p.task.specs):
+        rows = np.flatnonzero(split.task_ids == i)
+        if not len(rows):
+            continue
+        m, f = _evaluate_plain(
+            p, eval_step, adapters, frozen, split.subset(rows), features=features
+        )
+        per_task[spec.name] = m
+        if f is not None:
+            if feats is None:
+                feats = np.zeros((len(split), f.shape[-1]), np.float32)
+            feats[rows] = f
+    return task_metrics(per_task), feats
 
 
 def eval_all(
