@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 import jlora
 import jlora.train.data as D
+import jlora.train.multitask as mt
 import jlora.train.sft as sft
 from jlora.train.adalora import resolve as resolve_lora
 from jlora.train.config import RunConfig
@@ -63,6 +64,8 @@ def num_labels_of(cfg: RunConfig) -> int | None:
     """
     if cfg.model.task != "classification":
         return None
+    if cfg.data.tasks is not None:  # multitask: every task's head, side by side
+        return sum(s.num_labels for s in mt.task_specs(cfg))
     if cfg.model.num_labels is not None:
         return cfg.model.num_labels
     labels = D.load_labels(cfg.data.path) if cfg.data.source == "jsonl" else None
@@ -92,6 +95,15 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Task, Any, 
     else:
         model, params = load_base(cfg.model, k, key=jax.random.fold_in(seed_key, MODEL_STREAM))
     task = Task(model, cfg.model.task, model_dropout=cfg.model.dropout)
+    if cfg.data.tasks is not None:
+        task = mt.MultitaskTask(
+            model,
+            cfg.model.task,
+            model_dropout=cfg.model.dropout,
+            specs=mt.task_specs(cfg),
+            per_task=cfg.data.adapters != "shared",
+        )
+    init = mt.init_tree if cfg.data.tasks is not None else _init
     init_key = jax.random.fold_in(seed_key, INIT_STREAM)
     infer: dict[str, Any] = {}
     if cfg.model.scan_layers:  # the stack's layer axis read from the program: per-layer adapters
@@ -99,9 +111,9 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Task, Any, 
         infer = dict(apply=lambda p, x: task.model.apply({"params": p}, x), args=(ids,))
     try:
         if shapes_only:
-            tree = jax.eval_shape(lambda p: jlora.init(p, cfg.lora, key=init_key, **infer), params)
+            tree = jax.eval_shape(lambda p: init(p, cfg, key=init_key, **infer), params)
         else:
-            tree = jlora.init(params, cfg.lora, key=init_key, **infer)
+            tree = init(params, cfg, key=init_key, **infer)
     except ValueError as e:
         raise ConfigError(f"lora: {e}") from e
     trains_head = any(
@@ -113,6 +125,10 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Task, Any, 
             "lora.trainable (e.g. trainable: [classifier]) so that it is trained"
         )
     return task, params, tree
+
+
+def _init(params: Any, cfg: RunConfig, *, key: jax.Array, **infer: Any) -> Any:
+    return jlora.init(params, cfg.lora, key=key, **infer)
 
 
 def _is_node(x: Any) -> bool:
@@ -158,6 +174,12 @@ def load_splits(
     """The tokenized train / eval / test splits of the config, its class names and (SFT data)
     its examples; ``eos`` (the model's EOS id or ids) ends every SFT example."""
     d = cfg.data
+    if d.tasks is not None:  # multitask: each task loaded alone, then concatenated
+        per_task = [
+            load_splits(mt.task_run_config(cfg, i), vocab_size, eos=eos)[0]
+            for i in range(len(d.tasks))
+        ]
+        return mt.merge_splits(per_task), None, None
     if d.source == "synthetic":
         s = d.synthetic
         kw = dict(seq_len=s.seq_len, vocab_size=vocab_size, max_step=s.max_step)
@@ -251,7 +273,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     splits, labels, examples = load_splits(cfg, _vocab_size(params), eos=eos)
     train = splits["train"]
     lengths = train.attention_mask.sum(1) if cfg.data.group_by_length else None
-    batcher = D.Batcher(len(train), cfg.data.batch_size, seed=cfg.train.seed, lengths=lengths)
+    if cfg.data.tasks is not None:  # multitask: every batch a seeded mix of the tasks
+        batcher = mt.mixing_batcher(cfg, train)
+    else:
+        batcher = D.Batcher(len(train), cfg.data.batch_size, seed=cfg.train.seed, lengths=lengths)
     per_epoch = batcher.steps_per_epoch // cfg.train.grad_accum
     if per_epoch == 0:
         raise ConfigError(
