@@ -29,6 +29,7 @@ from jlora.train.config import RunConfig, to_dict
 from jlora.train.evaluation import eval_all, format_results, split_name
 from jlora.train.lock import RunLock
 from jlora.train.metrics import plot_curves, read_metrics
+from jlora.train.multitask_run import export_peft, is_multitask, task_probe, task_summary
 from jlora.train.probe import linear_probe
 from jlora.train.report import format_summary, load_json, save_json
 from jlora.train.resume import Resumed, check_run_dir, find_resume_point, set_aside
@@ -196,11 +197,14 @@ def _probe(run: Run, feats: dict[str, Any]) -> dict:
     p = run.p
     t = time.perf_counter()
     labels = {k: p.splits[k].labels for k in feats}
-    res = linear_probe(feats, labels, p.task.model.config.num_labels, valid="eval")
-    probe = {
-        "l2": res["l2"],
-        **{split_name(p, k): {"accuracy": v} for k, v in res["accuracy"].items()},
-    }
+    if is_multitask(p):  # one probe per task, on its own examples and classes
+        probe = task_probe(p, feats, split_name)
+    else:
+        res = linear_probe(feats, labels, p.task.model.config.num_labels, valid="eval")
+        probe = {
+            "l2": res["l2"],
+            **{split_name(p, k): {"accuracy": v} for k, v in res["accuracy"].items()},
+        }
     save_json(run.out / "probe.json", probe)
     run.timings["probe_s"] = time.perf_counter() - t
     run.echo(
@@ -237,6 +241,9 @@ def finish(run: Run, done: Outcome, before: dict | None, probe: dict | None) -> 
     summary = _summary(run, done, before, probe, after)
     if isinstance(run.opt_state, AdaLoraTrainState):  # final ranks, budget, adalora_ranks.png
         summary["adalora"] = _adalora_report(run, tree)
+    if is_multitask(run.p):  # per task: before / probe / after, PEFT directory
+        dirs = {n: str(peft_dir / n) for n in run.p.task.names} if peft_dir else None
+        summary["multitask"] = task_summary(run.p, before, probe, after, dirs)
     summary["peft_dir"] = str(peft_dir) if peft_dir else None
     summary["loss_png"] = str(png) if png else None
     save_json(run.out / "summary.json", summary)
@@ -274,6 +281,9 @@ def _export_peft(run: Run, tree: Any) -> Path | None:
         return None
     task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
     try:
+        if is_multitask(run.p):  # peft/<task>/: each task's adapter and head
+            export_peft(run.p, run.out / "peft", tree)
+            return run.out / "peft"
         peft.save(
             run.out / "peft",
             export_tree(tree),  # AdaLoRA: cut to the kept triplets (PEFT's rank_pattern)
@@ -295,7 +305,8 @@ def _plot(run: Run, before: dict | None) -> Path:
     start_point = (before or {}).get(split_name(run.p, "eval"))
     if start_point:
         records = [{"step": 0, "split": "eval", **start_point}, *records]
-    plot_curves(records, png, title=cfg.name, metric=metric)
+    tasks = run.p.task.names if is_multitask(run.p) else ()
+    plot_curves(records, png, title=cfg.name, metric=metric, tasks=tasks)
     return png
 
 
