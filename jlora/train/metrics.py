@@ -128,10 +128,12 @@ def plot_curves(
     *,
     title: str = "",
     metric: str = "accuracy",
+    tasks: Sequence[str] = (),
 ) -> None:
     """Write a PNG of the train loss (raw and smoothed), the eval loss, and the eval ``metric``.
 
-    Eval records at step 0 (the model before training) start the eval curves.
+    Eval records at step 0 (the model before training) start the eval curves. With ``tasks``
+    (a multitask run), each task's eval ``<task>/loss`` and ``<task>/<metric>`` get a curve.
 
     Example:
       >>> import tempfile, os
@@ -163,7 +165,12 @@ def plot_curves(
         ax.plot(steps, _smooth(loss), color="tab:blue", lw=2, label="train loss (smoothed)")
     es, el = series("eval", "loss")
     if es:
-        ax.plot(es, el, "o-", color="tab:orange", lw=2, label="eval loss")
+        label = "eval loss (sum over tasks)" if tasks else "eval loss"
+        ax.plot(es, el, "o-", color="tab:orange", lw=2, label=label)
+    for i, name in enumerate(tasks):
+        xs, ys = series("eval", f"{name}/loss")
+        if xs:
+            ax.plot(xs, ys, ".--", color=f"C{i + 2}", lw=1.5, label=f"eval {name} loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy")
     ax.set_title("loss")
@@ -174,7 +181,12 @@ def plot_curves(
     if ts:
         ax2.plot(ts, _smooth(tv), color="tab:blue", lw=1.5, label=f"train {metric} (smoothed)")
     if ms:
-        ax2.plot(ms, mv, "o-", color="tab:orange", lw=2, label=f"eval {metric}")
+        label = f"eval {metric} (mean over tasks)" if tasks else f"eval {metric}"
+        ax2.plot(ms, mv, "o-", color="tab:orange", lw=2, label=label)
+    for i, name in enumerate(tasks):
+        xs, ys = series("eval", f"{name}/{metric}")
+        if xs:
+            ax2.plot(xs, ys, ".--", color=f"C{i + 2}", lw=1.5, label=f"eval {name} {metric}")
     ax2.set_xlabel("optimizer step")
     ax2.set_title(metric)
     if metric == "perplexity":
