@@ -35,7 +35,7 @@ def _cell(results: dict | None, split: str, key: str) -> str:
     v = ((results or {}).get(split) or {}).get(key)
     if v is None or not isinstance(v, int | float) or not math.isfinite(v):
         return "-"
-    return f"{100 * v:.2f}%" if key == "accuracy" else f"{v:.4f}"
+    return f"{100 * v:.2f}%" if key.endswith("accuracy") else f"{v:.4f}"
 
 
 def _compiles(s: dict[str, Any]) -> str:
@@ -96,6 +96,12 @@ def format_summary(s: dict[str, Any]) -> str:
         ("loss before", s.get("before"), "loss", ""),
         ("loss after", s.get("after"), "loss", ""),
     ]
+    for name in (s.get("multitask") or {}).get("tasks", {}):  # a multitask run: per task
+        rows += [
+            (f"{name}: accuracy before", s.get("before"), f"{name}/accuracy", ""),
+            (f"{name}: linear probe", s.get("linear_probe"), f"{name}/accuracy", ""),
+            (f"{name}: accuracy after", s.get("after"), f"{name}/accuracy", ""),
+        ]
     for label, res, key, note in rows:
         if res is None:
             continue
