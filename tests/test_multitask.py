@@ -197,7 +197,8 @@ def test_init_tasks_fresh_independent_adapters_and_the_base_for_every_task():
         and k0.b.shape == (3, 2, 12)
         and k0.w is PARAMS["layers_0"]["kernel"]
     )
-    assert k0.scales == (2.0, 2.0, 2.0) and nodes["layers_2/kernel"].scales == (1.5, 1.5, 1.5)
+    assert k0.scales.dtype == jnp.float32 and k0.scales.tolist() == [2.0, 2.0, 2.0]
+    assert nodes["layers_2/kernel"].scales.tolist() == [1.5, 1.5, 1.5]
     for i in range(3):  # task i is jlora.init with fold_in(key, i)
         ref = jlora.init(PARAMS, CFG, key=jax.random.fold_in(jax.random.key(7), i))
         np.testing.assert_array_equal(k0.a[i], ref["layers_0"]["kernel"].a)
@@ -503,3 +504,19 @@ def test_save_and_load_adapters_errors(tmp_path):
     other = {"model": {"q_proj": {"kernel": jnp.ones((8, 6))}}}
     with pytest.raises(ValueError, match=r"load_adapters: adapter 'a': "):
         load(tmp_path / "ok", other)
+
+
+def test_a_trained_stack_checkpoints_and_restores_into_a_fresh_one(tmp_path):
+    stacked = _randomize(init_tasks(PARAMS, CFG, NAMES, key=jax.random.key(0)))
+    frozen, tr = jlora.split(stacked)
+    tx = jlora.optimizer(optax.adam(0.1), tr)
+    tr, state, _ = jax.jit(_steps(_apply, _mse, tx, len(NAMES)))(tr, tx.init(tr), frozen, IDS, X, Y)
+    trained = jlora.combine(frozen, tr)
+    with jlora.checkpoint.AdapterCheckpointer(tmp_path) as ck:
+        ck.save(1, trained, opt_state=state, config=CFG)
+        ck.wait()
+        fresh = init_tasks(PARAMS, CFG, NAMES, key=jax.random.key(5))
+        got, got_state, step = ck.restore(fresh, opt_state=tx.init(jlora.split(fresh)[1]))
+    assert step == 1
+    chex.assert_trees_all_equal(jlora.split(got)[1], jlora.split(trained)[1])
+    chex.assert_trees_all_equal(got_state, state)

@@ -24,8 +24,8 @@ Example:
   >>> params = {"k": jnp.ones((4, 3))}
   >>> cfg = jlora.LoraConfig(rank=2, alpha=4, targets="k")
   >>> tree = init_tasks(params, cfg, ["sst", "qa"], key=jax.random.key(0))
-  >>> tree["k"].a.shape, tree["k"].b.shape, tree["k"].scales  # (task, in, r), (task, r, out)
-  ((2, 4, 2), (2, 2, 3), (2.0, 2.0))
+  >>> tree["k"].a.shape, tree["k"].b.shape, tree["k"].scales.tolist()  # (task, in, r), (task, r, out)
+  ((2, 4, 2), (2, 2, 3), [2.0, 2.0])
   >>> x = jnp.ones((3, 4))
   >>> y = jlora.lora(lambda p, x: x @ p["k"])(route(tree, task_ids(["qa", "sst", "qa"],
   ...                                                       ["sst", "qa"])), x)
@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,8 +87,10 @@ def init_tasks(
     Task ``i``'s adapters are those of ``jlora.init(params, config,
     key=jax.random.fold_in(key, i))`` (independent draws; ``B = 0``, or ``A = 0`` for an
     embedding, so the model equals the base for every task), stacked in a `MultiLoraWeight`
-    per target (adapter axis after the kernel's batch axes, in ``names`` order). Route a batch
-    with `jlora.multi.route` (ids index ``names``) or ``route(tree, task_ids(...))``.
+    per target (adapter axis after the kernel's batch axes, in ``names`` order; ``scales`` a
+    float32 array ``(n_tasks,)``, as a jitted step returns it, so that the fresh and the
+    trained trees have one checkpoint layout). Route a batch with `jlora.multi.route` (ids
+    index ``names``) or ``route(tree, task_ids(...))``.
 
     Args:
       params: the frozen params (any pytree of arrays).
@@ -128,6 +131,8 @@ def init_tasks(
     stacked = aset.stack(names)
 
     def put_back(path, leaf):
+        if isinstance(leaf, MultiLoraWeight):  # as a jitted step returns them: checkpoints match
+            return dataclasses.replace(leaf, scales=jnp.asarray(leaf.scales, jnp.float32))
         return shared.get(path_str(path), leaf)
 
     return jax.tree_util.tree_map_with_path(put_back, stacked, is_leaf=is_node)
