@@ -24,6 +24,7 @@ from jlora.train.config import RunConfig
 from jlora.train.evaluation import evaluate, format_results
 from jlora.train.guard import DivergenceError, NonFiniteLossError, StepGuard
 from jlora.train.metrics import MetricsLog
+from jlora.train.packing import pack_train_batch, packing_of
 from jlora.train.phases import Outcome, Run
 from jlora.train.steps import make_train_step, step_key
 from jlora.variants.adalora import AdaLoraConfig
@@ -83,6 +84,7 @@ class TrainingLoop:
         self.guard = StepGuard(t.divergence_factor, where=p.checkpoint_dir, lr=cfg.optim.lr)
         self.ahead: tuple[int, Any] | None = None  # the next step, computed by `_checkpoint`
         self.tokens, self.t_train = 0, 0.0
+        self.pack = packing_of(cfg, p.splits["train"])
 
     def run_steps(self) -> Outcome:
         """Train to ``total_steps`` (or an early stop); closes the log and the checkpointer."""
@@ -111,16 +113,19 @@ class TrainingLoop:
         the current state (a pure function of it: computing it ahead changes nothing)."""
         run, p, cfg = self.run, self.p, self.cfg
         t = time.perf_counter()
-        batch = scale.place_batch(
-            D.train_batch(
+        if self.pack is not None:  # classification texts packed into rows
+            host = pack_train_batch(
+                p.splits["train"], p.batcher, step, cfg.train.grad_accum, **self.pack
+            )
+        else:
+            host = D.train_batch(
                 p.splits["train"],
                 p.batcher,
                 step,
                 cfg.train.grad_accum,
                 buckets=cfg.data.length_buckets,
-            ),
-            run.mesh,
-        )
+            )
+        batch = scale.place_batch(host, run.mesh)
         adapters, opt_state, m = self.step_fn(
             run.adapters, run.opt_state, run.frozen, batch, step_key(cfg.train.seed, step)
         )

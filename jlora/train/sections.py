@@ -173,8 +173,11 @@ class DataConfig:
         the smallest that holds its longest text (longer ones: the split's padded length)
         instead of trimmed to it, so the programs compiled are known up front (one train and
         one eval program per bucket; padding is masked out). null: trim to multiples of 8.
-      packing: SFT data (`jlora.train.sft`): pack several training examples per row of
-        ``max_len`` tokens, with segment ids so attention and positions never cross examples.
+      packing: pack several training examples per row of ``max_len`` tokens, with segment ids
+        so attention, positions (and for classification the pooling) never cross examples:
+        SFT data (`jlora.train.sft`) when the split is built; classification texts per
+        training batch (`jlora.train.packing`: the same examples and loss, less padding;
+        ``length_buckets`` then apply to evaluation only, and ``group_by_length`` is best off).
 
       tasks: several tasks in one run (`TaskDataConfig` each; instead of ``path``): a
         multitask run (`jlora.train.multitask`).

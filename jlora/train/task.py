@@ -151,6 +151,10 @@ class Task:
             lora_key, model_key = jax.random.split(key)
         if self.kind == "classification":
             kwargs: dict[str, Any] = {"attention_mask": batch["attention_mask"]}
+            if "segment_ids" in batch:  # packed rows (`jlora.train.packing`): logits per slot
+                kwargs.update(
+                    segment_ids=batch["segment_ids"], num_segments=batch["labels"].shape[-1]
+                )
             if model_key is not None and self.model_dropout:
                 kwargs.update(deterministic=False, rngs={"dropout": model_key})
             out = fn({"params": params}, batch["input_ids"], dropout_key=lora_key, **kwargs)

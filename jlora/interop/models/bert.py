@@ -8,6 +8,11 @@ The sentence embedding is the **mean of the last hidden state over the attention
 sentence-transformers' ``1_Pooling`` does for all-MiniLM-L6-v2; its pipeline then L2-normalizes,
 which is left to the caller). BERT's tanh ``pooler`` on ``[CLS]`` is not implemented. The optional
 ``classifier`` head (``num_labels``) is applied to this mean-pooled embedding (after dropout).
+
+Packed rows (several short texts per row, `jlora.train.packing`): ``segment_ids`` (b, s) give each
+token its text's slot in the row, 1..``num_segments`` (0 = padding); attention stays within a
+text, positions restart at each text, and ``pooled`` / ``logits`` have one entry per slot,
+(b, num_segments, ...): each text gets exactly what it would get alone in its own row.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from jlora.interop.models.kv_cache import segment_positions
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -110,6 +117,21 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     return (total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)).astype(hidden.dtype)
 
 
+def segment_pool(hidden: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """Mean of ``hidden`` (b, s, h) over each segment: (b, num_segments, h); slot ``k`` is the
+    mean over the tokens with ``segment_ids == k + 1`` (zeros for an empty slot).
+
+    Example:
+        >>> h = jnp.arange(8.0).reshape(1, 4, 2)
+        >>> segment_pool(h, jnp.array([[1, 1, 2, 0]]), 3).tolist()
+        [[[1.0, 2.0], [4.0, 5.0], [0.0, 0.0]]]
+    """
+    onehot = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)
+    total = jnp.einsum("bsk,bsh->bkh", onehot, hidden.astype(jnp.float32))
+    count = jnp.sum(onehot, axis=1)[..., None]
+    return (total / jnp.maximum(count, 1.0)).astype(hidden.dtype)
+
+
 class _Common(nn.Module):
     config: BertConfig
     dtype: Any = None
@@ -137,7 +159,9 @@ class BertSelfAttention(_Common):
         hd = h // nh
         q, k, v = (self.dense(h, n)(x).reshape(b, s, nh, hd) for n in ("query", "key", "value"))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        # mask: (b, s) keys, or (b, s, s) query x key (packed rows)
+        keep = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, h)
@@ -212,7 +236,9 @@ class BertModel(_Common):
     Call with ``input_ids`` (b, s); optional ``attention_mask`` (b, s, 1 = real token; default
     all ones), ``token_type_ids`` (default zeros), ``position_ids`` (default ``arange(s)``) and
     ``deterministic=False`` (with ``rngs={"dropout": key}``) to enable dropout. With
-    ``config.num_labels`` set, ``logits = classifier(dropout(mean_pool(...)))``.
+    ``config.num_labels`` set, ``logits = classifier(dropout(mean_pool(...)))``. Packed rows:
+    ``segment_ids`` (b, s) and the static ``num_segments`` (see the module docstring; the
+    default positions restart at each segment); ``pooled`` and ``logits`` are then per slot.
 
     Example:
         >>> cfg = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
@@ -226,6 +252,11 @@ class BertModel(_Common):
         >>> out = jax.jit(model.apply)(params, ids, attention_mask=mask)
         >>> out.last_hidden_state.shape, out.pooled.shape, out.logits.shape
         ((2, 5, 16), (2, 16), (2, 3))
+        >>> seg = jnp.array([[1, 1, 1, 2, 2], [1, 1, 1, 0, 0]])  # two texts in row 0
+        >>> packed = model.apply(params, ids, attention_mask=seg > 0, segment_ids=seg,
+        ...                      num_segments=2)
+        >>> packed.logits.shape
+        (2, 2, 3)
     """
 
     @nn.compact
@@ -236,6 +267,8 @@ class BertModel(_Common):
         token_type_ids: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         deterministic: bool = True,
+        segment_ids: jax.Array | None = None,
+        num_segments: int | None = None,
     ) -> BertOutput:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, s = input_ids.shape
@@ -243,13 +276,27 @@ class BertModel(_Common):
             attention_mask = jnp.ones((b, s), jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, s), jnp.int32)
+        if (segment_ids is None) != (num_segments is None):
+            raise ValueError("segment_ids and num_segments go together (packed rows)")
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+            position_ids = (
+                jnp.broadcast_to(jnp.arange(s), (b, s))
+                if segment_ids is None
+                else segment_positions(segment_ids)
+            )
         h = BertEmbeddings(cfg, name="embeddings", **kw)(
             input_ids, token_type_ids, position_ids, deterministic
         )
-        h = BertEncoder(cfg, name="encoder", **kw)(h, attention_mask > 0, deterministic)
-        pooled = mean_pool(h, attention_mask)
+        mask = attention_mask > 0
+        if segment_ids is not None:
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = same & mask[:, None, :] & (segment_ids[:, None, :] > 0)
+        h = BertEncoder(cfg, name="encoder", **kw)(h, mask, deterministic)
+        pooled = (
+            mean_pool(h, attention_mask)
+            if segment_ids is None
+            else segment_pool(h, jnp.where(attention_mask > 0, segment_ids, 0), num_segments)
+        )
         logits = None
         if cfg.num_labels is not None:
             x = nn.Dropout(cfg.hidden_dropout_prob)(pooled, deterministic=deterministic)
