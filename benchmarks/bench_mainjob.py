@@ -14,6 +14,14 @@ run after the first one compiles nothing). Needs torch, transformers and peft (t
 
     python benchmarks/bench_mainjob.py --runs 2            # the full job (minutes per run)
     python benchmarks/bench_mainjob.py --runs 2 --epochs 1 # a shorter sanity run
+    python benchmarks/bench_mainjob.py --same-work         # jlora doing only what the peer does
+
+The main job does more than the peer: it evaluates before training (and the linear probe on the
+frozen encoder's features), on the validation split every 31 steps, and checkpoints every 50
+steps. ``--same-work`` turns those off for jlora (``train.eval_before=false
+train.linear_probe=false train.eval_every=<total> checkpoint.enabled=false``), so both sides
+train, then evaluate the test split once. ``--set key=value`` (repeatable) overrides more of
+jlora's config, e.g. ``--set data.packing=false data.group_by_length=true``.
 """
 
 from __future__ import annotations
@@ -113,10 +121,18 @@ def peer(epochs: int, seed: int) -> dict:
     return {"train_time_s": train_time, "test_accuracy": correct / len(test_ids)}
 
 
-def run_jlora(epochs: int, seed: int, cache: str, out: str) -> dict:
+SAME_WORK = [
+    "train.eval_before=false",
+    "train.linear_probe=false",
+    "train.eval_every=100000",
+    "checkpoint.enabled=false",
+]
+
+
+def run_jlora(epochs: int, seed: int, cache: str, out: str, sets: list[str]) -> dict:
     cmd = [sys.executable, "-m", "jlora.cli", "train", str(CONFIG), "--set", f"output.dir={out}"]
     cmd += ["output.progress=false", f"train.epochs={epochs}", f"train.seed={seed}"]
-    cmd += [f"train.compile_cache_dir={cache}"]
+    cmd += [f"train.compile_cache_dir={cache}", *sets]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -155,6 +171,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2, help="runs of each side (seeds 0, 1, ...)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--warm-cache", action="store_true", help="one compile cache for all runs")
+    ap.add_argument("--same-work", action="store_true", help="jlora without the extra evals")
+    ap.add_argument("--set", nargs="*", default=[], help="overrides of jlora's config")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -171,7 +189,8 @@ def main() -> None:
     res: dict[str, list[dict]] = {"jlora": [], "peer": []}
     for seed in range(a.runs):
         cache = str(tmp / ("xla" if a.warm_cache else f"xla-{seed}"))
-        res["jlora"].append(run_jlora(a.epochs, seed, cache, str(tmp / f"run-{seed}")))
+        sets = [*(SAME_WORK if a.same_work else []), *a.set]
+        res["jlora"].append(run_jlora(a.epochs, seed, cache, str(tmp / f"run-{seed}"), sets))
         res["peer"].append(run_peer(a.epochs, seed))
         for k in res:
             r = res[k][-1]
@@ -186,7 +205,9 @@ def main() -> None:
         for k, v in res.items()
     }
     acc = {k: statistics.mean(r["test_accuracy"] for r in v) for k, v in res.items()}
-    print(f"\n{a.runs} runs each, {a.epochs} epochs, alternated (medians; accuracy: mean)")
+    what = " (jlora: --same-work)" if a.same_work else ""
+    what += f" (jlora --set {' '.join(a.set)})" if a.set else ""
+    print(f"\n{a.runs} runs each, {a.epochs} epochs, alternated (medians; accuracy: mean){what}")
     print(f"{'':10s}{'wall s':>10s}{'training s':>12s}{'test acc':>10s}")
     for k in res:
         print(f"{k:10s}{med[k]['wall_s']:10.1f}{med[k]['train_time_s']:12.1f}{100 * acc[k]:9.2f}%")
