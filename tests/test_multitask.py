@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _hf_utils import require, tiny_causal_lm
+from _hf_utils import require, tiny_bert, tiny_causal_lm
 
 import jlora
 import jlora.interop.models
@@ -116,7 +116,8 @@ def _check_task_slices(stacked, plains, atol):
 
 
 def _train(apply, params, cfg, stacked, tx, batches, loss_fn=_mse, variant=jax.jit, init_kw=()):
-    """The mixed run and the separate per-task runs over ``batches`` of (ids, x, y)."""
+    """The mixed run (its step wrapped in ``variant``) and the separate per-task runs over
+    ``batches`` of (ids, x, y)."""
     n = len(NAMES)
     frozen, tr = jlora.split(stacked)
     state = jlora.optimizer(tx, tr).init(tr)
@@ -125,7 +126,7 @@ def _train(apply, params, cfg, stacked, tx, batches, loss_fn=_mse, variant=jax.j
     sep = [jlora.split(p) for p in plains]
     sep_tr = [t for _, t in sep]
     sep_state = [jlora.optimizer(tx, t).init(t) for t in sep_tr]
-    alone = variant(_steps(apply, loss_fn, jlora.optimizer(tx, sep_tr[0])))
+    alone = jax.jit(_steps(apply, loss_fn, jlora.optimizer(tx, sep_tr[0])))  # the references
     for ids, x, y in batches:
         tr, state, _ = mixed(tr, state, frozen, ids, x, y)
         for i in range(n):
@@ -520,3 +521,57 @@ def test_a_trained_stack_checkpoints_and_restores_into_a_fresh_one(tmp_path):
     assert step == 1
     chex.assert_trees_all_equal(jlora.split(got)[1], jlora.split(trained)[1])
     chex.assert_trees_all_equal(got_state, state)
+
+
+@pytest.mark.slow
+def test_bert_tasks_with_their_own_heads_load_in_peft(tmp_path):
+    """SEQ_CLS per-task adapters, each with its own classifier (PEFT's modules_to_save per
+    adapter), as the multitask trainer exports them."""
+    torch, peft, transformers = require("torch"), require("peft"), require("transformers")
+    tiny_bert("BertForSequenceClassification", num_labels=3).save_pretrained(tmp_path / "base")
+    model, params = jlora.models.from_pretrained(tmp_path / "base", num_labels=3)
+    names = ["sst", "nli"]
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=["query", "value"], trainable="classifier")
+    tree = init_tasks(params, cfg, names, key=jax.random.key(0), shared_trainable=True)
+    aset = unstack(_randomize(tree, seed=6), names)
+    rng = np.random.default_rng(7)
+    trees = {}
+    for n in names:  # each task's own head
+        t = aset.tree(n)
+        head = t["params"]["classifier"]
+        noise = jnp.asarray(rng.normal(size=head["kernel"].value.shape) * 0.5, jnp.float32)
+        head["kernel"] = jlora.Trainable(head["kernel"].value + noise)
+        trees[n] = t
+    jlora.peft.save_adapters(tmp_path / "peft", trees, cfg, task_type="SEQ_CLS")
+    hf = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path / "base", attn_implementation="eager"
+    )
+    pm = peft.PeftModel.from_pretrained(hf.eval(), str(tmp_path / "peft/sst"), adapter_name="sst")
+    pm.load_adapter(str(tmp_path / "peft/nli"), adapter_name="nli")
+    tokens = np.random.default_rng(1).integers(0, 100, (3, 7))
+
+    def peft_hidden(**kw):  # jlora's BERT mean-pools (no tanh pooler): compare hidden states
+        with torch.no_grad():
+            out = pm(torch.from_numpy(tokens).long(), output_hidden_states=True, **kw)
+        return out.hidden_states[-1].numpy()
+
+    f = jax.jit(jlora.lora(model.apply))
+    ours = {n: f(t, tokens) for n, t in trees.items()}
+    for n in names:
+        pm.set_adapter(n)
+        hidden = peft_hidden()
+        np.testing.assert_allclose(hidden, ours[n].last_hidden_state, atol=1e-5, err_msg=n)
+        head = pm.base_model.model.classifier.modules_to_save[n]  # this task's own head
+        w, b = (np.asarray(v.detach().numpy(), np.float64) for v in (head.weight, head.bias))
+        want = hidden.astype(np.float64).mean(axis=1) @ w.T + b
+        np.testing.assert_allclose(ours[n].logits, want, atol=1e-5, err_msg=n)
+    assert np.abs(ours["sst"].logits - ours["nli"].logits).max() > 0.1
+    mixed = peft_hidden(adapter_names=["nli", "sst", "nli"])
+    want = np.stack([ours[n].last_hidden_state[i] for i, n in enumerate(["nli", "sst", "nli"])])
+    np.testing.assert_allclose(mixed, want, atol=1e-5)
+    back, _ = jlora.peft.load_adapters(tmp_path / "peft", params, names=names)
+    for n in names:
+        np.testing.assert_array_equal(
+            back.tree(n)["params"]["classifier"]["kernel"].value,
+            trees[n]["params"]["classifier"]["kernel"].value,
+        )
