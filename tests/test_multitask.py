@@ -575,3 +575,30 @@ def test_bert_tasks_with_their_own_heads_load_in_peft(tmp_path):
             back.tree(n)["params"]["classifier"]["kernel"].value,
             trees[n]["params"]["classifier"]["kernel"].value,
         )
+
+
+def test_mixed_sgd_step_against_numpy_float64_gradients():
+    """One Dense layer, the sum of per-task mean squared errors: the closed-form float64
+    gradients of each task's own loss (no jlora on the reference side)."""
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(6, 4))
+    params = {"dense": {"kernel": jnp.asarray(w, jnp.float32)}}
+    cfg = jlora.LoraConfig(rank=3, alpha=6)
+    stacked = _randomize(init_tasks(params, cfg, NAMES, key=jax.random.key(0)), seed=12)
+    x, y = rng.normal(size=(9, 6)), rng.normal(size=(9, 4))
+    frozen, tr = jlora.split(stacked)
+    tx = jlora.optimizer(optax.sgd(0.3), tr)
+    step = jax.jit(_steps(lambda p, v: v @ p["dense"]["kernel"], _mse, tx, len(NAMES)))
+    args = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    new = jlora.combine(frozen, step(tr, tx.init(tr), frozen, IDS, *args)[0])["dense"]["kernel"]
+    old = stacked["dense"]["kernel"]
+    s = 6 / 3
+    for t in range(len(NAMES)):
+        rows = np.asarray(IDS) == t
+        a, b = np.asarray(old.a[t], np.float64), np.asarray(old.b[t], np.float64)
+        xt = x[rows]
+        dy = 2 * (xt @ w + s * xt @ a @ b - y[rows]) / (rows.sum() * 4)  # d mean / d y
+        grad_b = s * (xt @ a).T @ dy
+        grad_a = s * xt.T @ (dy @ b.T)
+        np.testing.assert_allclose(new.a[t], a - 0.3 * grad_a, atol=1e-6)
+        np.testing.assert_allclose(new.b[t], b - 0.3 * grad_b, atol=1e-6)

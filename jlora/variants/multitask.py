@@ -15,7 +15,9 @@ mixed SGD step changes every adapter exactly as a separate step per task; Adam /
 are elementwise: the stacked state's slice ``t`` is task ``t``'s own state). What couples the
 tasks: a global-norm clip (``optax.clip_by_global_norm``) sees every task's gradient; the step
 count (bias correction, schedules) is shared, so a task absent from a batch still gets a
-momentum update (and weight decay) that a separate run would not take. `unstack` turns the
+momentum update (and weight decay) that a separate run would not take; with LoRA dropout, the
+masks are drawn for the mixed batch (same distribution, other draws than separate runs). A
+shared `Trainable` leaf (``shared_trainable``) is trained by every task. `unstack` turns the
 trained tree back into one plain LoRA adapter per task (an `AdapterSet`), to merge, save
 (`jlora.peft.save_adapters`) or serve alone.
 
