@@ -1,8 +1,8 @@
 """The end of a multitask run (`jlora.train.multitask`): per-task linear probes, per-task PEFT
 directories and the per-task part of ``summary.json``.
 
-`export_peft` writes one PEFT directory per task, ``<dir>/<task>/`` (PEFT's multi-adapter
-layout: load one with ``PeftModel.from_pretrained(model, "<dir>/<task>", adapter_name=task)``
+`export_peft` writes one PEFT directory per task, ``<dir>/<task>/``
+(`jlora.peft.save_adapters`, PEFT's multi-adapter layout: load one with ``PeftModel.from_pretrained(model, "<dir>/<task>", adapter_name=task)``
 and the others with ``load_adapter``): the task's own adapter (``per_task``) or the shared one
 (``shared``), and its head -- the task's columns of the classifier -- as ``modules_to_save``,
 so each directory is an ordinary single-task SEQ_CLS adapter of ``num_labels`` classes.
@@ -65,12 +65,11 @@ def task_trees(p: Prepared, tree: Any) -> dict[str, Any]:
 def export_peft(p: Prepared, directory: Path, tree: Any) -> dict[str, str]:
     """Write ``<directory>/<task>/`` for every task (module docstring); ``{task: dir}``."""
     cfg = p.cfg
-    out = {}
-    for name, t in task_trees(p, tree).items():
-        d = directory / name
-        peft.save(d, t, cfg.lora, base_model_name_or_path=base_name(cfg), task_type="SEQ_CLS")
-        out[name] = str(d)
-    return out
+    trees = task_trees(p, tree)
+    dirs = peft.save_adapters(
+        directory, trees, cfg.lora, base_model_name_or_path=base_name(cfg), task_type="SEQ_CLS"
+    )
+    return {name: str(d) for name, d in zip(trees, dirs, strict=True)}
 
 
 def task_probe(
