@@ -21,6 +21,7 @@ from _hf_utils import require, tiny_bert, tiny_causal_lm
 
 import jlora
 import jlora.interop.models
+import jlora.variants.mixed
 from jlora.interop.models import LlamaConfig, LlamaForCausalLM
 from jlora.variants.multi import (
     MultiLoraWeight,
@@ -577,9 +578,12 @@ def test_bert_tasks_with_their_own_heads_load_in_peft(tmp_path):
         )
 
 
-def test_mixed_sgd_step_against_numpy_float64_gradients():
+@pytest.mark.parametrize("dense", [True, False])
+def test_mixed_sgd_step_against_numpy_float64_gradients(dense, monkeypatch):
     """One Dense layer, the sum of per-task mean squared errors: the closed-form float64
-    gradients of each task's own loss (no jlora on the reference side)."""
+    gradients of each task's own loss (no jlora on the reference side); both forms of the
+    mixed rule (all adapters in one matmul, or each example's factors gathered)."""
+    monkeypatch.setattr(jlora.variants.mixed, "DENSE_MAX_RANK", 256 if dense else 0)
     rng = np.random.default_rng(11)
     w = rng.normal(size=(6, 4))
     params = {"dense": {"kernel": jnp.asarray(w, jnp.float32)}}
