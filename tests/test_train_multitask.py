@@ -123,11 +123,6 @@ TASKS = [{"name": "a", "path": "x"}, {"name": "b", "path": "y"}]
             {},
             r"data.tasks\[1\] \('lm'\) is a 'causal_lm' task, but model.task is 'classification'",
         ),
-        (
-            {"tasks": [{"name": "lm", "path": "y", "kind": "causal_lm"}]},
-            {"task": "causal_lm", "random": {"model_type": "llama"}},
-            "multitask runs support classification tasks only so far",
-        ),
         ({"tasks": TASKS}, {"num_labels": 3}, "model.num_labels does not apply to a multitask run"),
     ],
 )  # fmt: skip
@@ -387,3 +382,61 @@ def test_the_task_directories_load_in_peft_as_named_adapters(world, tmp_path):
         np.testing.assert_allclose(
             head.weight.detach().numpy().T, trees[spec.name]["classifier"]["kernel"].value
         )
+
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 16,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 32,
+}
+
+
+def test_causal_lm_tasks_sum_their_mean_token_losses(world, tmp_path):
+    raw = _raw(world, tmp_path)
+    raw["model"] = {"random": dict(LLAMA), "task": "causal_lm"}
+    for t in raw["data"]["tasks"]:
+        t["kind"] = "causal_lm"
+    raw["lora"] = {"rank": 2, "targets": ["q_proj", "v_proj"]}
+    raw["train"].update(linear_probe=False, max_steps=2)
+    cfg = C.from_dict(raw)
+    p = prepare(cfg)
+    frozen, ad = jlora.split(p.tree)
+    keys = iter(jax.random.split(jax.random.key(7), 100))
+    ad = jax.tree.map(
+        lambda x: 0.3 * jax.random.normal(next(keys), x.shape) if np.ndim(x) else x, ad
+    )
+    batch = D.train_batch(p.splits["train"], p.batcher, 0, 1)
+    assert batch["weight"].shape == (1, 8, batch["input_ids"].shape[-1] - 1)
+    o = C.OptimConfig(name="sgd", lr=0.1, clip_norm=None)
+    tx = make_optimizer(o, make_schedule(o, 10), ad)
+    _, _, m = jax.jit(make_train_step(p.task, tx))(
+        ad, tx.init(ad), frozen, batch, jax.random.key(0)
+    )
+    flat = {k: v[0] for k, v in batch.items()}
+    aset = jlora.multi.unstack(jlora.combine(frozen, ad), p.task.names)
+    want = 0.0
+    for i, name in enumerate(p.task.names):
+        rows = np.flatnonzero(flat["task_id"] == i)
+        ids, mask = flat["input_ids"][rows], flat["attention_mask"][rows]
+        logits = jax.jit(Task(p.task.model, "causal_lm").forward)(
+            aset.tree(name), {"input_ids": ids, "attention_mask": mask}
+        )[0]
+        z = np.asarray(logits, np.float64)[:, :-1]
+        lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+        ce = lse - np.take_along_axis(z, ids[:, 1:, None], -1)[..., 0]
+        tok = mask[:, 1:].astype(bool)
+        want += ce[tok].mean()  # the task's mean over its non-padding target tokens
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+
+    s = train(cfg, echo=lambda m: None)
+    for t in ("a", "b"):
+        info = s["multitask"]["tasks"][t]
+        assert info["after"]["test"]["perplexity"] > 1 and info["num_labels"] is None
+        got = json.loads((tmp_path / "run" / "peft" / t / "adapter_config.json").read_text())
+        assert got["task_type"] == "CAUSAL_LM"
+    assert "a/perplexity" in s["after"]["validation"]

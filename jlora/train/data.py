@@ -391,26 +391,37 @@ class MixingBatcher:
         return np.concatenate(out)
 
 
-def task_weights(task_id: np.ndarray) -> dict[str, np.ndarray]:
+def task_weights(task_id: np.ndarray, tokens: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-example weights of a multitask batch (``task_id`` of any shape: all its
     micro-batches): ``loss_weight`` ``1 / n_t`` and ``weight`` ``1 / (T · n_t)``, where ``n_t``
     is the number of examples of the example's task and ``T`` the number of tasks present.
 
     ``Σ loss_weight · loss`` is the sum over tasks of each task's mean loss; ``weight`` sums to
     1 (the step's normalizer), so ``Σ weight · correct`` is the mean over tasks of their
-    accuracies.
+    accuracies. With ``tokens`` (causal LM: the trained target tokens, ``task_id.shape + (L,)``,
+    0/1) the weights are per token: ``n_t`` counts task t's trained tokens, so the loss is the
+    sum over tasks of each task's mean token loss.
 
     Example:
       >>> w = task_weights(np.array([[0, 0, 1], [0, 2, 2]]))
       >>> w["loss_weight"].tolist(), float(w["weight"].sum())
       ([[0.3333333432674408, 0.3333333432674408, 1.0], [0.3333333432674408, 0.5, 0.5]], 1.0)
     """
-    counts = np.bincount(task_id.reshape(-1))
-    n = counts[task_id].astype(np.float64)
+    if tokens is None:
+        counts = np.bincount(task_id.reshape(-1))
+        n = counts[task_id].astype(np.float64)
+        present = int((counts > 0).sum())
+        return {
+            "loss_weight": (1.0 / n).astype(np.float32),
+            "weight": (1.0 / (present * n)).astype(np.float32),
+        }
+    tokens = tokens.astype(np.float64)
+    counts = np.bincount(task_id.reshape(-1), weights=tokens.sum(-1).reshape(-1))
+    n = np.maximum(counts[task_id], 1.0)[..., None]
     present = int((counts > 0).sum())
     return {
-        "loss_weight": (1.0 / n).astype(np.float32),
-        "weight": (1.0 / (present * n)).astype(np.float32),
+        "loss_weight": (tokens / n).astype(np.float32),
+        "weight": (tokens / (present * n)).astype(np.float32),
     }
 
 
@@ -474,10 +485,13 @@ def train_batch(
       True
     """
     parts = [split.take(batcher.indices(step * grad_accum + j)) for j in range(grad_accum)]
-    batch = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    batch = _trim({k: np.stack([p[k] for p in parts]) for k in parts[0]}, multiple, buckets)
     if "task_id" in batch:  # multitask: the sum of each task's mean loss over the whole step
-        batch.update(task_weights(batch["task_id"]))
-    return _trim(batch, multiple, buckets)
+        tokens = None  # classification: per example; causal LM: per trained target token
+        if "labels" not in batch:
+            tokens = batch.get("loss_mask", batch["attention_mask"])[..., 1:]
+        batch.update(task_weights(batch["task_id"], tokens))
+    return batch
 
 
 def eval_batches(

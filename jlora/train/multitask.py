@@ -1,7 +1,8 @@
-"""Multitask runs: several classification tasks in one `jlora train` run (``data.tasks``).
+"""Multitask runs: several tasks in one `jlora train` run (``data.tasks``).
 
-The model is the run's one encoder with one ``classifier`` kernel whose columns are the tasks'
-heads side by side: task ``t`` owns columns ``offset_t : offset_t + num_labels_t``
+Every task is of the model's kind (``model.task``). Causal LM tasks (``{"text"}`` jsonl rows)
+share the decoder's LM head. For classification, the model is the run's
+one encoder with one ``classifier`` kernel whose columns are the tasks' heads side by side: task ``t`` owns columns ``offset_t : offset_t + num_labels_t``
 (`TaskSpec`). An example of task ``t`` is scored on its own columns only (the others are
 masked out of its softmax), so this is exactly one head per task, and a task's loss never
 reaches another task's head.
@@ -13,8 +14,9 @@ reaches another task's head.
   example is routed to its task's adapter (`jlora.multi.route` on the batch's ``task_id``).
 * ``shared``: one adapter for every task (the heads are still per task).
 
-The loss of a step is the sum over the tasks in the batch of each task's mean loss (the
-``loss_weight`` column of `jlora.train.data.task_weights`, over all micro-batches of the step),
+The loss of a step is the sum over the tasks in the batch of each task's mean loss (per
+example; per trained token for causal LM: the ``loss_weight`` of
+`jlora.train.data.task_weights`, over all micro-batches of the step),
 so the gradient reaching task ``t``'s adapter and head is that of task ``t``'s own mean loss:
 under SGD a mixed step moves each task's adapter as a separate step on its examples would. The
 logged train ``loss`` is that sum; the logged train ``accuracy`` is the mean over the tasks
@@ -84,6 +86,9 @@ def task_specs(cfg: RunConfig) -> tuple[TaskSpec, ...]:
     """
     out, offset = [], 0
     for i, t in enumerate(cfg.data.tasks or ()):
+        if t.kind == "causal_lm":  # the model's own LM head serves every task
+            out.append(TaskSpec(name=t.name, kind=t.kind, num_labels=0, offset=offset))
+            continue
         labels = D.load_labels(t.path)
         k = t.num_labels if t.num_labels is not None else None if labels is None else len(labels)
         if k is None:
@@ -125,9 +130,11 @@ class MultitaskTask(Task):
         return tuple(s.name for s in self.specs)
 
     def weights(self, batch: dict) -> jax.Array:
-        """The per-example ``weight`` column (`jlora.train.data.task_weights`; 1 if absent)."""
-        w = batch.get("weight")
-        return jnp.ones(batch["input_ids"].shape[:-1]) if w is None else w
+        """A training batch's ``weight`` (`jlora.train.data.task_weights`: per example, or per
+        target token for causal LM); an evaluation batch's weights as `Task.weights` has them."""
+        if "loss_weight" in batch:
+            return batch["weight"]
+        return super().weights(batch)
 
     def logits(self, params: Any, batch: dict, *, key: jax.Array | None = None):
         """``(logits, pooled)``: each row's logits over the classifier columns, other tasks'
@@ -142,20 +149,23 @@ class MultitaskTask(Task):
 
     def terms(self, params: Any, batch: dict, *, key: jax.Array | None = None) -> dict:
         """Summed ``loss`` (with ``loss_weight``: the sum of the tasks' mean losses), ``weight``
-        and ``correct`` of a batch, plus ``pooled`` and the per-row ``task_id``."""
-        logits, pooled = self.logits(params, batch, key=key)
-        offsets = jnp.asarray([s.offset for s in self.specs], jnp.int32)
-        y = batch["labels"] + offsets[batch["task_id"]]
+        and ``correct`` of a batch (plus ``pooled`` for classification)."""
+        if self.kind == "causal_lm":
+            tree = jlora.multi.route(params, batch["task_id"]) if self.per_task else params
+            logits, pooled = self.forward(tree, batch, key=key)
+            logits, y = logits[:, :-1], batch["input_ids"][:, 1:]
+        else:
+            logits, pooled = self.logits(params, batch, key=key)
+            offsets = jnp.asarray([s.offset for s in self.specs], jnp.int32)
+            y = batch["labels"] + offsets[batch["task_id"]]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
         w = self.weights(batch)
         lw = batch.get("loss_weight", w)
-        return {
-            "loss": jnp.sum(ce * lw),
-            "weight": jnp.sum(w),
-            "correct": jnp.sum(correct * w),
-            "pooled": pooled,
-        }
+        out = {"loss": jnp.sum(ce * lw), "weight": jnp.sum(w), "correct": jnp.sum(correct * w)}
+        if pooled is not None:
+            out["pooled"] = pooled
+        return out
 
 
 def task_run_config(cfg: RunConfig, index: int) -> RunConfig:
@@ -173,7 +183,7 @@ def task_run_config(cfg: RunConfig, index: int) -> RunConfig:
         text_key=t.text_key,
         label_key=t.label_key,
     )
-    model = dataclasses.replace(cfg.model, num_labels=spec.num_labels)
+    model = dataclasses.replace(cfg.model, num_labels=spec.num_labels or None)
     return dataclasses.replace(cfg, data=data, model=model)
 
 
@@ -188,6 +198,7 @@ def _pad_to(s: D.Split, length: int) -> D.Split:
         s,
         input_ids=np.pad(s.input_ids, widths, constant_values=pad_id),
         attention_mask=np.pad(s.attention_mask, widths),
+        loss_mask=None if s.loss_mask is None else np.pad(s.loss_mask, widths),
     )
 
 
@@ -197,7 +208,16 @@ def merge_splits(per_task: Sequence[dict[str, D.Split]]) -> dict[str, D.Split]:
     length."""
     length = max(s.input_ids.shape[1] for splits in per_task for s in splits.values())
     keys = [k for k in per_task[0] if all(k in splits for splits in per_task)]
-    return {k: D.Split.concat([_pad_to(splits[k], length) for splits in per_task]) for k in keys}
+    out = {}
+    for k in keys:
+        parts = [_pad_to(splits[k], length) for splits in per_task]
+        if any(s.loss_mask is not None for s in parts):  # SFT and plain text: train every token
+            parts = [
+                s if s.loss_mask is not None else dataclasses.replace(s, loss_mask=s.attention_mask)
+                for s in parts
+            ]
+        out[k] = D.Split.concat(parts)
+    return out
 
 
 def init_tree(params: Any, cfg: RunConfig, *, key: jax.Array, **infer: Any) -> Any:

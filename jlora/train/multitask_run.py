@@ -66,8 +66,9 @@ def export_peft(p: Prepared, directory: Path, tree: Any) -> dict[str, str]:
     """Write ``<directory>/<task>/`` for every task (module docstring); ``{task: dir}``."""
     cfg = p.cfg
     trees = task_trees(p, tree)
+    task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
     dirs = peft.save_adapters(
-        directory, trees, cfg.lora, base_model_name_or_path=base_name(cfg), task_type="SEQ_CLS"
+        directory, trees, cfg.lora, base_model_name_or_path=base_name(cfg), task_type=task_type
     )
     return {name: str(d) for name, d in zip(trees, dirs, strict=True)}
 
@@ -126,7 +127,7 @@ def task_summary(
     for i, spec in enumerate(task.specs):
         out[spec.name] = {
             "kind": spec.kind,
-            "num_labels": spec.num_labels,
+            "num_labels": spec.num_labels or None,
             "labels": list(spec.labels) if spec.labels else None,
             "train_examples": int((p.splits["train"].task_ids == i).sum()),
             "mixing_prob": float(p.batcher.probs[i]),
