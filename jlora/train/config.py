@@ -110,11 +110,6 @@ class RunConfig:
                     f"{m.task!r}: one model serves one kind of task (classification needs a "
                     "BERT encoder, causal_lm a decoder), so all tasks must be of model.task's kind"
                 )
-            if task.kind == "causal_lm":
-                raise ConfigError(
-                    f"data.tasks[{i}] ({task.name!r}): multitask runs support classification "
-                    "tasks only so far (kind 'causal_lm' is not implemented)"
-                )
         if d.tasks is not None and m.num_labels is not None:
             raise ConfigError(
                 "model.num_labels does not apply to a multitask run: each task in data.tasks "
