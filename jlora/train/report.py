@@ -96,11 +96,12 @@ def format_summary(s: dict[str, Any]) -> str:
         ("loss before", s.get("before"), "loss", ""),
         ("loss after", s.get("after"), "loss", ""),
     ]
+    metric = "accuracy" if s["task"] == "classification" else "perplexity"
     for name in (s.get("multitask") or {}).get("tasks", {}):  # a multitask run: per task
         rows += [
-            (f"{name}: accuracy before", s.get("before"), f"{name}/accuracy", ""),
-            (f"{name}: linear probe", s.get("linear_probe"), f"{name}/accuracy", ""),
-            (f"{name}: accuracy after", s.get("after"), f"{name}/accuracy", ""),
+            (f"{name}: {metric} before", s.get("before"), f"{name}/{metric}", ""),
+            (f"{name}: linear probe", s.get("linear_probe"), f"{name}/{metric}", ""),
+            (f"{name}: {metric} after", s.get("after"), f"{name}/{metric}", ""),
         ]
     for label, res, key, note in rows:
         if res is None:
