@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -217,7 +218,8 @@ def export_tree(tree: Any) -> Any:
 
 def report(tree: Any, state: AdaLoraTrainState, config: AdaLoraConfig) -> dict[str, Any]:
     """The ``adalora`` entry of ``summary.json``: budgets, the final rank per target (from the
-    allocator's mask) and the parameter counts of the exported (cut) adapters.
+    allocator's mask) and the parameter counts of the exported adapters (`export_tree`: each
+    target keeps ``k`` triplets, ``k·(in + out + 1)`` parameters).
 
     Args:
       tree: the trained tree (frozen and trainable halves combined).
@@ -227,7 +229,16 @@ def report(tree: Any, state: AdaLoraTrainState, config: AdaLoraConfig) -> dict[s
     ranks = alloc.ranks(state.alloc)
     kept = sum(np.sum(r) for r in ranks.values())
     n = sum(int(np.size(r)) for r in ranks.values())
-    cut = jlora.summary(export_tree(tree))
+    full = jlora.summary(tree)
+    cut = 0  # parameters and bytes of the triplets the export leaves out
+    cut_bytes = 0
+    keep = kept_mask(tree)
+    for s, node in alloc.adalora_targets(tree).items():
+        nb = len(node.batch_axes)
+        per = math.prod(node.q.shape[nb:-1]) + math.prod(node.p.shape[nb + 1 :]) + 1
+        dropped = int(np.size(keep[s]) - np.sum(keep[s])) * per
+        cut += dropped
+        cut_bytes += dropped * np.dtype(node.q.dtype).itemsize
     return {
         "init_r": config.init_r,
         "target_r": config.target_r,
@@ -237,9 +248,9 @@ def report(tree: Any, state: AdaLoraTrainState, config: AdaLoraConfig) -> dict[s
         "budget_target": config.target_r * n,
         "budget_final": int(kept),
         "ranks": ranks,
-        "final_trainable_params": cut.trainable,
-        "final_adapter_params": cut.adapter,
-        "final_adapter_bytes": cut.adapter_bytes,
+        "final_trainable_params": full.trainable - cut,
+        "final_adapter_params": full.adapter - cut,
+        "final_adapter_bytes": full.adapter_bytes - cut_bytes,
     }
 
 
