@@ -244,8 +244,8 @@ def test_the_step_loss_is_the_sum_of_each_tasks_mean_loss(world, tmp_path, adapt
         ad, tx.init(ad), frozen, batch, jax.random.key(0)
     )
     flat = {k: v[0] for k, v in batch.items()}
-    trees = task_trees(p, jlora.combine(frozen, ad))  # each task's adapter and head alone
-    trees_after = task_trees(p, jlora.combine(frozen, new))
+    trees = task_trees(p.task, jlora.combine(frozen, ad))  # each task's adapter and head alone
+    trees_after = task_trees(p.task, jlora.combine(frozen, new))
     want = 0.0
     for i, spec in enumerate(p.task.specs):
         rows = np.flatnonzero(flat["task_id"] == i)
@@ -363,7 +363,7 @@ def test_the_task_directories_load_in_peft_as_named_adapters(world, tmp_path):
     train(cfg, echo=lambda m: None)
     p = prepare(cfg)
     trained, _, _ = from_checkpoint(cfg, tmp_path / "run" / "checkpoints")
-    trees = task_trees(p, trained)
+    trees = task_trees(p.task, trained)
     test = p.splits["test"]
     ids = test.input_ids[:, :8]
     for spec in p.task.specs:
@@ -440,3 +440,47 @@ def test_causal_lm_tasks_sum_their_mean_token_losses(world, tmp_path):
         got = json.loads((tmp_path / "run" / "peft" / t / "adapter_config.json").read_text())
         assert got["task_type"] == "CAUSAL_LM"
     assert "a/perplexity" in s["after"]["validation"]
+
+
+@pytest.mark.slow
+def test_export_peft_and_merge_write_one_directory_per_task(world, tmp_path):
+    import yaml
+
+    from jlora.cli import main
+    from jlora.interop.models import from_pretrained
+
+    raw = _raw(world, tmp_path)
+    raw["train"]["linear_probe"] = False
+    (tmp_path / "mt.yaml").write_text(yaml.safe_dump(raw))
+    cfg = C.from_dict(raw)
+    train(cfg, echo=lambda m: None)
+    y = str(tmp_path / "mt.yaml")
+    assert main(["export-peft", y, "--out", str(tmp_path / "exp"), "--step", "2"]) == 0
+    assert main(["merge", y, "--out", str(tmp_path / "merged")]) == 0
+    p = prepare(cfg)
+    trained, _, _ = from_checkpoint(cfg, tmp_path / "run" / "checkpoints")
+    at2, _, _ = from_checkpoint(cfg, tmp_path / "run" / "checkpoints", step=2)
+    test = p.splits["test"]
+    for i, spec in enumerate(p.task.specs):
+        assert (tmp_path / "exp" / spec.name / "adapter_config.json").is_file()
+        sub = test.take(np.flatnonzero(test.task_ids == i))
+        want = np.asarray(p.task.logits(trained, sub)[0])[
+            :, spec.offset : spec.offset + spec.num_labels
+        ]
+        # the merged model of the task: a plain HF BERT with the task's head
+        model, params = from_pretrained(tmp_path / "merged" / spec.name, num_labels=spec.num_labels)
+        got = model.apply(params, sub["input_ids"], attention_mask=sub["attention_mask"]).logits
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+        # export-peft --step 2: the task's adapter of step 2
+        base = dict(p.params)
+        h = base["classifier"]["kernel"].shape[0]
+        base["classifier"] = {
+            "kernel": jnp.zeros((h, spec.num_labels)),
+            "bias": jnp.zeros(spec.num_labels),
+        }
+        loaded, _ = jlora.peft.load(tmp_path / "exp" / spec.name, base)
+        single = Task(_model_with_labels(p, spec.num_labels), "classification")
+        want2 = np.asarray(p.task.logits(at2, sub)[0])[
+            :, spec.offset : spec.offset + spec.num_labels
+        ]
+        np.testing.assert_allclose(np.asarray(single.forward(loaded, sub)[0]), want2, atol=1e-5)

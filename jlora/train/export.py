@@ -24,6 +24,8 @@ from jlora.interop.models import to_hf_state_dict
 from jlora.train.adalora import export_tree
 from jlora.train.config import RunConfig
 from jlora.train.data import load_labels
+from jlora.train.multitask import task_run_config
+from jlora.train.multitask_run import export_peft, task_trees
 from jlora.train.sections import ConfigError
 from jlora.train.setup import base_tree
 from jlora.train.task import base_name, resolve_model_path
@@ -115,7 +117,12 @@ def from_peft(cfg: RunConfig, directory: str | Path) -> tuple[Any, jlora.LoraCon
 
 def to_peft(cfg: RunConfig, directory: str | Path, tree: Any, lcfg: jlora.LoraConfig) -> None:
     """Write ``tree``'s adapters as a PEFT LoRA directory (AdaLoRA targets cut to their kept
-    triplets, with PEFT's ``rank_pattern``: `jlora.train.adalora.export_tree`)."""
+    triplets, with PEFT's ``rank_pattern``: `jlora.train.adalora.export_tree`); a multitask
+    run's as one directory per task, ``<directory>/<task>/`` (`jlora.train.multitask_run`)."""
+    if cfg.data.tasks is not None:
+        export_peft(dataclasses.replace(cfg, lora=lcfg), base_tree(cfg, shapes_only=True)[0],
+                    directory, tree)  # fmt: skip
+        return
     jlora.peft.save(
         directory,
         export_tree(tree),
@@ -155,10 +162,18 @@ def save_merged(cfg: RunConfig, tree: Any, directory: str | Path, *, fmt: str = 
         ``flax`` -- ``model.safetensors`` keyed by the slash-joined flax paths.
 
     Returns:
-      The path of the written safetensors file.
+      The path of the written safetensors file; for a multitask run (``data.tasks``), the
+      directory holding one merged model per task, ``<directory>/<task>/``.
     """
     if fmt not in ("hf", "flax"):
         raise ConfigError(f"--format must be 'hf' or 'flax', got {fmt!r}")
+    if cfg.data.tasks is not None:  # a multitask run: one merged model per task, <dir>/<task>/
+        task = base_tree(cfg, shapes_only=True)[0]
+        files = [
+            save_merged(task_run_config(cfg, i), t, Path(directory) / name, fmt=fmt)
+            for i, (name, t) in enumerate(task_trees(task, tree).items())
+        ]
+        return files[0].parent.parent
     merged = jlora.merge(tree)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

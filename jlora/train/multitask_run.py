@@ -20,6 +20,7 @@ import numpy as np
 
 import jlora
 from jlora.interop import peft
+from jlora.train.config import RunConfig
 from jlora.train.multitask import MultitaskTask, TaskSpec
 from jlora.train.probe import linear_probe
 from jlora.train.setup import Prepared
@@ -52,20 +53,20 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, jlora.LoraWeight | jlora.Trainable | jlora.multi.MultiLoraWeight)
 
 
-def task_trees(p: Prepared, tree: Any) -> dict[str, Any]:
+def task_trees(task: MultitaskTask, tree: Any) -> dict[str, Any]:
     """Each task's own tree: its adapter (the shared one in ``shared`` mode) and its head
-    alone, an ordinary single-task classification tree of ``num_labels`` classes."""
-    task: MultitaskTask = p.task
+    alone, an ordinary single-task tree (classification: of ``num_labels`` classes)."""
     if task.per_task:
         aset = jlora.multi.unstack(tree, task.names)
         return {s.name: _head_slice(aset.tree(s.name), s) for s in task.specs}
     return {s.name: _head_slice(tree, s) for s in task.specs}
 
 
-def export_peft(p: Prepared, directory: Path, tree: Any) -> dict[str, str]:
+def export_peft(
+    cfg: RunConfig, task: MultitaskTask, directory: str | Path, tree: Any
+) -> dict[str, str]:
     """Write ``<directory>/<task>/`` for every task (module docstring); ``{task: dir}``."""
-    cfg = p.cfg
-    trees = task_trees(p, tree)
+    trees = task_trees(task, tree)
     task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
     dirs = peft.save_adapters(
         directory, trees, cfg.lora, base_model_name_or_path=base_name(cfg), task_type=task_type
