@@ -282,7 +282,7 @@ def _export_peft(run: Run, tree: Any) -> Path | None:
     task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
     try:
         if is_multitask(run.p):  # peft/<task>/: each task's adapter and head
-            export_peft(run.p, run.out / "peft", tree)
+            export_peft(cfg, run.p.task, run.out / "peft", tree)
             return run.out / "peft"
         peft.save(
             run.out / "peft",
