@@ -137,8 +137,10 @@ class MultitaskTask(Task):
         return super().weights(batch)
 
     def logits(self, params: Any, batch: dict, *, key: jax.Array | None = None):
-        """``(logits, pooled)``: each row's logits over the classifier columns, other tasks'
-        columns masked to -1e9, and the labels shifted to the task's columns."""
+        """``(logits, pooled)`` of a classification batch: each row's logits over all the
+        classifier columns, the other tasks' columns set to -1e9 (so a softmax over the row is
+        the softmax over its own task's classes; the row's label ``y`` is column
+        ``offset + y``)."""
         tid = batch["task_id"]
         if self.per_task:
             params = jlora.multi.route(params, tid)
