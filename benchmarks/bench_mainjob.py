@@ -186,6 +186,7 @@ def main() -> None:
             f"(missing module {missing!r}): pip install -e '.[test]'"
         )
     tmp = Path(tempfile.mkdtemp(prefix="bench_mainjob-"))
+    print(f"runs under {tmp} (each jlora run: run-<seed>/summary.json, loss.png)", flush=True)
     res: dict[str, list[dict]] = {"jlora": [], "peer": []}
     for seed in range(a.runs):
         cache = str(tmp / ("xla" if a.warm_cache else f"xla-{seed}"))
