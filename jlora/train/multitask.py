@@ -229,16 +229,7 @@ def init_tree(params: Any, cfg: RunConfig, *, key: jax.Array, **infer: Any) -> A
     if cfg.data.adapters == "shared":
         return jlora.init(params, cfg.lora, key=key, **infer)
     names = [t.name for t in cfg.data.tasks]
-    tree = jlora.multi.init_tasks(params, cfg.lora, names, key=key, shared_trainable=True, **infer)
-
-    def f32_scales(x: Any) -> Any:  # as a trained (jitted) tree has them: checkpoints match
-        if isinstance(x, jlora.multi.MultiLoraWeight):
-            return dataclasses.replace(x, scales=jnp.asarray(x.scales, jnp.float32))
-        return x
-
-    return jax.tree.map(
-        f32_scales, tree, is_leaf=lambda x: isinstance(x, jlora.multi.MultiLoraWeight)
-    )
+    return jlora.multi.init_tasks(params, cfg.lora, names, key=key, shared_trainable=True, **infer)
 
 
 def mixing_batcher(cfg: RunConfig, train: D.Split) -> D.MixingBatcher:
