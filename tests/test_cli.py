@@ -122,6 +122,7 @@ def test_existing_checkpoints_need_resume(env, ref):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(env, ref, tmp_path):
     out = tmp_path / "killed"
     slow = ["--set", "train.sleep_per_step=0.05"]
@@ -391,6 +392,7 @@ SFT = ROOT / "configs" / "llama-sft-tiny.yaml"
 SFT_SMALL = ["model.random.num_hidden_layers=1", "data.test_split=null"]
 
 
+@pytest.mark.slow
 def test_generate_prints_greedy_completions_of_a_trained_run(capsys, tmp_path):
     from jlora.train import export
 

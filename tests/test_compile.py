@@ -101,6 +101,7 @@ def _train(out: Path, cache: Path) -> dict:
     return summary
 
 
+@pytest.mark.slow
 def test_second_run_of_a_config_compiles_nothing(tmp_path):
     cache = tmp_path / "new" / "xla"  # does not exist yet: created
     cold = _train(tmp_path / "cold", cache)

@@ -78,7 +78,13 @@ def test_every_example_is_tested():
     assert on_disk == set(EXAMPLES)
 
 
-@pytest.mark.parametrize("name", list(EXAMPLES))
+SLOW_EXAMPLES = {"09_peft_roundtrip.py", "serve_three_adapters.py"}  # ~15 s each: the slow run
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXAMPLES else n for n in EXAMPLES],
+)
 def test_example_runs(name, runs):
     missing = _missing(name)
     if missing and not os.environ.get("CI"):

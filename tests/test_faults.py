@@ -734,6 +734,7 @@ def _records(out):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
+@pytest.mark.slow
 def test_resume_skips_a_damaged_step_and_replays_it_bit_identically(env, tiny_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)

@@ -361,7 +361,11 @@ def _alone(model, s: AdapterSet, request, ids, mask, i, **kw):
 
 
 @pytest.mark.parametrize(
-    "tied,dense", [(False, True), pytest.param(True, False, marks=pytest.mark.slow)]
+    "tied,dense",
+    [
+        pytest.param(False, True, marks=pytest.mark.slow),
+        pytest.param(True, False, marks=pytest.mark.slow),
+    ],
 )
 def test_mixed_batch_equals_each_request_alone(tied, dense, monkeypatch, np_ref):
     monkeypatch.setattr(mixed, "DENSE_MAX_RANK", 256 if dense else 0)  # both formulations

@@ -596,6 +596,7 @@ def eight_devices():
     return _run_script("presets.py", *FAST_CHECKS)
 
 
+@pytest.mark.slow  # one 8-device subprocess, ~30 s
 @pytest.mark.parametrize("check", FAST_CHECKS)
 def test_eight_devices(eight_devices, check):
     result = eight_devices[check]

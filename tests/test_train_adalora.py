@@ -259,6 +259,7 @@ def test_run_reports_final_ranks_budget_and_png(ref_run):
     assert ada["ranks_png"] == str(out / "adalora_ranks.png") and png.shape[0] > 100
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(base, ref_run, tmp_path):
     """The uninterrupted run with its step-8 checkpoint and outputs removed (a run killed after
     the step-4 checkpoint, mid-budget) resumes: the step-8 adapters, optimizer state, allocator
