@@ -78,7 +78,14 @@ def test_every_example_is_tested():
     assert on_disk == set(EXAMPLES)
 
 
-SLOW_EXAMPLES = {"09_peft_roundtrip.py", "serve_three_adapters.py"}  # ~15 s each: the slow run
+# the slowest scripts (8-16 s each) run in the slow run
+SLOW_EXAMPLES = {
+    "09_peft_roundtrip.py",
+    "serve_three_adapters.py",
+    "04_equinox.py",
+    "08_multi_adapter.py",
+    "06_dora.py",
+}
 
 
 @pytest.mark.parametrize(

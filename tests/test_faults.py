@@ -863,6 +863,7 @@ def test_an_imported_peft_checkpoint_resumes_with_a_fresh_optimizer(
 HUGE = ["optim.lr=1e30", "checkpoint.every_steps=1", "train.max_steps=6", "train.eval_before=false"]
 
 
+@pytest.mark.slow
 def test_a_huge_lr_saves_no_diverged_state(env, tmp_path):
     """The issue's run: lr 1e30, a checkpoint every step. The state after step 1 is finite but of
     magnitude 1e30 with NaN gradients: it is not saved, and the error says so."""

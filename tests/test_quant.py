@@ -357,6 +357,7 @@ def test_plain_kernels_selected_by_targets_stay_bare_quantized_nodes(tmp_path, n
     chex.assert_trees_all_close(loaded["layers_0"]["kernel"].b, tree["layers_0"]["kernel"].b)
 
 
+@pytest.mark.slow
 def test_qlora_training_tracks_lora():
     """A short run on a fixed regression task: QLoRA's final loss is close to LoRA's."""
     m = nn.Sequential([nn.Dense(128), nn.gelu, nn.Dense(128), nn.gelu, nn.Dense(8)])

@@ -218,6 +218,7 @@ def test_score_counts_exact_matches_and_positional_tokens():
     assert got == {"exact_match": 1 / 3, "token_accuracy": 4 / 6}
 
 
+@pytest.mark.slow
 def test_generation_metrics_equal_a_full_forward_greedy_reference(tmp_path):
     from jlora.train.sft_eval import generation_metrics
 

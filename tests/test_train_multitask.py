@@ -396,6 +396,7 @@ LLAMA = {
 }
 
 
+@pytest.mark.slow
 def test_causal_lm_tasks_sum_their_mean_token_losses(world, tmp_path):
     raw = _raw(world, tmp_path)
     raw["model"] = {"random": dict(LLAMA), "task": "causal_lm"}
