@@ -271,6 +271,14 @@ def test_the_step_loss_is_the_sum_of_each_tasks_mean_loss(world, tmp_path, adapt
     np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
 
 
+def _base_with_head(p, k):
+    """The run's base params with a zero ``k``-way classifier: the base a task's PEFT dir loads on."""
+    base = dict(p.params)
+    h = base["classifier"]["kernel"].shape[0]
+    base["classifier"] = {"kernel": jnp.zeros((h, k)), "bias": jnp.zeros(k)}
+    return base
+
+
 def _model_with_labels(p, k):
     """The run's BERT module with a ``k``-class head (a task's own model)."""
     return p.task.model.clone(config=dataclasses.replace(p.task.model.config, num_labels=k))
@@ -314,12 +322,7 @@ def test_tiny_multitask_run(world, tmp_path, adapters):
         sub = test.take(np.flatnonzero(test.task_ids == i))
         logits, _ = p.task.logits(trained, sub)
         want = np.asarray(logits)[:, spec.offset : spec.offset + spec.num_labels]
-        base = dict(p.params)
-        h = base["classifier"]["kernel"].shape[0]
-        base["classifier"] = {
-            "kernel": jnp.zeros((h, spec.num_labels)),
-            "bias": jnp.zeros(spec.num_labels),
-        }
+        base = _base_with_head(p, spec.num_labels)
         loaded, _ = jlora.peft.load(out / "peft" / spec.name, base)
         single = Task(_model_with_labels(p, spec.num_labels), "classification")
         got, _ = single.forward(loaded, sub)
@@ -473,12 +476,7 @@ def test_export_peft_and_merge_write_one_directory_per_task(world, tmp_path):
         got = model.apply(params, sub["input_ids"], attention_mask=sub["attention_mask"]).logits
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
         # export-peft --step 2: the task's adapter of step 2
-        base = dict(p.params)
-        h = base["classifier"]["kernel"].shape[0]
-        base["classifier"] = {
-            "kernel": jnp.zeros((h, spec.num_labels)),
-            "bias": jnp.zeros(spec.num_labels),
-        }
+        base = _base_with_head(p, spec.num_labels)
         loaded, _ = jlora.peft.load(tmp_path / "exp" / spec.name, base)
         single = Task(_model_with_labels(p, spec.num_labels), "classification")
         want2 = np.asarray(p.task.logits(at2, sub)[0])[
