@@ -4,12 +4,16 @@
   and the sparse MoE ones (Mixtral / Qwen2-MoE / Qwen3-MoE, :class:`MoeConfig`).
 * :class:`BertModel` — BERT encoders such as all-MiniLM-L6-v2, mean-pooled sentence embeddings.
 * :func:`from_pretrained` — a local HF checkpoint directory → ``(model, {"params": ...})``.
+* :func:`attention` — the one attention function of the decoders (causal, packed, sliding
+  window, GQA, soft-capping, KV cache), its backend chosen by ``LlamaConfig.attention``.
 * :func:`generate` — KV-cache generation (greedy / top-k / top-p) with any params tree, one
   jitted program per (batch, prompt-length bucket, ``max_new_tokens``); `KVCache`.
 * ``TENSOR_PARALLEL_RULES`` — the Megatron-style rules for these paths that the ``"tensor"``
   sharding preset of `jlora.sharding` reads.
 """
 
+from jlora.interop.models.attention import BACKENDS as ATTENTION_BACKENDS
+from jlora.interop.models.attention import AttentionMask, attention
 from jlora.interop.models.bert import BertConfig, BertModel, BertOutput, mean_pool
 from jlora.interop.models.generation import GenerateOutput, filter_logits, generate
 from jlora.interop.models.hub import (
@@ -26,6 +30,8 @@ from jlora.interop.models.moe import MoeConfig, SparseMoeBlock
 from jlora.interop.parallel_rules import TENSOR_PARALLEL_RULES
 
 __all__ = [
+    "ATTENTION_BACKENDS",
+    "AttentionMask",
     "BertConfig",
     "BertModel",
     "BertOutput",
@@ -37,6 +43,7 @@ __all__ = [
     "MoeConfig",
     "SparseMoeBlock",
     "TENSOR_PARALLEL_RULES",
+    "attention",
     "build_model",
     "config_from_hf",
     "filter_logits",

@@ -1,17 +1,11 @@
-"""The preallocated KV cache of the decoder models, and the attention masks that go with it.
+"""The preallocated KV cache of the decoder models.
 
 `KVCache` is a plain pytree passed to the model and returned updated (no flax mutable
 collection), so it can be carried through ``lax.while_loop`` / ``scan``. Slots are indexed
 like transformers' cache positions: a row's prompt (left-padded) fills slots ``0 .. P-1`` and
-the ``i``-th generated token slot ``P + i``; the causal and sliding-window masks count slots,
-and ``mask`` tells which slots hold a token to attend to.
-
-Example:
-    >>> import jax.numpy as jnp
-    >>> cache = KVCache.init(layers=2, batch=1, length=4, kv_heads=1, head_dim=2)
-    >>> kv_mask, full, windowed = cached_masks(cache, jnp.array([[0, 1]]), window=1)
-    >>> kv_mask.astype(int).tolist(), full.astype(int).tolist()
-    ([[0, 1, 0, 0]], [[[0, 0, 0, 0], [0, 1, 0, 0]]])
+the ``i``-th generated token slot ``P + i``; the causal and sliding-window masks count slots
+(`jlora.models.attention` with ``q_positions = index + arange(seq)``), and ``mask`` tells which
+slots hold a token to attend to (its ``kv_mask``).
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["KVCache", "LayerCache", "cached_masks", "segment_positions", "write"]
+__all__ = ["KVCache", "LayerCache", "segment_positions", "write"]
 
 #: One layer's ``(keys, values, index)``, as the attention layer takes it.
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]
@@ -85,25 +79,6 @@ def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """
     start = (0, index) + (0,) * (buffer.ndim - 2)
     return lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
-
-
-def cached_masks(
-    cache: KVCache, attention_mask: jax.Array, window: int | None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(kv_mask, full, windowed)`` for new tokens at slots ``cache.index + arange(seq)``.
-
-    ``kv_mask`` (batch, length) is the cache's mask with ``attention_mask`` (batch, seq) written
-    in; ``full`` (batch, seq, length) lets each new token attend to the written slots up to its
-    own; ``windowed`` also keeps only the last ``window`` slots (``full`` when ``window`` is
-    None).
-    """
-    s = attention_mask.shape[1]
-    kv_mask = write(cache.mask, attention_mask > 0, cache.index)
-    q_idx = cache.index + jnp.arange(s)[:, None]
-    k_idx = jnp.arange(cache.length)[None, :]
-    full = (k_idx <= q_idx)[None] & kv_mask[:, None, :]
-    windowed = full & (q_idx - k_idx < window)[None] if window else full
-    return kv_mask, full, windowed
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -14,7 +14,6 @@ axis, ``params["model"]["layers"]``; `jlora.interop.models.scan`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -22,13 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jlora.interop.models.kv_cache import (
-    KVCache,
-    LayerCache,
-    cached_masks,
-    segment_positions,
-    write,
-)
+from jlora.interop.models.attention import AttentionMask, attention
+from jlora.interop.models.kv_cache import KVCache, LayerCache, segment_positions, write
 from jlora.interop.models.llama_config import LlamaConfig, rope_inv_freq
 from jlora.interop.models.moe import SparseMoeBlock
 from jlora.interop.models.scan import run_layers
@@ -82,18 +76,29 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    """Self-attention with HF-named projections; the scores go through `attention` with the
+    config's backend (``LlamaConfig.attention``). ``sliding_window``: this layer's window
+    (None: full attention)."""
+
     config: LlamaConfig
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    sliding_window: int | None = None
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: AttentionMask,
+        cache: LayerCache | None = None,
+        window: jax.Array | None = None,
     ) -> Any:
-        """Self-attention of ``x`` (batch, seq, hidden); ``mask`` (batch, seq, keys) is True
-        where a query may attend. With ``cache = (keys, values, index)`` the new keys and values
-        are written at slot ``index`` and the queries attend over all cache slots; returns
-        ``(out, (keys, values))`` then."""
+        """Self-attention of ``x`` (batch, seq, hidden) at rotary ``positions``; ``mask`` says
+        which keys each query sees. With ``cache = (keys, values, index)`` the new keys and
+        values are written at slot ``index`` and the queries attend over all cache slots;
+        returns ``(out, (keys, values))`` then. ``window``, traced, replaces
+        ``sliding_window`` (a scanned stack of sliding and full layers)."""
         cfg = self.config
         b, s, _ = x.shape
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -114,12 +119,15 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is not None:
             k, v = write(cache[0], k, cache[2]), write(cache[1], v, cache[2])
-        q = q.reshape(b, s, nkv, nh // nkv, hd)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / math.sqrt(hd)
-        scores = scores.astype(jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, nh * hd)
+        out = attention(
+            q,
+            k,
+            v,
+            **mask.kwargs(),
+            causal=True,
+            sliding_window=self.sliding_window if window is None else window,
+            backend=cfg.attention,
+        ).reshape(b, s, nh * hd)
         out = dense(cfg.hidden_size, "o_proj", cfg.o_proj_bias)(out)
         return out if cache is None else (out, (k, v))
 
@@ -142,15 +150,23 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    sliding_window: int | None = None
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: AttentionMask,
+        cache: LayerCache | None = None,
+        window: jax.Array | None = None,
     ) -> Any:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, name="input_layernorm", **kw)(x)
-        attn = LlamaAttention(self.config, name="self_attn", **kw)(h, positions, mask, cache)
+        attn = LlamaAttention(
+            self.config, sliding_window=self.sliding_window, name="self_attn", **kw
+        )(h, positions, mask, cache, window)
         if cache is not None:
             attn, kv = attn
         x = x + attn
@@ -180,11 +196,17 @@ class LlamaModel(nn.Module):
         layer_cls = (
             nn.remat(LlamaDecoderLayer) if self.gradient_checkpointing else LlamaDecoderLayer
         )
+        windows = [
+            cfg.sliding_window if kind == "sliding_attention" else None for kind in cfg.layer_types
+        ]
         if self.scan_layers:  # one module, its params stacked along a leading layer axis
-            self.layers = layer_cls(cfg, name="layers", **kw)
+            # one static window when every layer has the same; else a traced one per layer
+            shared = windows[0] if len(set(windows)) == 1 else None
+            self.layers = layer_cls(cfg, sliding_window=shared, name="layers", **kw)
         else:
             self.layers = [
-                layer_cls(cfg, name=f"layers_{i}", **kw) for i in range(cfg.num_hidden_layers)
+                layer_cls(cfg, sliding_window=w, name=f"layers_{i}", **kw)
+                for i, w in enumerate(windows)
             ]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
@@ -207,21 +229,17 @@ class LlamaModel(nn.Module):
             position_ids = segment_positions(segment_ids)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
-        q_idx, k_idx = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
-        causal = (k_idx <= q_idx)[None]
-        pad = jnp.ones((b, 1, s), bool) if attention_mask is None else attention_mask[:, None] > 0
-        full = causal & pad
-        if segment_ids is not None:
-            full = full & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        windowed = full
-        if self.config.sliding_window:
-            windowed = full & (q_idx - k_idx < self.config.sliding_window)[None]
+        mask = AttentionMask(
+            q_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids,
+            kv_mask=None if attention_mask is None else attention_mask > 0,
+        )
         h = self.embed_tokens(input_ids)
         if self.scan_layers:
-            types = self.config.layer_types
-            return self.norm(run_layers(self.layers, types, h, position_ids, full, windowed)[0])
-        for layer, kind in zip(self.layers, self.config.layer_types, strict=True):
-            h = layer(h, position_ids, windowed if kind == "sliding_attention" else full)
+            h, _ = run_layers(self.layers, self.config, h, position_ids, mask)
+            return self.norm(h)
+        for layer in self.layers:
+            h = layer(h, position_ids, mask)
         return self.norm(h)
 
     def _cached(
@@ -239,17 +257,15 @@ class LlamaModel(nn.Module):
             attention_mask = jnp.ones((b, s), bool)
         if position_ids is None:
             position_ids = jnp.broadcast_to(start + jnp.arange(s), (b, s))
-        kv_mask, full, windowed = cached_masks(cache, attention_mask, self.config.sliding_window)
+        kv_mask = write(cache.mask, attention_mask > 0, start)
+        mask = AttentionMask(q_positions=start + jnp.arange(s), kv_mask=kv_mask)
         h = self.embed_tokens(input_ids)
         if self.scan_layers:  # the cache enters the scan stacked along the layer axis
             kv = (jnp.stack(cache.keys), jnp.stack(cache.values))
-            types = self.config.layer_types
-            h, (k, v) = run_layers(self.layers, types, h, position_ids, full, windowed, kv, start)
+            h, (k, v) = run_layers(self.layers, self.config, h, position_ids, mask, kv, start)
             return self.norm(h), KVCache(tuple(k), tuple(v), kv_mask, start + s)
         keys, values = [], []
-        layers = zip(self.layers, self.config.layer_types, cache.keys, cache.values, strict=True)
-        for layer, kind, k, v in layers:
-            mask = windowed if kind == "sliding_attention" else full
+        for layer, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
             h, (k, v) = layer(h, position_ids, mask, (k, v, start))
             keys.append(k)
             values.append(v)

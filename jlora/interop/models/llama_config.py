@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from jlora.interop.models.attention import BACKENDS
 from jlora.interop.models.moe import MoeConfig, moe_config_from_hf
 
 __all__ = ["LlamaConfig", "rope_inv_freq"]
@@ -26,7 +27,9 @@ class LlamaConfig:
     ``bos/eos/pad_token_id`` are the defaults of `jlora.models.generate` (``eos_token_id`` may
     be several ids). ``moe`` makes every layer's MLP a sparse mixture of experts
     (`jlora.models.moe`: Mixtral, Qwen2-MoE, Qwen3-MoE); ``qk_norm`` RMS-normalizes each head's
-    queries and keys before the rotary embedding (Qwen3).
+    queries and keys before the rotary embedding (Qwen3). ``attention`` names the backend of
+    `jlora.models.attention` every layer uses (``"xla"``: one einsum, as transformers' eager
+    attention); it is not read from ``config.json``: set it with ``dataclasses.replace``.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -57,6 +60,7 @@ class LlamaConfig:
     pad_token_id: int | None = None
     moe: MoeConfig | None = None
     qk_norm: bool = False
+    attention: str = "xla"
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -74,6 +78,10 @@ class LlamaConfig:
             raise ValueError("layer_types must have one entry per layer")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("sliding_attention layers need a sliding_window")
+        if self.attention not in BACKENDS:
+            raise ValueError(
+                f"LlamaConfig.attention must be one of {BACKENDS}, got {self.attention!r}"
+            )
         rope_type = dict(self.rope_scaling or ()).get("rope_type", "default")
         if rope_type not in _ROPE_TYPES:
             raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {_ROPE_TYPES}")
