@@ -3,10 +3,12 @@
 Projections such as q / k / v (or gate / up) consume the same activation ``x`` with the same
 dimension numbers. Computing each ``x·aᵢ`` on its own reads ``x`` once per projection; this
 module finds such groups in a jaxpr (`plan`) and, when the interpreter reaches the first
-member, computes one matmul against the concatenated ``a``s and hands each member its slice
-(`Fusion.prepare`). The LoRA rule then takes its ``x·a`` from `Fusion.take` instead of
+member, computes one matmul against the concatenated left factors (`KernelNode.factors`: the
+factor that enters the matmul, whatever the node stores) and hands each member its slice
+(`Fusion.prepare`). The LoRA rule then takes its ``x·left`` from `Fusion.take` instead of
 computing it. Only plain ``x @ W`` uses (contracting W's input axes, no batch dimensions) of
-nodes without active dropout are grouped (with dropout, each target draws its own mask).
+nodes with factors and without active dropout are grouped (with dropout, each target draws
+its own mask).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
-from jlora.core.kernel import LoraWeight, cast
+from jlora.core.kernel import KernelNode, cast
 
 __all__ = ["Fusion", "disabled", "plan"]
 
@@ -103,7 +105,7 @@ class Fusion:
             src = read(eqn.invars[0])
         except KeyError:
             return None
-        return src.astype(eqn.params["new_dtype"]) if isinstance(src, LoraWeight) else None
+        return src.astype(eqn.params["new_dtype"]) if isinstance(src, KernelNode) else None
 
     def prepare(self, index: int, eqns: list[Any], read: Any, dropout_on: bool) -> None:
         """At a group's first member: one ``x·[a₁ | …]`` for every member known now."""
@@ -112,29 +114,31 @@ class Fusion:
             return
         x = read(eqns[index].invars[0])
         (lc, rc), _ = eqns[index].params["dimension_numbers"]
-        found = []
+        found = []  # (eqn index, left factor, contracting axes of it)
         for j in members:
             lw = self._node(eqns[j].invars[1], read)
-            if not isinstance(lw, LoraWeight) or (dropout_on and lw.dropout > 0.0):
+            if not isinstance(lw, KernelNode) or (dropout_on and lw.dropout > 0.0):
                 continue
             if set(rc) != set(lw.in_axes) or len(rc) != len(lw.in_axes) or lw.batch_axes:
                 continue
-            f_c = tuple(lw.in_axes.index(d) for d in rc)
-            found.append((j, lw, f_c))
-        if len(found) < 2 or isinstance(x, LoraWeight):
+            factors = lw.factors()
+            if factors is None:
+                continue
+            found.append((j, factors[0], tuple(lw.in_axes.index(d) for d in rc)))
+        if len(found) < 2 or isinstance(x, KernelNode):
             return
-        shapes = {(lw.a.shape[:-1], f_c) for _, lw, f_c in found}
+        shapes = {(left.shape[:-1], f_c) for _, left, f_c in found}
         if len(shapes) != 1:
             return
         f_c = found[0][2]
         ct = x.dtype
-        a = jnp.concatenate([cast(lw.a, ct) for _, lw, _ in found], axis=-1)
+        a = jnp.concatenate([cast(left, ct) for _, left, _ in found], axis=-1)
         p = eqns[index].params
         kw = dict(
             precision=p.get("precision"), preferred_element_type=p.get("preferred_element_type")
         )
         t = lax.dot_general(x, a, ((lc, f_c), ((), ())), **kw).astype(ct)
-        splits = list(itertools.accumulate(lw.rank for _, lw, _ in found))[:-1]
+        splits = list(itertools.accumulate(left.shape[-1] for _, left, _ in found))[:-1]
         for (j, _, _), tj in zip(found, jnp.split(t, splits, axis=-1), strict=True):
             self.ready[j] = tj
 

@@ -150,6 +150,70 @@ class KernelNode(Node):
 
         return xs, rebuild
 
+    # The low-rank path ------------------------------------------------------------------------
+
+    def factors(self) -> tuple[Any, Any, float] | None:
+        """The low-rank path's factors as they enter the matmul: ``(left, right, scale)`` with
+        ``left`` laid out ``batch + in + (r,)`` and ``right`` ``batch + (r,) + out``, so that
+        the kernel is ``W + scale·left@right``; or None (no such path: the LoRA rules decline).
+
+        `jlora.lora`'s ``dot_general`` / ``conv`` / ``gather`` / ``ragged_dot`` rules, the shared
+        ``x·[left₁ | left₂ | …]`` of `jlora.core.fusion`, `delta` (hence merge) and the PEFT
+        export read the factors here and nowhere else, so a node whose stored children are not
+        the factors (a gate on ``a``, shared projections scaled per target) overrides this
+        method and inherits all of them.
+        """
+        return None
+
+    @property
+    def rank(self) -> int:
+        """The rank of the low-rank path (the last axis of the left factor)."""
+        f = self.factors()
+        if f is None:
+            raise NotImplementedError(f"{type(self).__name__} has no low-rank factors.")
+        return f[0].shape[-1]
+
+    def delta(self, dtype: Any = jnp.float32) -> jax.Array:
+        """``scale * left @ right`` in ``w``'s layout, accumulated in ``dtype`` (materializes
+        ΔW; see `factors`)."""
+        f = self.factors()
+        if f is None:
+            raise NotImplementedError(f"{type(self).__name__} has no low-rank factors.")
+        left, right, scale = f
+        nb = len(self.batch_axes)
+        a = jnp.asarray(left, dtype)
+        b = jnp.asarray(right, dtype)
+        d = jax.lax.dot_general(
+            a, b, (((a.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
+        )
+        canonical = (*self.batch_axes, *self.in_axes, *self.out_axes)
+        if canonical != tuple(range(d.ndim)):
+            d = jnp.transpose(d, np.argsort(canonical))
+        return scale * d
+
+    def output(self, y: jax.Array, low: jax.Array, base: Any, positions: dict[int, int]) -> Any:
+        """Combine a fused rule's frozen path ``y`` and scaled low-rank path ``low``.
+
+        ``base()`` gives the frozen path on the dropped-out input and ``positions`` maps W's
+        batch/output axes to ``y``'s axes; variants that rescale the output (DoRA) use them.
+        """
+        return y + low.astype(y.dtype)
+
+    def materialize(self, dtype: Any = None) -> jax.Array:
+        """``W + scale·left@right`` in W's layout and dtype (or ``dtype``), accumulated in float32."""
+        w = as_array(self.w)
+        out = w.astype(jnp.float32) + self.delta(jnp.float32)
+        return out.astype(dtype or w.dtype)
+
+    def unmerge(self, merged: Any, path: Any) -> KernelNode:
+        if tuple(merged.shape) != tuple(self.shape):
+            raise ValueError(
+                f"merged kernel {jax.tree_util.keystr(path)} has shape {tuple(merged.shape)}, but "
+                f"the adapters expect {tuple(self.shape)}."
+            )
+        w = (merged.astype(jnp.float32) - self.delta(jnp.float32)).astype(merged.dtype)
+        return dataclasses.replace(self, w=w)
+
     def fallback_hint(self, primitive: str) -> str:
         if primitive != "dot_general":
             return ""
@@ -193,45 +257,9 @@ class LoraWeight(KernelNode):
     a: Any = adapter_field(layout=("batch", "in", "rank"))
     b: Any = adapter_field(layout=("batch", "rank", "out"), group="b")
 
-    @property
-    def rank(self) -> int:
-        return self.a.shape[-1]
-
-    def delta(self, dtype: Any = jnp.float32) -> jax.Array:
-        """``scale * a @ b`` in ``w``'s layout, accumulated in ``dtype`` (materializes ΔW)."""
-        nb = len(self.batch_axes)
-        a = jnp.asarray(self.a, dtype)
-        b = jnp.asarray(self.b, dtype)
-        d = jax.lax.dot_general(
-            a, b, (((a.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
-        )
-        canonical = (*self.batch_axes, *self.in_axes, *self.out_axes)
-        if canonical != tuple(range(d.ndim)):
-            d = jnp.transpose(d, np.argsort(canonical))
-        return self.scale * d
-
-    def materialize(self, dtype: Any = None) -> jax.Array:
-        """``W + s·a@b`` in W's layout and dtype (or ``dtype``), accumulated in float32."""
-        w = as_array(self.w)
-        out = w.astype(jnp.float32) + self.delta(jnp.float32)
-        return out.astype(dtype or w.dtype)
-
-    def unmerge(self, merged: Any, path: Any) -> LoraWeight:
-        if tuple(merged.shape) != tuple(self.shape):
-            raise ValueError(
-                f"merged kernel {jax.tree_util.keystr(path)} has shape {tuple(merged.shape)}, but "
-                f"the adapters expect {tuple(self.shape)}."
-            )
-        w = (merged.astype(jnp.float32) - self.delta(jnp.float32)).astype(merged.dtype)
-        return dataclasses.replace(self, w=w)
-
-    def output(self, y: jax.Array, low: jax.Array, base: Any, positions: dict[int, int]) -> Any:
-        """Combine a fused rule's frozen path ``y`` and scaled low-rank path ``low``.
-
-        ``base()`` gives the frozen path on the dropped-out input and ``positions`` maps W's
-        batch/output axes to ``y``'s axes; variants that rescale the output (DoRA) use them.
-        """
-        return y + low.astype(y.dtype)
+    def factors(self) -> tuple[Any, Any, float]:
+        """``(a, b, scale)``: the stored factors are the ones that enter the matmul."""
+        return self.a, self.b, self.scale
 
 
 @jax.tree_util.register_dataclass

@@ -16,13 +16,13 @@ from typing import Any
 
 from jax import lax
 
-from jlora.core.kernel import LoraWeight
+from jlora.core.kernel import KernelNode
 from jlora.core.node import Node, as_array, register
 
 __all__ = ["ragged_dot_rule"]
 
 
-def _standard(lw: LoraWeight, params: dict[str, Any]) -> bool:
+def _standard(lw: KernelNode, params: dict[str, Any]) -> bool:
     """``ragged_dot(x (m, in), W (E, in, out), group_sizes (E,))`` with W's group axis its
     (only) batch axis and its contracting axis its input axis."""
     rdn = params["ragged_dot_dimension_numbers"]
@@ -41,9 +41,10 @@ def _standard(lw: LoraWeight, params: dict[str, Any]) -> bool:
     )
 
 
-@register(LoraWeight, "ragged_dot_general")
+@register(KernelNode, "ragged_dot_general")
 def ragged_dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
-    """``ragged_dot`` with a `LoraWeight` of per-group adapters as the right operand.
+    """``ragged_dot`` with a kernel node of per-group adapters (`KernelNode.factors`) as the
+    right operand.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -56,9 +57,10 @@ def ragged_dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
       [3.0, 6.0, 6.0]
     """
     x, lw, *rest = invals
-    if isinstance(x, Node) or not isinstance(lw, LoraWeight) or not _standard(lw, eqn.params):
+    factors = lw.factors() if isinstance(lw, KernelNode) else None
+    if isinstance(x, Node) or factors is None or not _standard(lw, eqn.params):
         return None
-    if type(lw).output is not LoraWeight.output:  # a variant rescaling per output (DoRA) needs
+    if type(lw).output is not KernelNode.output:  # a variant rescaling per output (DoRA) needs
         return None  # the group axis in the output, which a ragged dot does not have
     if any(isinstance(g, Node) for g in rest):
         return None
@@ -69,7 +71,8 @@ def ragged_dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
     ct = x.dtype
     kw = dict(precision=p.get("precision"), preferred_element_type=y.dtype)
     xd = ctx.dropout(x, lw.dropout)
-    t = lax.ragged_dot(xd, lw.a.astype(ct), groups, **kw).astype(ct)  # a: (E, in, r)
-    yl = lax.ragged_dot(t, lw.b.astype(ct), groups, **kw)
+    left, right, scale = factors
+    t = lax.ragged_dot(xd, left.astype(ct), groups, **kw).astype(ct)  # left: (E, in, r)
+    yl = lax.ragged_dot(t, right.astype(ct), groups, **kw)
     base = (lambda: y) if xd is x else (lambda: eqn.primitive.bind(xd, w, groups, **p))
-    return lw.output(y, lw.scale * yl, base, {lw.out_axes[0]: y.ndim - 1})
+    return lw.output(y, scale * yl, base, {lw.out_axes[0]: y.ndim - 1})

@@ -1,8 +1,11 @@
-"""LoRA's fused rules: ``dot_general``, ``conv_general_dilated`` and ``gather`` of a `LoraWeight`.
+"""LoRA's fused rules: ``dot_general``, ``conv_general_dilated`` and ``gather`` of a kernel node
+with low-rank factors.
 
-Each rule emits the frozen path and the low-rank path, ``x·W + s·(x·a)·b``, so ΔW is never
-formed, and hands both to `LoraWeight.output` (which a variant such as DoRA overrides).
-Registered with `jlora.core.node.register`; subclasses of `LoraWeight` inherit them.
+Each rule emits the frozen path and the low-rank path, ``x·W + s·(x·left)·right``, so ΔW is
+never formed, and hands both to `KernelNode.output` (which a variant such as DoRA overrides).
+The factors come from `KernelNode.factors` (a node without them makes the rules decline), never
+from a stored child. Registered with `jlora.core.node.register` on `KernelNode`, so every kernel
+node type inherits them.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.core.kernel import KernelNode, LoraWeight
+from jlora.core.kernel import KernelNode
 from jlora.core.node import Node, as_array, register
 
-__all__ = ["a_in_w_layout", "dot_case", "dot_rule", "tail_perm"]
+__all__ = ["dot_case", "dot_rule", "left_in_w_layout", "tail_perm"]
 
 
 def tail_perm(order: tuple[int, ...], lead: int) -> tuple[int, ...] | None:
@@ -45,20 +48,23 @@ def dot_case(lw: KernelNode, dimension_numbers: Any) -> str | None:
     return None
 
 
-def _dot_rhs(prim: Any, x: jax.Array, lw: LoraWeight, params: dict, ctx: Any) -> Any:
-    """``dot_general(x, lw)`` as W path + low-rank path, or None when the use is not recognised."""
+def _dot_rhs(prim: Any, x: jax.Array, lw: KernelNode, params: dict, ctx: Any) -> Any:
+    """``dot_general(x, lw)`` as W path + low-rank path, or None when the use is not recognised
+    (or the node has no low-rank factors)."""
     case = dot_case(lw, params["dimension_numbers"])
-    if case is None:
+    factors = lw.factors()
+    if case is None or factors is None:
         return None
+    left, right, scale = factors
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     if case == "in":
-        first, second, free = lw.a, lw.b, lw.out_axes
+        first, second, free = left, right, lw.out_axes
         f_c = tuple(len(rb) + lw.in_axes.index(d) for d in rc)
-        s_c = len(rb)  # b's rank axis
+        s_c = len(rb)  # right's rank axis
     else:  # x @ W.T (e.g. attend)
-        first, second, free = lw.b, lw.a, lw.in_axes
+        first, second, free = right, left, lw.in_axes
         f_c = tuple(len(rb) + 1 + lw.out_axes.index(d) for d in rc)
-        s_c = lw.a.ndim - 1  # a's rank axis
+        s_c = left.ndim - 1  # left's rank axis
     w = as_array(lw.w)
     y = prim.bind(x, w, **params)
     nb = len(rb)
@@ -79,17 +85,17 @@ def _dot_rhs(prim: Any, x: jax.Array, lw: LoraWeight, params: dict, ctx: Any) ->
     pos = {ax: k for k, ax in enumerate(rb)}
     pos.update({ax: nb + nx + k for k, ax in enumerate(sorted(free))})
     base = (lambda: y) if xd is x else (lambda: prim.bind(xd, w, **params))
-    return lw.output(y, lw.scale * yl, base, pos)
+    return lw.output(y, scale * yl, base, pos)
 
 
-@register(LoraWeight, "dot_general")
+@register(KernelNode, "dot_general")
 def dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
-    """``dot_general`` with a `LoraWeight` on either side (W on the left: swap, then permute)."""
+    """``dot_general`` with a kernel node on either side (W on the left: swap, then permute)."""
     lhs, rhs = invals
     params = eqn.params
     if isinstance(lhs, Node) and isinstance(rhs, Node):
         return None
-    if isinstance(rhs, LoraWeight):
+    if isinstance(rhs, KernelNode):
         return _dot_rhs(eqn.primitive, lhs, rhs, params, ctx)
     # W on the left: compute dot_general(x, W) and move W's free axes in front of x's.
     (lc, rc), (lb, rb) = params["dimension_numbers"]
@@ -104,20 +110,22 @@ def dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
     return jnp.transpose(y, perm)
 
 
-def a_in_w_layout(lw: LoraWeight) -> jax.Array:
-    """``a`` permuted into W's layout, with the rank in place of W's (single) output axis."""
-    perm = [lw.in_axes.index(ax) if ax in lw.in_axes else lw.a.ndim - 1 for ax in range(lw.ndim)]
-    return jnp.transpose(lw.a, perm)
+def left_in_w_layout(lw: KernelNode, left: jax.Array) -> jax.Array:
+    """The left factor permuted into W's layout, with the rank in place of W's (single) output
+    axis."""
+    perm = [lw.in_axes.index(ax) if ax in lw.in_axes else left.ndim - 1 for ax in range(lw.ndim)]
+    return jnp.transpose(left, perm)
 
 
-@register(LoraWeight, "conv_general_dilated")
+@register(KernelNode, "conv_general_dilated")
 def conv_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
     x, lw = invals
     p = eqn.params
     dn = p["dimension_numbers"]
+    factors = lw.factors() if isinstance(lw, KernelNode) else None
     if (
         isinstance(x, Node)
-        or not isinstance(lw, LoraWeight)
+        or factors is None
         or lw.batch_axes
         or lw.out_axes != (dn.rhs_spec[0],)
         or set(lw.in_axes) != set(dn.rhs_spec[1:])
@@ -129,19 +137,21 @@ def conv_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
     y = eqn.primitive.bind(x, w, **p)
     ct = x.dtype
     xd = ctx.dropout(x, lw.dropout)
-    t = eqn.primitive.bind(xd, a_in_w_layout(lw).astype(ct), **p)
+    left, right, scale = factors
+    t = eqn.primitive.bind(xd, left_in_w_layout(lw, left).astype(ct), **p)
     f = dn.out_spec[1]
-    yl = jnp.moveaxis(jnp.tensordot(t, lw.b.astype(ct), axes=((f,), (0,))), -1, f)
+    yl = jnp.moveaxis(jnp.tensordot(t, right.astype(ct), axes=((f,), (0,))), -1, f)
     base = (lambda: y) if xd is x else (lambda: eqn.primitive.bind(xd, w, **p))
-    return lw.output(y, lw.scale * yl, base, {lw.out_axes[0]: f})
+    return lw.output(y, scale * yl, base, {lw.out_axes[0]: f})
 
 
-@register(LoraWeight, "gather")
+@register(KernelNode, "gather")
 def gather_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
     lw, idx = invals
     p = eqn.params
     dn = p["dimension_numbers"]
-    if not isinstance(lw, LoraWeight) or isinstance(idx, Node) or lw.batch_axes:
+    factors = lw.factors() if isinstance(lw, KernelNode) else None
+    if factors is None or isinstance(idx, Node) or lw.batch_axes:
         return None
     if len(lw.out_axes) != 1 or dn.operand_batching_dims:
         return None
@@ -152,11 +162,12 @@ def gather_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
         or o in dn.start_index_map
     ):
         return None
+    left, right, scale = factors
     y = eqn.primitive.bind(as_array(lw.w), idx, **p)
     sizes = list(p["slice_sizes"])
-    sizes[o] = lw.rank
-    t = eqn.primitive.bind(a_in_w_layout(lw), idx, **dict(p, slice_sizes=tuple(sizes)))
+    sizes[o] = left.shape[-1]
+    t = eqn.primitive.bind(left_in_w_layout(lw, left), idx, **dict(p, slice_sizes=tuple(sizes)))
     kept = [d for d in range(lw.ndim) if d not in dn.collapsed_slice_dims]
     pos = dn.offset_dims[kept.index(o)]
-    yl = jnp.moveaxis(jnp.tensordot(t, lw.b, axes=((pos,), (0,))), -1, pos)
-    return lw.output(y, lw.scale * yl, lambda: y, {o: pos})
+    yl = jnp.moveaxis(jnp.tensordot(t, right, axes=((pos,), (0,))), -1, pos)
+    return lw.output(y, scale * yl, lambda: y, {o: pos})

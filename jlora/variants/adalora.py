@@ -11,8 +11,8 @@ A target is an `AdaLoraWeight`: a frozen ``w`` and three adapter children, in jl
 and the layer computes ``x·W + s·((x·Q) ⊙ Λ)·P`` (ΔW = s·Q·diag(Λ)·P in W's layout), with PEFT's
 scale ``s = α / (ranknum + 1e-5)``. ``ranknum`` is PEFT's: the *initial* rank ``init_r`` of the
 target, which PEFT keeps fixed while the allocator masks singular values (it zeroes entries of
-Λ) and copies when it resizes a module to its kept triplets. The fused rules are LoRA's, applied
-to the equivalent `LoraWeight` ``(w, Q ⊙ Λ, P)`` (`AdaLoraWeight.as_lora`), so ΔW is never formed.
+Λ) and copies when it resizes a module to its kept triplets. The fused rules are LoRA's, inherited:
+`AdaLoraWeight.factors` gives them ``(Q ⊙ Λ, P, s)``, so ΔW is never formed.
 
 `AdaLoraConfig` (a `LoraConfig` with PEFT's AdaLoRA fields) selects the variant: `jlora.init`
 gives ``Λ = 0`` and ``P, Q ~ N(0, 0.02²)``, PEFT's init, so the model is unchanged at step 0.
@@ -41,9 +41,8 @@ import jax.numpy as jnp
 
 from jlora.core.config import LoraConfig
 from jlora.core.kernel import KernelNode, LoraWeight
-from jlora.core.node import adapter_field, register
+from jlora.core.node import adapter_field
 from jlora.core.registry import register_initializer, register_variant
-from jlora.core.rules import conv_rule, dot_rule, gather_rule
 from jlora.core.targets import leaf_name
 
 __all__ = ["EPS", "AdaLoraConfig", "AdaLoraWeight", "adalora_scale"]
@@ -87,50 +86,12 @@ class AdaLoraWeight(KernelNode):
     def rank(self) -> int:
         return self.q.shape[-1]
 
-    def as_lora(self) -> LoraWeight:
-        """The same update as a `LoraWeight` ``(w, Q ⊙ Λ, P)`` (its rules, delta, merge)."""
+    def factors(self) -> tuple[jax.Array, jax.Array, float]:
+        """``(Q ⊙ Λ, P, s)``: Λ scales Q's rank columns, so the inherited LoRA rules (and
+        `delta`, merge) compute ``x·W + s·((x·Q) ⊙ Λ)·P``."""
         nb, n_in = len(self.batch_axes), len(self.in_axes)
         e = jnp.reshape(self.e, (*self.e.shape[:nb], *([1] * n_in), self.e.shape[-1]))
-        return LoraWeight(
-            self.w,
-            self.q * e.astype(self.q.dtype),
-            self.p,
-            scale=self.scale,
-            batch_axes=self.batch_axes,
-            in_axes=self.in_axes,
-            out_axes=self.out_axes,
-            dropout=self.dropout,
-        )
-
-    def delta(self, dtype: Any = jnp.float32) -> jax.Array:
-        """``s·Q·diag(Λ)·P`` in W's layout (materializes ΔW)."""
-        return self.as_lora().delta(dtype)
-
-    def materialize(self, dtype: Any = None) -> jax.Array:
-        """``W + s·Q·diag(Λ)·P`` in W's layout and dtype (or ``dtype``), float32 accumulation."""
-        return self.as_lora().materialize(dtype)
-
-    def unmerge(self, merged: Any, path: Any) -> AdaLoraWeight:
-        return dataclasses.replace(self, w=self.as_lora().unmerge(merged, path).w)
-
-
-def _with_lora(invals: list[Any]) -> list[Any]:
-    return [x.as_lora() if isinstance(x, AdaLoraWeight) else x for x in invals]
-
-
-@register(AdaLoraWeight, "dot_general")
-def _dot(eqn: Any, invals: list[Any], ctx: Any) -> Any:
-    return dot_rule(eqn, _with_lora(invals), ctx)
-
-
-@register(AdaLoraWeight, "conv_general_dilated")
-def _conv(eqn: Any, invals: list[Any], ctx: Any) -> Any:
-    return conv_rule(eqn, _with_lora(invals), ctx)
-
-
-@register(AdaLoraWeight, "gather")
-def _gather(eqn: Any, invals: list[Any], ctx: Any) -> Any:
-    return gather_rule(eqn, _with_lora(invals), ctx)
+        return self.q * e.astype(self.q.dtype), self.p, self.scale
 
 
 # Config, init and the variant ----------------------------------------------------------------

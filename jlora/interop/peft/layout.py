@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.kernel import LoraWeight
+from jlora.core.kernel import KernelNode
 from jlora.core.targets import leaf_name, module_path
 from jlora.interop.peft.names import is_conv
 
@@ -49,11 +49,12 @@ class LeafPlan:
 
 
 def lora_to_torch(
-    s: str, mod: str, lw: LoraWeight, keypath: Any
+    s: str, mod: str, lw: KernelNode, keypath: Any
 ) -> dict[str, np.ndarray | jax.Array]:
-    """PEFT tensors (suffix → array) for one `LoraWeight`."""
-    a, b = lw.a, lw.b
-    r = lw.rank
+    """PEFT tensors (suffix → array) for one kernel node with low-rank factors (its
+    `KernelNode.factors`, not its stored children: ``lora_A`` is the left factor)."""
+    a, b, _ = lw.factors()
+    r = a.shape[-1]
     where = jax.tree_util.keystr(keypath)
     if lw.batch_axes:
         raise ValueError(

@@ -72,9 +72,10 @@ def is_parameter_target(s: str, x: Any) -> bool:
 
 def to_torch(lw: LoraWeight) -> tuple[jax.Array, jax.Array]:
     """PEFT's ``(lora_A.weight, lora_B.weight)`` of a per-expert `LoraWeight`."""
-    e, n_in, r = lw.a.shape
-    lora_a = jnp.transpose(lw.a, (0, 2, 1)).reshape(e * r, n_in)
-    lora_b = jnp.transpose(lw.b, (2, 1, 0)).reshape(lw.b.shape[2], r * e)
+    left, right, _ = lw.factors()
+    e, n_in, r = left.shape
+    lora_a = jnp.transpose(left, (0, 2, 1)).reshape(e * r, n_in)
+    lora_b = jnp.transpose(right, (2, 1, 0)).reshape(right.shape[2], r * e)
     return lora_a, lora_b
 
 

@@ -130,13 +130,13 @@ def _lora_tensors(
     tensors: dict[str, Any] = {}
     targets: dict[str, tuple[str, LoraWeight]] = {}
     for s, kp, x in entries:
-        if isinstance(x, KernelNode) and not isinstance(x, LoraWeight | AdaLoraWeight):
+        if not isinstance(x, KernelNode):
+            continue
+        if x.factors() is None:
             raise ValueError(
                 f"{jax.tree_util.keystr(kp)} is a {type(x).__name__} (shape {tuple(x.shape)}), "
                 "which has no PEFT LoRA form; save each adapter of a set on its own."
             )
-        if not isinstance(x, LoraWeight | AdaLoraWeight):
-            continue
         mod = strip_params(module_path(s))
         name = fn(mod)
         if name is None:
@@ -197,10 +197,11 @@ def _ranks_and_alphas(
     """Rank and α per target (by torch name), as PEFT will compute them."""
     ranks, alphas = {}, {}
     for name, (s, lw) in targets.items():
-        r = lw.rank
-        if config.rank_for(s) == r and config.scale_for(s) == lw.scale:
+        left, _, scale = lw.factors()
+        r = left.shape[-1]
+        if config.rank_for(s) == r and config.scale_for(s) == scale:
             alpha = config.alpha_for(s)
         else:
-            alpha = lw.scale * (math.sqrt(r) if config.use_rslora else r)
+            alpha = scale * (math.sqrt(r) if config.use_rslora else r)
         ranks[name], alphas[name] = r, alpha
     return ranks, alphas
