@@ -181,7 +181,13 @@ def _add_generate(sub: Any) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", metavar="RUN_DIR", help="a jlora train output directory")
     src.add_argument("--peft", metavar="DIR", help="a PEFT adapter directory")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to add (default 32)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="tokens to add (default 32); the prompt and these fit in the model's "
+        "max_position_embeddings",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -191,7 +197,22 @@ def _generate(args: argparse.Namespace, cfg) -> int:
     from jlora.train import export
     from jlora.train.setup import base_tree
     from jlora.train.sft_eval import complete
+    from jlora.train.task import param_shapes
 
+    if cfg.model.task != "causal_lm":
+        raise ValueError(
+            f"generate needs a decoder config (model.task: causal_lm); {args.config} has "
+            f"model.task: {cfg.model.task}, an encoder that cannot generate text"
+        )
+    for i, prompt in enumerate(args.prompt, 1):
+        if not prompt.strip():
+            raise ValueError(f"--prompt number {i} is empty: give the text to continue")
+    limit = getattr(param_shapes(cfg.model, None)[0].config, "max_position_embeddings", None)
+    if limit is not None and args.max_new_tokens >= limit:  # before any weight is loaded
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens}: the model has max_position_embeddings="
+            f"{limit} positions for the prompt and the new tokens: ask for fewer than {limit}"
+        )
     if args.adapter:
         ckdir = os.path.join(args.adapter, "checkpoints")
         if not os.path.isdir(ckdir):
@@ -201,15 +222,21 @@ def _generate(args: argparse.Namespace, cfg) -> int:
         tree = export.from_peft(cfg, args.peft)[0]
     else:
         tree = base_tree(cfg)[1]
-    texts = complete(
-        cfg,
-        tree,
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    try:
+        texts = complete(
+            cfg,
+            tree,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except (RuntimeError, MemoryError) as e:  # e.g. XLA's RESOURCE_EXHAUSTED: one line, exit 1
+        if os.environ.get("JLORA_TRACEBACK"):
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return _fail(f"generation failed: {first}", 1)
     for text in texts:
         print(text)
     return 0

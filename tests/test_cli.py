@@ -434,3 +434,28 @@ def test_generate_errors_are_one_line_exit_2(capsys, tmp_path):
         "jlora: error: `max_new_tokens` must be a positive"
     )
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_generate_usage_and_runtime_errors_are_one_line(capsys, monkeypatch):
+    def one_line(r, code: int, message: str) -> None:
+        assert r.returncode == code, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("jlora: error: ")
+        assert message in r.stderr, r.stderr
+
+    r = call(capsys, "generate", str(SFT), "--prompt", "sort : 3 1 =>", "--max-new-tokens", "1e7")
+    assert r.returncode == 2  # argparse: an int
+    r = call(capsys, "generate", str(SFT), "--prompt", "sort : 3 1 =>", "--max-new-tokens", "9999")
+    one_line(r, 2, "--max-new-tokens 9999: the model has max_position_embeddings=64 positions")
+    r = call(capsys, "generate", str(SFT), "--prompt", "ok", "--prompt", " ")
+    one_line(r, 2, "--prompt number 2 is empty: give the text to continue")
+    minilm = ROOT / "configs" / "minilm-lora.yaml"
+    r = call(capsys, "generate", str(minilm), "--prompt", "hello")
+    one_line(r, 2, "generate needs a decoder config (model.task: causal_lm); ")
+
+    def out_of_memory(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1.8TB\nmore")
+
+    monkeypatch.setattr("jlora.train.setup.base_tree", lambda cfg: (None, None))
+    monkeypatch.setattr("jlora.train.sft_eval.complete", out_of_memory)
+    r = call(capsys, "generate", str(SFT), "--prompt", "sort : 3 1 =>")
+    one_line(r, 1, "generation failed: RESOURCE_EXHAUSTED: Out of memory allocating 1.8TB")

@@ -20,6 +20,8 @@ import pytest
 import jlora
 from jlora import peft as jpeft
 from jlora.interop.models import (
+    BertConfig,
+    BertModel,
     LlamaConfig,
     LlamaForCausalLM,
     filter_logits,
@@ -533,12 +535,27 @@ def test_generate_errors():
         (dict(top_p=1.5), r"`top_p` must be a number in \(0, 1\], got 1.5"),
         (dict(temperature=0.5), r"sampling \(temperature > 0\) needs a PRNG `key`"),
         (dict(pad_token_id=64), r"pad_token_id must be a token id in \[0, vocab_size=64\)"),
+        (
+            dict(max_new_tokens=2046),  # positions 0..2048 after a 3-token prompt
+            r"`max_new_tokens`=2046 after a prompt of 3 tokens needs 2049 positions, more than "
+            r"the model's max_position_embeddings=2048: ask for at most 2045 new tokens\.",
+        ),
     ]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
             gen(**kw)
     with pytest.raises(TypeError, match=r"eos_token_id must be an int or a list of ints"):
         gen(eos_token_id="</s>")
+    bert = BertConfig(
+        vocab_size=64,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=8,
+    )
+    encoder = BertModel(bert)
+    with pytest.raises(TypeError, match=r"generate needs a causal LM .* got BertModel, which"):
+        generate(encoder, {}, ids, max_new_tokens=2)
 
 
 def test_routing_errors(np_ref):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -211,6 +212,29 @@ def _check_options(
         raise ValueError("sampling (temperature > 0) needs a PRNG `key`.")
 
 
+def _check_model(model: Any) -> None:
+    """A TypeError unless ``model`` is a decoder that takes a KV cache."""
+    if not callable(model) or "cache" not in inspect.signature(type(model).__call__).parameters:
+        raise TypeError(
+            f"generate needs a causal LM that decodes with a KV cache (LlamaForCausalLM and "
+            f"its families), got {type(model).__name__}, which takes no `cache` (an encoder "
+            "cannot generate)."
+        )
+
+
+def _check_positions(model: Any, mask: np.ndarray, max_new_tokens: int) -> None:
+    """A ValueError when the longest prompt plus the new tokens pass the model's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = int(mask.sum(1).max())
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"`max_new_tokens`={max_new_tokens} after a prompt of {longest} tokens needs "
+            f"{longest + max_new_tokens} positions, more than the model's "
+            f"max_position_embeddings={limit}: ask for at most {max(limit - longest, 0)} new "
+            "tokens" + (" (the prompt alone fills them: shorten it)." if longest >= limit else ".")
+        )
+
+
 def _token_ids(model: LlamaForCausalLM, eos_token_id: Any, pad_token_id: Any) -> tuple[Any, int]:
     cfg = model.config
     eos = _eos_ids(cfg.eos_token_id if eos_token_id is None else eos_token_id)
@@ -273,8 +297,11 @@ def generate(
       ValueError: ``input_ids`` is not a non-empty 2-D integer array or holds ids outside the
         vocabulary; ``attention_mask`` has another shape, values other than 0/1, a row without
         tokens or padding on the right; a bad option (``max_new_tokens``, ``temperature``,
-        ``top_k``, ``top_p``, ``prompt_bucket``, ``pad_token_id``) or sampling without a key.
-      TypeError: ``eos_token_id`` is not an int or a list of ints.
+        ``top_k``, ``top_p``, ``prompt_bucket``, ``pad_token_id``) or sampling without a key;
+        the longest prompt plus ``max_new_tokens`` passes the config's
+        ``max_position_embeddings`` (the model has no positions beyond it).
+      TypeError: ``model`` takes no KV cache (an encoder), or ``eos_token_id`` is not an int
+        or a list of ints.
 
     Example:
       >>> from jlora.interop.models.llama import LlamaConfig
@@ -287,9 +314,11 @@ def generate(
       >>> out.shape, out[0, :3].tolist()
       ((2, 7), [0, 5, 7])
     """
+    _check_model(model)
     _check_options(max_new_tokens, temperature, top_k, top_p, key, prompt_bucket)
     eos, pad = _token_ids(model, eos_token_id, pad_token_id)
     ids, mask = _prompts(input_ids, attention_mask, model.config.vocab_size)
+    _check_positions(model, mask, max_new_tokens)
     padded, padded_mask = _bucketed(ids, mask, prompt_bucket)
     sample = temperature > 0
     plan = _Plan(

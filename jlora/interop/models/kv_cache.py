@@ -6,6 +6,14 @@ like transformers' cache positions: a row's prompt (left-padded) fills slots ``0
 the ``i``-th generated token slot ``P + i``; the causal and sliding-window masks count slots
 (`jlora.models.attention` with ``q_positions = index + arange(seq)``), and ``mask`` tells which
 slots hold a token to attend to (its ``kv_mask``).
+
+A write must fit (`check_write`): a cache of another batch, layer count or head shape, or
+more new tokens than slots, is a ValueError naming both sizes; so is a write past the last
+slot when ``index`` is a concrete value (an eager call). Under ``jit`` (and inside
+`jlora.lora`, which traces) ``index`` is a traced value that cannot raise: a write past the end
+gives NaN outputs for every row of that call and of every later one (the index only grows),
+never a silent overwrite of earlier slots. `jlora.models.generate` sizes its cache as prompt +
+``max_new_tokens`` slots, so it never overflows.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["KVCache", "LayerCache", "segment_positions", "write"]
+__all__ = ["KVCache", "LayerCache", "check_write", "segment_positions", "write"]
 
 #: One layer's ``(keys, values, index)``, as the attention layer takes it.
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]
@@ -79,6 +87,50 @@ def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """
     start = (0, index) + (0,) * (buffer.ndim - 2)
     return lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+
+
+def check_write(
+    cache: KVCache, *, batch: int, seq: int, layers: int, kv_heads: int, head_dim: int
+) -> jax.Array:
+    """Check that ``seq`` new tokens of ``batch`` rows fit in ``cache``; True if they do.
+
+    The shapes are checked here (a ValueError naming both sides), and so is the write's end
+    ``index + seq`` when ``index`` is concrete. Under ``jit`` the returned flag is a traced
+    bool: the model turns its outputs to NaN where it is False (see the module).
+
+    Raises:
+        ValueError: the cache's batch, layer count or ``(kv_heads, head_dim)`` differ from the
+            model's and the input's, or the tokens do not fit in the slots left.
+
+    Example:
+        >>> cache = KVCache.init(layers=1, batch=2, length=4, kv_heads=1, head_dim=2)
+        >>> bool(check_write(cache, batch=2, seq=4, layers=1, kv_heads=1, head_dim=2))
+        True
+        >>> check_write(cache, batch=2, seq=5, layers=1, kv_heads=1, head_dim=2)
+        Traceback (most recent call last):
+        ValueError: KV cache overflow: 5 new tokens at slot 0 need 5 slots, the cache has 4: make a cache of at least 5 slots.
+    """
+    got = (len(cache.keys), *cache.keys[0].shape[2:]) if cache.keys else (0,)
+    if cache.mask.shape[0] != batch:
+        raise ValueError(
+            f"the KV cache holds a batch of {cache.mask.shape[0]} rows, the input has {batch}: "
+            "make the cache with the input's batch size."
+        )
+    if got != (layers, kv_heads, head_dim):
+        raise ValueError(
+            f"the KV cache has (layers, kv_heads, head_dim) = {got}, the model "
+            f"{(layers, kv_heads, head_dim)}: make it with this model's config."
+        )
+    try:
+        start = int(cache.index)
+    except jax.errors.ConcretizationTypeError:  # traced (jit, jlora.lora): checked below
+        start = 0
+    if start + seq > cache.length:
+        raise ValueError(
+            f"KV cache overflow: {seq} new tokens at slot {start} need {start + seq} slots, the "
+            f"cache has {cache.length}: make a cache of at least {start + seq} slots."
+        )
+    return cache.index + seq <= cache.length
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -22,7 +22,13 @@ import numpy as np
 from flax import linen as nn
 
 from jlora.interop.models.attention import AttentionMask, attention
-from jlora.interop.models.kv_cache import KVCache, LayerCache, segment_positions, write
+from jlora.interop.models.kv_cache import (
+    KVCache,
+    LayerCache,
+    check_write,
+    segment_positions,
+    write,
+)
 from jlora.interop.models.llama_config import LlamaConfig, rope_inv_freq
 from jlora.interop.models.moe import SparseMoeBlock
 from jlora.interop.models.scan import run_layers
@@ -252,6 +258,15 @@ class LlamaModel(nn.Module):
         """The forward of new tokens at slots ``cache.index + arange(seq)``: each attends to
         the written slots up to its own (and within the sliding window, counted in slots)."""
         b, s = input_ids.shape
+        cfg = self.config
+        fits = check_write(
+            cache,
+            batch=b,
+            seq=s,
+            layers=cfg.num_hidden_layers,
+            kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+        )
         start = cache.index
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), bool)
@@ -263,13 +278,15 @@ class LlamaModel(nn.Module):
         if self.scan_layers:  # the cache enters the scan stacked along the layer axis
             kv = (jnp.stack(cache.keys), jnp.stack(cache.values))
             h, (k, v) = run_layers(self.layers, self.config, h, position_ids, mask, kv, start)
-            return self.norm(h), KVCache(tuple(k), tuple(v), kv_mask, start + s)
+            h = jnp.where(fits, self.norm(h), jnp.nan)  # traced overflow: NaN (kv_cache)
+            return h, KVCache(tuple(k), tuple(v), kv_mask, start + s)
         keys, values = [], []
         for layer, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
             h, (k, v) = layer(h, position_ids, mask, (k, v, start))
             keys.append(k)
             values.append(v)
-        return self.norm(h), KVCache(tuple(keys), tuple(values), kv_mask, start + s)
+        h = jnp.where(fits, self.norm(h), jnp.nan)  # traced overflow: NaN (kv_cache)
+        return h, KVCache(tuple(keys), tuple(values), kv_mask, start + s)
 
     def attend(self, h: jax.Array) -> jax.Array:
         return self.embed_tokens.attend(h)
