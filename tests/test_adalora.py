@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -480,14 +481,44 @@ def test_peft_format_errors(llama, peft_trained, tmp_path):
     with open(os.path.join(out, "adapter_config.json")) as f:
         saved = json.load(f)
     key = next(iter(saved["rank_pattern"]))
-    for i, (bad, msg) in enumerate([
-        ([True, False], r"has 2 entries; init_r is 4"),
-        ([1, 0, 1, 0], r"must be a list of booleans"),
+    no_init_r = {k: v for k, v in saved.items() if k != "init_r"}
+    ghost = "model.layers.9.self_attn.q_proj.lora_E"  # the model has 2 layers
+    for i, (config, msg) in enumerate([
+        ({**saved, "rank_pattern": {**saved["rank_pattern"], key: [True, False]}},
+         r"has 2 entries; init_r is 4\."),
+        ({**saved, "rank_pattern": {**saved["rank_pattern"], key: [1, 0, 1, 0]}},
+         r"must be a list of booleans"),
+        ({**saved, "rank_pattern": {**saved["rank_pattern"], ghost: [True] * 4}},
+         rf"rank_pattern names 1 module\(s\) that are not AdaLoRA targets of params: '{ghost}' "
+         r"\(PEFT fails on them too"),
+        (no_init_r,  # PEFT's AdaLoraConfig takes its default init_r, 12: these tensors have 4
+         r"has 4 entries; init_r is 12 \(adapter_config.json has no init_r: PEFT's default 12 is "
+         r"assumed\)\."),
+        ({**saved, "init_r": "4"}, r"adapter_config.json: init_r must be a positive integer"),
     ]):  # fmt: skip
         d = tmp_path / f"bad{i}"
         d.mkdir()
         os.symlink(os.path.join(out, "adapter_model.safetensors"), d / "adapter_model.safetensors")
         with open(d / "adapter_config.json", "w") as f:
-            json.dump({**saved, "rank_pattern": {**saved["rank_pattern"], key: bad}}, f)
+            json.dump(config, f)
         with pytest.raises(ValueError, match=msg):
             jlora.peft.load(d, params)
+
+
+def test_peft_adalora_config_without_init_r_loads_with_peft_s_default(llama, tmp_path, hf):
+    peft = hf.require("peft")
+    default = peft.AdaLoraConfig.__dataclass_fields__["init_r"].default  # what PEFT assumes
+    _, _, params = llama
+    cfg = AdaLoraConfig(targets=["q_proj"], init_r=default, target_r=2, total_step=8)
+    jlora.peft.save(tmp_path / "a", jlora.init(params, cfg, key=jax.random.key(0)), cfg)
+    with open(tmp_path / "a" / "adapter_config.json") as f:
+        saved = json.load(f)
+    (tmp_path / "b").mkdir()
+    with open(tmp_path / "b" / "adapter_config.json", "w") as f:
+        json.dump({k: v for k, v in saved.items() if k != "init_r"}, f)
+    os.symlink(
+        tmp_path / "a" / "adapter_model.safetensors", tmp_path / "b" / "adapter_model.safetensors"
+    )
+    (want, want_cfg), (got, got_cfg) = (jlora.peft.load(tmp_path / d, params) for d in "ab")
+    assert got_cfg == want_cfg and got_cfg.init_r == default
+    chex.assert_trees_all_equal(got, want)

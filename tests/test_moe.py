@@ -260,13 +260,16 @@ def _expert(v):
     return isinstance(v, jlora.LoraWeight) and bool(v.batch_axes)
 
 
-def test_jlora_expert_adapters_load_in_peft_with_logits_parity(saved, torch, tmp_path):
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "o_proj", "gate_up_proj", "down_proj"], ["gate_up_proj", "down_proj"]],
+    ids=["attention+experts", "experts-only"],
+)
+def test_jlora_expert_adapters_load_in_peft_with_logits_parity(targets, saved, torch, tmp_path):
     peft = require("peft")
     hf, d = saved["qwen3_moe"]
     model, params = from_pretrained(d)
-    cfg = jlora.LoraConfig(
-        rank=2, alpha=4, targets=["q_proj", "o_proj", "gate_up_proj", "down_proj"]
-    )
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=targets)
     ids = jnp.asarray(IDS)
     tree = _random_adapters(
         jlora.init(params, cfg, key=jax.random.key(3), apply=model.apply, args=(ids,)), seed=4

@@ -613,6 +613,24 @@ def test_target_that_is_not_a_layer(tmp_path):
         jpeft.load(tmp_path, params)
 
 
+def test_patterns_that_match_no_target_warn_as_peft_does(tmp_path):
+    params, tree, _ = _small(tmp_path)  # PEFT: "The following rank_pattern keys did not match
+    _edit(  # any targeted module and were ignored" (a RuntimeWarning in get_peft_model / load)
+        tmp_path,
+        config=lambda c: c.update(rank_pattern={"vlaue": 4}, alpha_pattern={"v_proj": 4, "o": 1}),
+    )
+    with pytest.warns(UserWarning) as record:
+        got, _ = jpeft.load(tmp_path, params)
+    messages = sorted(str(w.message) for w in record)
+    assert messages == [
+        "jlora.peft.load: alpha_pattern key(s) ['o'] match no target module and are ignored (as "
+        "PEFT ignores them).",
+        "jlora.peft.load: rank_pattern key(s) ['vlaue'] match no target module and are ignored "
+        "(as PEFT ignores them).",
+    ]
+    chex.assert_trees_all_close(jlora.split(got)[1], jlora.split(tree)[1])
+
+
 def test_save_errors(tmp_path):
     params, tree, config = _small(tmp_path)
     with pytest.raises(ValueError, match=r"config.init='pissa' changes the frozen base weights"):

@@ -37,11 +37,16 @@ __all__ = [
     "AdaLoraPlan",
     "adalora_node",
     "adapter_config",
+    "check_rank_pattern",
+    "init_r",
     "is_adalora",
     "loaded_config",
     "plan_target",
     "torch_tensors",
 ]
+
+#: ``init_r`` when a config has none: `AdaLoraConfig`'s default, which is PEFT's (12).
+_DEFAULT_INIT_R = next(f.default for f in dataclasses.fields(AdaLoraConfig) if f.name == "init_r")
 
 #: The AdaLoRA fields of PEFT's config, as in `AdaLoraConfig`.
 SCHEDULE = (
@@ -62,6 +67,33 @@ def is_adalora(cfg: dict) -> bool:
     return cfg.get("peft_type") == "ADALORA"
 
 
+def init_r(cfg: dict) -> int:
+    """The config's ``init_r``; PEFT's default (12, also `AdaLoraConfig`'s) when it has none,
+    as PEFT's ``AdaLoraConfig`` fills a field the JSON file lacks."""
+    return cfg.get("init_r", _DEFAULT_INIT_R)
+
+
+def _default_note(cfg: dict) -> str:
+    if "init_r" in cfg:
+        return ""
+    return f" (adapter_config.json has no init_r: PEFT's default {_DEFAULT_INIT_R} is assumed)"
+
+
+def check_rank_pattern(cfg: dict, targets: set[str], errors: list[str]) -> None:
+    """An error for each ``rank_pattern`` key that names no AdaLoRA target (PEFT fails on it:
+    its loader resizes the module each key names)."""
+    patterns = cfg.get("rank_pattern") or {}
+    if not isinstance(patterns, dict):
+        return  # `_kept` says so
+    unknown = sorted(set(patterns) - {f"{name}.lora_E" for name in targets})
+    if unknown:
+        errors.append(
+            f"rank_pattern names {len(unknown)} module(s) that are not AdaLoRA targets of "
+            f"params: {', '.join(map(repr, unknown))} (PEFT fails on them too; the keys are "
+            "'<target module>.lora_E')."
+        )
+
+
 def _kept(cfg: dict, name: str, init_r: int, errors: list[str]) -> int | None:
     """The kept rank of module ``name`` from the ``rank_pattern`` (``init_r`` if absent)."""
     patterns = cfg.get("rank_pattern") or {}
@@ -76,7 +108,8 @@ def _kept(cfg: dict, name: str, init_r: int, errors: list[str]) -> int | None:
         return None
     if len(pattern) != init_r:
         errors.append(
-            f"rank_pattern[{name + '.lora_E'!r}] has {len(pattern)} entries; init_r is {init_r}."
+            f"rank_pattern[{name + '.lora_E'!r}] has {len(pattern)} entries; init_r is {init_r}"
+            f"{_default_note(cfg)}."
         )
         return None
     return sum(pattern)
@@ -88,12 +121,12 @@ def plan_target(
 ) -> AdaLoraPlan | None:  # fmt: skip
     """Check one AdaLoRA target's ``lora_A`` / ``lora_E`` / ``lora_B`` against its kernel;
     None (and an error in ``errors``) when they do not fit."""
-    init_r, alpha = cfg["init_r"], cfg["lora_alpha"]
+    r0, alpha = init_r(cfg), cfg["lora_alpha"]
     where = f"{jax.tree_util.keystr(kp)} with shape {shape}"
     if leaf_name(s) == "embedding" or (len(shape) > 2 and is_conv(module_path(s))):
         errors.append(f"AdaLoRA target {where}: only linear kernels are supported.")
         return None
-    r = _kept(cfg, name, init_r, errors)
+    r = _kept(cfg, name, r0, errors)
     keys = [f"{name}.lora_{x}" for x in "AEB"]
     if r is None or any(k not in shapes for k in keys):
         errors += [f"{PREFIX}{k} is missing for the AdaLoRA target {where}." for k in keys
@@ -109,13 +142,16 @@ def plan_target(
     if len(fits) > 1 and n - 1 not in fits:
         bad = [(keys[0], sa, f"one input/output split of the kernel, not {fits}")]
     for key, got, w in bad:
-        errors.append(f"{PREFIX}{key} has shape {got}, expected {w} for {where} (rank {r}).")
+        errors.append(
+            f"{PREFIX}{key} has shape {got}, expected {w} for {where} (rank {r})"
+            f"{_default_note(cfg)}."
+        )
     if bad:
         return None
-    scale = adalora_scale(alpha, init_r)
+    scale = adalora_scale(alpha, r0)
     ka, ke, kb = keys
     return AdaLoraPlan(ka, kb, r, alpha, scale, tuple(range(k)), shape, "linear", ke,
-                       ranknum=init_r)  # fmt: skip
+                       ranknum=r0)  # fmt: skip
 
 
 def adalora_node(lw: LoraWeight, lora_e: Any, plan: AdaLoraPlan) -> AdaLoraWeight:
@@ -132,13 +168,14 @@ def loaded_config(
     """The `AdaLoraConfig` with which `jlora.init` builds the same targets at ``init_r``."""
     dtypes = {jnp.dtype(x.q.dtype).name for x in jax.tree.leaves(tree, is_leaf=_is_ada)
               if isinstance(x, AdaLoraWeight)}  # fmt: skip
-    plain = dict(cfg, r=cfg["init_r"], alpha_pattern={}, use_rslora=False, use_dora=False)
+    plain = dict(cfg, r=init_r(cfg), alpha_pattern={}, use_rslora=False, use_dora=False)
     loras = {s: dataclasses.replace(p, r=p.ranknum) for s, p in loras.items()}  # as initialized
     base = lora_config(params, loras, plain, mts_paths, dtypes.pop() if len(dtypes) == 1 else None)
     kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(LoraConfig)}
     for k in ("rank", "variant", "init", "use_dora"):
         kw.pop(k)
-    return AdaLoraConfig(**kw, **{k: cfg[k] for k in SCHEDULE if cfg.get(k) is not None})
+    schedule = {k: cfg[k] for k in SCHEDULE if cfg.get(k) is not None}
+    return AdaLoraConfig(**kw, **{**schedule, "init_r": init_r(cfg)})
 
 
 def _is_ada(x: Any) -> bool:

@@ -21,6 +21,7 @@ from jlora.core.kernel import LoraWeight, Trainable
 from jlora.core.node import is_node
 from jlora.core.targets import leaf_name, path_str
 from jlora.interop.peft.adalora import AdaLoraPlan, adalora_node, is_adalora
+from jlora.interop.peft.adalora import check_rank_pattern as check_adalora_pattern
 from jlora.interop.peft.adalora import loaded_config as adalora_config
 from jlora.interop.peft.adalora import plan_target as plan_adalora
 from jlora.interop.peft.config import CONFIG_NAME, WEIGHTS_NAME, lora_config, read_config
@@ -114,6 +115,10 @@ def load(
     mts = mts_match(cfg.get("modules_to_save"), set(universe))
     plan = _Plan(shapes)
     _plan_targets(plan, targets, by_module, cfg)
+    if is_adalora(cfg):
+        check_adalora_pattern(cfg, targets, plan.errors)
+    else:
+        _warn_unused_patterns(cfg, targets)
     _plan_modules(plan, targets, by_module, mts, cfg.get("bias", "none"))
     params_plan = plan_parameters(cfg, entries, fn, plan.shapes, plan.errors)  # 3-D experts
     plan.leaves.update(params_plan)
@@ -193,6 +198,22 @@ def _plan_targets(plan: _Plan, targets: set[str], by_module: ModuleLeaves, cfg: 
                 plan.leaves[s2] = LeafPlan(train=leaf == "bias" and bias != "none", src=src)
 
 
+def _warn_unused_patterns(cfg: dict, targets: set[str]) -> None:
+    """Warn, as PEFT does, about ``rank_pattern`` / ``alpha_pattern`` keys that match no target
+    module (PEFT's ``get_pattern_key`` rule: a dotted suffix of the module name)."""
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(key) or {}
+        unused = sorted(
+            k for k in patterns if not any(re.match(rf"(.*\.)?({k})$", n) for n in targets)
+        )
+        if unused:
+            warnings.warn(
+                f"jlora.peft.load: {key} key(s) {unused} match no target module and are "
+                "ignored (as PEFT ignores them).",
+                stacklevel=3,
+            )
+
+
 def _plan_modules(
     plan: _Plan, targets: set[str], by_module: ModuleLeaves, mts: set[str], bias: str
 ) -> None:
@@ -254,6 +275,8 @@ def _check_config_file(directory: str) -> None:
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}.")
     checks = [("r", cfg.get("r"), True), ("lora_alpha", cfg.get("lora_alpha"), False)]
+    if is_adalora(cfg) and "init_r" in cfg:  # absent: PEFT's default (adalora.init_r)
+        checks.append(("init_r", cfg["init_r"], True))
     for key, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
         if key == "rank_pattern" and is_adalora(cfg):
             continue  # kept-triplet lists, checked by jlora.interop.peft.adalora

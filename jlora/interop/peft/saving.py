@@ -155,6 +155,8 @@ def _lora_tensors(
 
 
 def _check_dora(targets: dict[str, tuple[str, LoraWeight]], config: LoraConfig) -> None:
+    if not targets:  # only target_parameters (experts): plain LoRA, `parameter_tensors` checks
+        return
     dora = {n: isinstance(lw, DoraWeight) for n, (_, lw) in targets.items()}
     if any(dora.values()) != all(dora.values()) or any(dora.values()) != config.use_dora:
         raise ValueError(
