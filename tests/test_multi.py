@@ -308,3 +308,33 @@ def test_route_and_rule_errors():
         st["layers_0"]["kernel"].delta()
     with pytest.raises(ValueError, match=r"no adapter named 'zz'"):
         s.stack(["zz"])
+
+
+@pytest.mark.parametrize("rule", ["dense", "gathered"])
+@pytest.mark.parametrize("n", [2, 5])
+def test_out_of_range_ids_under_jit_give_nan_rows_whichever_rule_runs(n, rule, monkeypatch):
+    # n=2 runs the dense rule by default, n=5 the gathered one; each is forced here both ways
+    monkeypatch.setattr(jlora.variants.mixed, "DENSE_MAX_ADAPTERS", 8 if rule == "dense" else 0)
+    rng = np.random.default_rng(n)
+    w, a, b = rng.normal(size=(8, 6)), rng.normal(size=(n, 8, 2)), rng.normal(size=(n, 2, 6))
+    scales = tuple(float(v) for v in rng.uniform(0.5, 2.0, n))
+    node = MultiLoraWeight(
+        *(jnp.asarray(v, jnp.float32) for v in (w, a, b)),
+        scales=scales, in_axes=(0,), out_axes=(1,),
+    )  # fmt: skip
+    ids = np.array([0, n, -1, -2, n - 1, n + 7])  # n, -2 and n + 7 are out of range
+    bad = (ids < -1) | (ids >= n)
+    merged = [w if i == -1 else w + scales[i] * a[i] @ b[i] for i in np.where(bad, -1, ids)]
+    x, xt, tok = rng.normal(size=(6, 3, 8)), rng.normal(size=(6, 3, 6)), rng.integers(0, 8, (6, 3))
+    uses = {  # the three rules a MultiLoraWeight has: x @ W, x @ W.T, an embedding lookup
+        "x @ W": (lambda k, v: v @ k, x, [x[e] @ m for e, m in enumerate(merged)]),
+        "x @ W.T": (lambda k, v: v @ k.T, xt, [xt[e] @ m.T for e, m in enumerate(merged)]),
+        "lookup": (lambda k, v: jnp.take(k, v, axis=0), tok, [m[tok[e]] for e, m in enumerate(merged)]),
+    }  # fmt: skip
+    for name, (fn, inp, ref) in uses.items():
+        run = jax.jit(lambda t, i, v, fn=fn: jlora.lora(fn)(route(t, i)["k"], v))
+        got = np.asarray(run({"k": node}, jnp.asarray(ids, jnp.int32), jnp.asarray(inp)))
+        assert np.isnan(got[bad]).all(), f"{name}: out-of-range rows {got[bad]}"
+        np.testing.assert_allclose(got[~bad], np.stack(ref)[~bad], atol=1e-4, err_msg=name)
+    with pytest.raises(ValueError, match=rf"route: id -2 is out of range .* \[-1, {n}\)"):
+        route({"k": node}, ids)  # concrete ids: an error

@@ -59,7 +59,7 @@ class MultiLoraWeight(KernelNode):
     it has no adapter for this kernel; a tuple of numbers, a pytree child: traced under
     ``jit``, so swapping adapters does not recompile). ``ids`` (set by `route`; a base child:
     routing data, not trained) has one entry per example, in ``[-1, n)``; -1 means the base
-    model alone.
+    model alone; a traced id outside that range gives the example NaN rows (`route`).
 
     Uses with a per-example rule: ``x @ W`` and ``x @ W.T`` (``dot_general`` contracting W's
     input or output axes, batch dimensions only over W's batch axes) and an embedding lookup
@@ -98,16 +98,18 @@ class MultiLoraWeight(KernelNode):
 
     def routing(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(idx, valid, scale)`` per example: the adapter index (0 where none), whether
-        there is one, and its scale (0 where none)."""
+        there is one, and its scale (0 where none; NaN for an id outside ``[-1, n)``, so that
+        every rule gives NaN rows for it: see `route`)."""
         if self.ids is None:
             raise ValueError(
                 f"the MultiLoraWeight of shape {self.shape} has no ids: call "
                 "jlora.multi.route(tree, ids) to say which adapter each example uses."
             )
-        valid = self.ids >= 0
+        out = (self.ids < -1) | (self.ids >= self.n_adapters)
+        valid = (self.ids >= 0) & ~out
         idx = jnp.where(valid, self.ids, 0)
         scale = jnp.where(valid, jnp.asarray(self.scales, jnp.float32)[idx], 0.0)
-        return idx, valid, scale
+        return idx, valid, jnp.where(out, jnp.nan, scale)
 
 
 def _check_ids(lw: MultiLoraWeight, x: jax.Array, axis: int) -> None:
@@ -236,10 +238,14 @@ def route(tree: Any, ids: jax.Array) -> Any:
       tree: a tree from `AdapterSet.stack`.
       ids: integer array ``(batch,)``: an index into the stacked adapter names, or -1 (none).
 
+    An id outside ``[-1, n_adapters)`` of a node is an error when ``ids`` are concrete. Under
+    ``jit`` (traced ids, which cannot raise) such an example gets NaN in its rows of every
+    output of a routed kernel, whichever rule runs (the dense one for few adapters, the
+    gathered one, an embedding lookup): never the base model or another adapter silently.
+
     Raises:
       ValueError: ``ids`` is not a 1-D integer array, ``tree`` has no `MultiLoraWeight`, or
-        (concrete ``ids`` only: under ``jit`` they are not checked) an id outside
-        ``[-1, n_adapters)`` of a node.
+        (concrete ``ids``) an id outside ``[-1, n_adapters)`` of a node.
     """
     ids = jnp.asarray(ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
