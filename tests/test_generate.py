@@ -120,9 +120,16 @@ def hf_root(tmp_path_factory, require):
     return tmp_path_factory.mktemp("hf")
 
 
-@pytest.mark.parametrize("case", list(FAMILIES))
-def test_greedy_matches_peft_generate(case, hf, hf_root):
+@pytest.mark.parametrize(
+    ("case", "attention"),
+    [(case, "xla") for case in FAMILIES] + [("qwen2_bias", "chunked")],
+)
+def test_greedy_matches_peft_generate(case, attention, hf, hf_root):
+    """``chunked`` (blocks of 4): the prefill and every decode step over the KV cache, a
+    sliding and a full layer, left padding (rows that see no key), through `jlora.lora`."""
     pm, model, tree = _hf_case(hf, case, str(hf_root / case))
+    cfg = dataclasses.replace(model.config, attention=attention, attention_block_size=4)
+    model = model.clone(config=cfg)
     ids, mask = _prompts(128)
     eos, pad = pm.config.eos_token_id, pm.config.pad_token_id  # our defaults: the config's
     assert (model.config.eos_token_id, model.config.pad_token_id) == (eos, pad)

@@ -83,6 +83,10 @@ def test_scanned_logits_match_transformers_and_the_unrolled_model(qwen2, torch):
     assert layers["self_attn"]["q_proj"]["bias"].shape == (3, 64)
     got = jax.jit(model.apply)(params, jnp.asarray(IDS))
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
+    # "chunked" attention: the per-layer window enters the scan as a traced value
+    cfg = dataclasses.replace(model.config, attention="chunked", attention_block_size=4)
+    got = jax.jit(model.clone(config=cfg).apply)(params, jnp.asarray(IDS))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
     _, flat = from_pretrained(d)
     np.testing.assert_array_equal(  # the same tensors, stacked
         layers["mlp"]["up_proj"]["kernel"][2],

@@ -24,7 +24,22 @@ at all (a padding row) gets the mean of all the values, as in transformers' eage
 Backends (``backend=``, carried by a model config as ``LlamaConfig.attention``):
 
 * ``"xla"``: the scores of every query against every key as one einsum (memory
-  ``O(heads · seq · keys)``), bit-identical to jlora's earlier decoders.
+  ``O(heads · seq · keys)`` per layer), bit-identical to jlora's earlier decoders.
+* ``"chunked"``: blocks of ``block_size`` queries and keys with an online softmax and a
+  blocked custom-VJP backward (`jlora.interop.models.attention_chunked`): memory
+  ``O(heads · seq · block_size)``, every mask, every platform; block pairs that no query
+  sees (above the causal diagonal, outside the window, across segments) are skipped.
+* ``"cudnn"``: cuDNN flash attention through `jax.nn.dot_product_attention` (GPU).
+* ``"splash"``: the Pallas TPU splash-attention kernel (TPU; Pallas' interpret mode
+  elsewhere, slow, for tests).
+* ``"auto"``: ``"cudnn"`` on GPU, ``"splash"`` on TPU, ``"chunked"`` elsewhere.
+
+A fused kernel takes only some masks (`jlora.interop.models.attention_kernels.unsupported`:
+cuDNN has no segment ids, padding masks, KV-cache positions or soft-capping; splash no
+padding masks or KV-cache positions, lengths multiples of 128). A call it cannot take, under
+``"auto"`` or the kernel's own name, runs ``"chunked"`` instead, and the choice and its
+reason are printed to stderr once (e.g. a KV-cache decode step of a model trained with
+``"cudnn"``).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -41,15 +56,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jlora.interop.models.attention_chunked import chunked_attention
+from jlora.interop.models.attention_kernels import cudnn_attention, splash_attention, unsupported
+
 __all__ = ["BACKENDS", "AttentionMask", "attention", "visible"]
 
 #: Backend names `attention` accepts.
-BACKENDS = ("xla",)
+BACKENDS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
 @jax.tree_util.register_dataclass
@@ -207,6 +226,7 @@ def attention(
     softcap: float | None = None,
     scale: float | None = None,
     backend: str = "xla",
+    block_size: int = 512,
 ) -> jax.Array:
     """Multi-head (grouped-query) attention of ``q`` over ``k`` / ``v``; see the module doc.
 
@@ -229,6 +249,7 @@ def attention(
         softcap: scores become ``softcap · tanh(score / softcap)`` before the mask.
         scale: the factor of ``q·k`` (default ``head_dim ** -0.5``).
         backend: one of `BACKENDS`.
+        block_size: the query and key block of ``"chunked"`` (others ignore it).
 
     Returns:
         ``(batch, seq, heads, head_dim)`` in ``v``'s dtype; the mean of the values for a query
@@ -246,16 +267,89 @@ def attention(
     """
     _check(q, k, v, backend, softcap, sliding_window)
     b, s, t = q.shape[0], q.shape[1], k.shape[1]
-    mask = visible(
-        batch=b,
-        seq=s,
-        keys=t,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        kv_mask=kv_mask,
+    default_positions = q_positions is None and kv_positions is None
+    name = _resolve(
+        backend,
+        q,
+        k,
+        default_positions=default_positions,
+        kv_mask=kv_mask is not None,
+        segments=q_segment_ids is not None,
+        softcap=softcap,
+        causal=causal,
+        window=sliding_window,
+    )
+    if name == "xla":
+        mask = visible(
+            batch=b,
+            seq=s,
+            keys=t,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            kv_mask=kv_mask,
+            causal=causal,
+            sliding_window=sliding_window,
+        )
+        return _xla(q, k, v, mask, scale=scale, softcap=softcap)
+    qp, kp, qs, ks = _normalize(b, s, t, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if name == "cudnn":
+        return cudnn_attention(q, k, v, causal=causal, window=sliding_window, scale=scale)
+    if name == "splash":
+        segments = None if qs is None else (qs, ks)
+        return splash_attention(
+            q,
+            k,
+            v,
+            segment_ids=segments,
+            causal=causal,
+            window=sliding_window,
+            softcap=softcap,
+            scale=scale,
+        )
+    return chunked_attention(
+        q,
+        k,
+        v,
+        q_positions=qp,
+        kv_positions=kp,
+        q_segment_ids=qs,
+        kv_segment_ids=ks,
+        kv_mask=_per_row(kv_mask, b, t, "kv_mask"),
         causal=causal,
         sliding_window=sliding_window,
+        softcap=softcap,
+        scale=scale,
+        block=block_size,
     )
-    return _xla(q, k, v, mask, scale=scale, softcap=softcap)
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(message: str) -> None:
+    """Prints ``message`` to stderr the first time only (a choice made while tracing)."""
+    if message not in _ANNOUNCED:
+        _ANNOUNCED.add(message)
+        print(f"jlora attention: {message}", file=sys.stderr)
+
+
+def _resolve(backend: str, q: jax.Array, k: jax.Array, **call: Any) -> str:
+    """The backend that runs this call: ``backend`` itself, or ``"chunked"`` when the kernel
+    it names (or ``"auto"`` picks for the platform) cannot take the call."""
+    if backend in ("xla", "chunked"):
+        return backend
+    platform = jax.default_backend()
+    kernel = backend if backend != "auto" else {"gpu": "cudnn", "tpu": "splash"}.get(platform)
+    if kernel is None:
+        why = f"no fused attention kernel on {platform}"
+    else:
+        why = unsupported(kernel, q, k, platform=platform, **call)
+    if why is None:
+        if backend == "auto":
+            _announce(f"backend 'auto' uses {kernel!r} on {platform}")
+        return kernel
+    _announce(f"backend {backend!r} uses 'chunked' for this call: {why}")
+    return "chunked"

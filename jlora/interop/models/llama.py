@@ -133,6 +133,7 @@ class LlamaAttention(nn.Module):
             causal=True,
             sliding_window=self.sliding_window if window is None else window,
             backend=cfg.attention,
+            block_size=cfg.attention_block_size,
         ).reshape(b, s, nh * hd)
         out = dense(cfg.hidden_size, "o_proj", cfg.o_proj_bias)(out)
         return out if cache is None else (out, (k, v))

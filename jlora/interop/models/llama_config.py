@@ -29,7 +29,9 @@ class LlamaConfig:
     (`jlora.models.moe`: Mixtral, Qwen2-MoE, Qwen3-MoE); ``qk_norm`` RMS-normalizes each head's
     queries and keys before the rotary embedding (Qwen3). ``attention`` names the backend of
     `jlora.models.attention` every layer uses (``"xla"``: one einsum, as transformers' eager
-    attention); it is not read from ``config.json``: set it with ``dataclasses.replace``.
+    attention; ``"chunked"`` / ``"cudnn"`` / ``"splash"`` / ``"auto"`` for long sequences),
+    ``attention_block_size`` the blocks of ``"chunked"``; neither is read from ``config.json``:
+    set them with ``dataclasses.replace``.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -61,6 +63,7 @@ class LlamaConfig:
     moe: MoeConfig | None = None
     qk_norm: bool = False
     attention: str = "xla"
+    attention_block_size: int = 512
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -81,6 +84,11 @@ class LlamaConfig:
         if self.attention not in BACKENDS:
             raise ValueError(
                 f"LlamaConfig.attention must be one of {BACKENDS}, got {self.attention!r}"
+            )
+        block = self.attention_block_size
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(
+                f"LlamaConfig.attention_block_size must be a positive integer, got {block!r}"
             )
         rope_type = dict(self.rope_scaling or ()).get("rope_type", "default")
         if rope_type not in _ROPE_TYPES:
