@@ -6,6 +6,8 @@
 * :func:`from_pretrained` — a local HF checkpoint directory → ``(model, {"params": ...})``.
 * :func:`attention` — the one attention function of the decoders (causal, packed, sliding
   window, GQA, soft-capping, KV cache), its backend chosen by ``LlamaConfig.attention``.
+* :func:`causal_lm_loss` / :func:`chunked_cross_entropy` — the LM head and cross-entropy over
+  token chunks (no ``(tokens × vocab)`` logits held); ``remat`` policies (`REMAT_POLICIES`).
 * :func:`generate` — KV-cache generation (greedy / top-k / top-p) with any params tree, one
   jitted program per (batch, prompt-length bucket, ``max_new_tokens``); `KVCache`.
 * ``TENSOR_PARALLEL_RULES`` — the Megatron-style rules for these paths that the ``"tensor"``
@@ -26,7 +28,9 @@ from jlora.interop.models.hub import (
 )
 from jlora.interop.models.kv_cache import KVCache, segment_positions
 from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel, init_cache
+from jlora.interop.models.loss import causal_lm_loss, chunked_cross_entropy, lm_head
 from jlora.interop.models.moe import MoeConfig, SparseMoeBlock
+from jlora.interop.models.remat import REMAT_POLICIES
 from jlora.interop.parallel_rules import TENSOR_PARALLEL_RULES
 
 __all__ = [
@@ -41,16 +45,20 @@ __all__ = [
     "LlamaForCausalLM",
     "LlamaModel",
     "MoeConfig",
+    "REMAT_POLICIES",
     "SparseMoeBlock",
     "TENSOR_PARALLEL_RULES",
     "attention",
     "build_model",
+    "causal_lm_loss",
+    "chunked_cross_entropy",
     "config_from_hf",
     "filter_logits",
     "from_pretrained",
     "generate",
     "init_cache",
     "init_params",
+    "lm_head",
     "mean_pool",
     "model_type_of",
     "segment_positions",

@@ -31,6 +31,7 @@ from jlora.interop.models.kv_cache import (
 )
 from jlora.interop.models.llama_config import LlamaConfig, rope_inv_freq
 from jlora.interop.models.moe import SparseMoeBlock
+from jlora.interop.models.remat import remat_module
 from jlora.interop.models.scan import run_layers
 
 
@@ -196,13 +197,13 @@ class LlamaModel(nn.Module):
     param_dtype: Any = jnp.float32
     gradient_checkpointing: bool = False
     scan_layers: bool = False
+    remat: str = "none"
 
     def setup(self) -> None:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        layer_cls = (
-            nn.remat(LlamaDecoderLayer) if self.gradient_checkpointing else LlamaDecoderLayer
-        )
+        remat = self.remat if self.remat != "none" or not self.gradient_checkpointing else "full"
+        layer_cls = remat_module(LlamaDecoderLayer, remat)
         windows = [
             cfg.sliding_window if kind == "sliding_attention" else None for kind in cfg.layer_types
         ]
@@ -301,8 +302,11 @@ class LlamaForCausalLM(nn.Module):
     ``segment_ids`` (batch, seq) int for packed rows (tokens attend only within their segment;
     default positions restart at each segment); keyword-only ``cache``, a `KVCache`: then the
     call returns ``(logits, updated cache)`` (see `jlora.models.generate`). Module options:
-    ``gradient_checkpointing`` (remat each decoder layer) and ``scan_layers`` (one ``nn.scan``
-    over the layers, params stacked along a leading layer axis).
+    ``remat``, a policy of `jlora.interop.models.remat` for each decoder layer (``"full"``:
+    recompute the layer in the backward pass, as ``gradient_checkpointing=True``;
+    ``"dots_saveable"``, ...), and ``scan_layers`` (one ``nn.scan`` over the layers, params
+    stacked along a leading layer axis). ``hidden_states`` gives the final normed hidden
+    states, for the chunked LM head of `jlora.models.causal_lm_loss`.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -321,6 +325,7 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: Any = jnp.float32
     gradient_checkpointing: bool = False
     scan_layers: bool = False
+    remat: str = "none"
 
     def setup(self) -> None:
         self.model = LlamaModel(
@@ -329,6 +334,7 @@ class LlamaForCausalLM(nn.Module):
             param_dtype=self.param_dtype,
             gradient_checkpointing=self.gradient_checkpointing,
             scan_layers=self.scan_layers,
+            remat=self.remat,
         )
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(
@@ -337,6 +343,18 @@ class LlamaForCausalLM(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
             )
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final normed hidden states ``(batch, seq, hidden)``, before the LM head (call
+        with ``model.apply(variables, ids, method=LlamaForCausalLM.hidden_states)``)."""
+        return self.model(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
 
     def __call__(
         self,
