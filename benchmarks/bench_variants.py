@@ -138,7 +138,7 @@ def main() -> None:
     base = f32.apply({"params": p32}, x)
     fwd = jax.jit(jlora.lora(lambda p, x: f32.apply({"params": p}, x)))
     for name, kw in (("pissa", dict(init="pissa")), ("olora", dict(init="olora")),
-                     ("dora", dict(use_dora=True))):  # fmt: skip
+                     ("dora", dict(variant="dora"))):  # fmt: skip
         t = jlora.init(p32, jlora.LoraConfig(rank=args.rank, **kw), key=jax.random.key(1))
         out[f"step0_max_abs_diff_{name}"] = float(jnp.max(jnp.abs(fwd(t, x) - base)))
 

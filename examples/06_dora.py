@@ -1,4 +1,4 @@
-"""DoRA (weight-decomposed LoRA): ``LoraConfig(use_dora=True)``.
+"""DoRA (weight-decomposed LoRA): ``LoraConfig(variant="dora")``.
 
 Each target gets a trainable magnitude ``m`` (one value per output unit) besides ``a`` and
 ``b``; the adapted kernel is ``m ⊙ (W + s·a@b) / ‖W + s·a@b‖`` (column norms over the input
@@ -31,7 +31,7 @@ def main() -> None:
     x = jnp.asarray(rng.normal(size=(512, 16)), jnp.float32)
     y = jnp.asarray(np.tanh(np.asarray(x)[:, :4] * 1.5), jnp.float32)
 
-    config = jlora.LoraConfig(rank=4, alpha=8, targets=["hidden", "out"], use_dora=True)
+    config = jlora.LoraConfig(rank=4, alpha=8, targets=["hidden", "out"], variant="dora")
     tree = jlora.init(params, config, key=jax.random.key(0))
     node = tree["hidden"]["kernel"]
     print(jlora.summary(tree))  # trainable = a + b + m of each target

@@ -8,7 +8,7 @@
 24
 """
 
-from jlora import _aliases
+from jlora import _aliases, extend
 from jlora.core.config import LoraConfig
 from jlora.core.interpreter import lora, materialize
 from jlora.core.merge import merge, unmerge
@@ -47,6 +47,7 @@ __all__ = [
     "checkpoint",
     "combine",
     "dora",
+    "extend",
     "lora_fa",
     "init",
     "inits",

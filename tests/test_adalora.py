@@ -131,16 +131,12 @@ def test_config_and_variant_errors():
         AdaLoraConfig(**ok, rank_pattern={"q": 2})
     with pytest.raises(ValueError, match=r"AdaLoraConfig is the 'adalora' variant, got 'dora'"):
         AdaLoraConfig(**ok, variant="dora")
-    with pytest.raises(ValueError, match=r"variant='adalora' needs init='adalora'"):
-        jlora.init({"k": jnp.ones((4, 4))}, jlora.LoraConfig(rank=2, variant="adalora",
-                   targets="k"), key=jax.random.key(0))  # fmt: skip
-    with pytest.raises(ValueError, match=r"emb/embedding is an embedding"):
+    # the variant registered its config class: a plain LoraConfig naming it is refused
+    with pytest.raises(ValueError, match=r"takes its own config class .*AdaLoraConfig \(fields "):
+        jlora.LoraConfig(rank=2, variant="adalora", init="adalora", targets="k")
+    with pytest.raises(ValueError, match=r"'adalora' does not adapt embedding tables.*'emb'"):
         jlora.init({"emb": {"embedding": jnp.ones((9, 4))}}, AdaLoraConfig(**ok, targets="emb"),
                    key=jax.random.key(0))  # fmt: skip
-    # a plain LoraConfig with the variant and its init works too
-    plain = jlora.LoraConfig(rank=2, alpha=4, variant="adalora", init="adalora", targets="k")
-    lw = jlora.init({"k": jnp.ones((4, 4))}, plain, key=jax.random.key(0))["k"]
-    assert isinstance(lw, AdaLoraWeight) and lw.scale == pytest.approx(4 / (2 + 1e-5))
 
 
 # The allocator vs PEFT's RankAllocator ------------------------------------------------------------

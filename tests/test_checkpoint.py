@@ -373,7 +373,7 @@ def test_config_json_round_trip():
 
 def test_dora_magnitudes_round_trip(tmp_path):
     params = _params(layers=1)
-    config = dataclasses.replace(CONFIG, use_dora=True)
+    config = dataclasses.replace(CONFIG, variant="dora")
     tree, tx, opt = _trained(params, config)
     assert tree["model"]["layers_0"]["q_proj"]["kernel"].m is not None
     with AdapterCheckpointer(tmp_path) as ckpt:

@@ -44,19 +44,19 @@ def test_magnitude_init_is_the_column_norm_for_each_layout():
     w = RNG.normal(size=(6, 5)).astype(np.float32)
     t = jlora.init(
         {"k": jnp.asarray(w)},
-        jlora.LoraConfig(rank=2, targets="k", use_dora=True),
+        jlora.LoraConfig(rank=2, targets="k", variant="dora"),
         key=jax.random.key(0),
     )
     np.testing.assert_allclose(t["k"].m, np.linalg.norm(_f64(w), axis=0), rtol=1e-6)
     assert t["k"].m.dtype == jnp.float32
     stacked = RNG.normal(size=(3, 6, 5)).astype(np.float32)
-    cfg = jlora.LoraConfig(rank=2, targets="k", use_dora=True, axes_pattern={"k": ((0,), (1,))})
+    cfg = jlora.LoraConfig(rank=2, targets="k", variant="dora", axes_pattern={"k": ((0,), (1,))})
     t = jlora.init({"k": jnp.asarray(stacked)}, cfg, key=jax.random.key(0))
     np.testing.assert_allclose(t["k"].m, np.linalg.norm(_f64(stacked), axis=1), rtol=1e-6)
     conv = RNG.normal(size=(3, 3, 4, 7)).astype(np.float32)  # (h, w, in, out)
     t = jlora.init(
         {"kernel": jnp.asarray(conv)},
-        jlora.LoraConfig(rank=2, use_dora=True),
+        jlora.LoraConfig(rank=2, variant="dora"),
         key=jax.random.key(0),
     )
     np.testing.assert_allclose(
@@ -64,7 +64,7 @@ def test_magnitude_init_is_the_column_norm_for_each_layout():
     )
     # out axes not last: an Einsum kernel (heads, in, head_dim) with heads as outputs
     e = RNG.normal(size=(2, 6, 4)).astype(np.float32)
-    cfg = jlora.LoraConfig(rank=2, targets="k", use_dora=True, axes_pattern={"k": ((), (1,))})
+    cfg = jlora.LoraConfig(rank=2, targets="k", variant="dora", axes_pattern={"k": ((), (1,))})
     t = jlora.init({"k": jnp.asarray(e)}, cfg, key=jax.random.key(0))
     assert t["k"].m.shape == (2, 4)
     np.testing.assert_allclose(t["k"].m, np.linalg.norm(_f64(e), axis=1), rtol=1e-6)
@@ -84,7 +84,7 @@ class DoraFusedTest(chex.TestCase):
         x = _x(2, 5, 8)
         p = m.init(jax.random.key(0), x)["params"]
         tree = jlora.init(
-            p, jlora.LoraConfig(rank=3, alpha=5, use_dora=True), key=jax.random.key(1)
+            p, jlora.LoraConfig(rank=3, alpha=5, variant="dora"), key=jax.random.key(1)
         )
         f = lambda p, x: m.apply({"params": p}, x)  # noqa: E731
         self._check(f, tree, x, ref=_f64(m.apply({"params": p}, x)))  # step 0 == base
@@ -97,7 +97,7 @@ class DoraFusedTest(chex.TestCase):
         e = nn.Einsum((2, 6, 4), "btd,ndh->btnh", use_bias=False)  # kernel (heads, in, head_dim)
         x = _x(2, 3, 6)
         p = e.init(jax.random.key(0), x)["params"]
-        cfg = jlora.LoraConfig(rank=2, use_dora=True, axes_pattern={"kernel": ((), (1,))})
+        cfg = jlora.LoraConfig(rank=2, variant="dora", axes_pattern={"kernel": ((), (1,))})
         tree = _randomize(jlora.init(p, cfg, key=jax.random.key(1)))
         ref = np.einsum("btd,ndh->btnh", _f64(x), self.np_ref.dora_kernel(tree["kernel"]))
         self._check(lambda p, x: e.apply({"params": p}, x), tree, x, ref=ref)
@@ -108,7 +108,7 @@ class DoraFusedTest(chex.TestCase):
         x = _x(2, 6, 6, 4)
         p = m.init(jax.random.key(0), x)["params"]
         tree = _randomize(
-            jlora.init(p, jlora.LoraConfig(rank=2, use_dora=True), key=jax.random.key(1))
+            jlora.init(p, jlora.LoraConfig(rank=2, variant="dora"), key=jax.random.key(1))
         )
         merged = {"kernel": jnp.asarray(self.np_ref.dora_kernel(tree["kernel"]), jnp.float32)}
         ref = _f64(m.apply({"params": merged}, x))
@@ -119,7 +119,7 @@ class DoraFusedTest(chex.TestCase):
         m = nn.Embed(20, 8)
         ids = jnp.array([[1, 5, 19], [0, 2, 2]])
         p = m.init(jax.random.key(0), ids)["params"]
-        cfg = jlora.LoraConfig(rank=2, targets=["embedding"], use_dora=True)
+        cfg = jlora.LoraConfig(rank=2, targets=["embedding"], variant="dora")
         tree = jlora.init(p, cfg, key=jax.random.key(1))
         lw = dataclasses.replace(tree["embedding"], a=_x(20, 2))
         tree = _randomize({"embedding": lw})
@@ -136,7 +136,7 @@ class DoraFusedTest(chex.TestCase):
         model = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
         x = _x(2, 8)
         p = model.init(jax.random.key(0), x, None)["params"]
-        cfg = jlora.LoraConfig(rank=2, use_dora=True, axes_pattern={"kernel": ((0,), (1,))})
+        cfg = jlora.LoraConfig(rank=2, variant="dora", axes_pattern={"kernel": ((0,), (1,))})
         tree = _randomize(jlora.init(p, cfg, key=jax.random.key(1)))
         assert tree["Dense_0"]["kernel"].m.shape == (3, 8)
         k = self.np_ref.dora_kernel(tree["Dense_0"]["kernel"])
@@ -151,7 +151,7 @@ class DoraFusedTest(chex.TestCase):
         x = _x(4, 64)
         p = m.init(jax.random.key(0), x)["params"]
         tree = _randomize(
-            jlora.init(p, jlora.LoraConfig(rank=2, use_dora=True), key=jax.random.key(1))
+            jlora.init(p, jlora.LoraConfig(rank=2, variant="dora"), key=jax.random.key(1))
         )
         q = quant.quantize(tree, method="nf4")
         ref = _f64(x) @ self.np_ref.dora_kernel(q["kernel"])
@@ -161,7 +161,7 @@ class DoraFusedTest(chex.TestCase):
     def test_attend_with_dora_is_fused(self):
         m = nn.Embed(12, 8)
         p = m.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))["params"]
-        cfg = jlora.LoraConfig(rank=2, targets=["embedding"], use_dora=True)
+        cfg = jlora.LoraConfig(rank=2, targets=["embedding"], variant="dora")
         tree = jlora.init(p, cfg, key=jax.random.key(1))
         tree = _randomize({"embedding": dataclasses.replace(tree["embedding"], a=_x(12, 2))})
         h = _x(3, 8)
@@ -175,7 +175,7 @@ class DoraTransformTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_dropout_follows_peft_formula(self):
         p = {"w": _x(8, 6)}
-        cfg = jlora.LoraConfig(rank=2, targets="w", dropout=0.5, use_dora=True)
+        cfg = jlora.LoraConfig(rank=2, targets="w", dropout=0.5, variant="dora")
         tree = _randomize(jlora.init(p, cfg, key=jax.random.key(0)))
         lw = tree["w"]
         x = _x(16, 8)
@@ -195,7 +195,7 @@ class DoraTransformTest(chex.TestCase):
     def test_magnitude_is_trainable_everywhere(self):
         p = {"w": _x(8, 6), "n": _x(6)}
         tree = jlora.init(
-            p, jlora.LoraConfig(rank=2, targets="w", use_dora=True), key=jax.random.key(0)
+            p, jlora.LoraConfig(rank=2, targets="w", variant="dora"), key=jax.random.key(0)
         )
         frozen, train = jlora.split(tree)
         assert frozen["w"].m is None and train["w"].m is not None and train["w"].w is None
@@ -224,7 +224,7 @@ class DoraTransformTest(chex.TestCase):
 def test_merge_and_unmerge(np_ref):
     p = {"w": _x(8, 6)}
     tree = _randomize(
-        jlora.init(p, jlora.LoraConfig(rank=2, targets="w", use_dora=True), key=jax.random.key(0))
+        jlora.init(p, jlora.LoraConfig(rank=2, targets="w", variant="dora"), key=jax.random.key(0))
     )
     merged = jlora.merge(tree)["w"]
     np.testing.assert_allclose(_f64(merged), np_ref.dora_kernel(tree["w"]), rtol=1e-5, atol=1e-6)
@@ -262,7 +262,7 @@ def test_forward_and_gradients_match_peft(require):
     p = {"w": _x(10, 7)}
     tree = _randomize(
         jlora.init(
-            p, jlora.LoraConfig(rank=3, alpha=6, targets="w", use_dora=True), key=jax.random.key(0)
+            p, jlora.LoraConfig(rank=3, alpha=6, targets="w", variant="dora"), key=jax.random.key(0)
         )
     )
     lw = tree["w"]
@@ -289,7 +289,7 @@ def test_init_matches_peft_magnitude(require):
     w = RNG.normal(size=(9, 5)).astype(np.float32)
     tree = jlora.init(
         {"w": jnp.asarray(w)},
-        jlora.LoraConfig(rank=2, targets="w", use_dora=True),
+        jlora.LoraConfig(rank=2, targets="w", variant="dora"),
         key=jax.random.key(0),
     )
     _, _, layer = _peft_linear(
@@ -317,7 +317,7 @@ def test_jlora_dora_adapter_runs_in_peft_and_back(tmp_path, require, hf, np_ref)
     hf.tiny_causal_lm().save_pretrained(tmp_path / "base", safe_serialization=True)
     model, params = jlora.models.from_pretrained(tmp_path / "base")
     cfg = jlora.LoraConfig(
-        rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], use_dora=True
+        rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], variant="dora"
     )
     tree = jlora.init(params, cfg, key=jax.random.key(0))
     ids = np.random.default_rng(0).integers(0, 128, (2, 7))
@@ -354,5 +354,5 @@ def test_jlora_dora_adapter_runs_in_peft_and_back(tmp_path, require, hf, np_ref)
     print(f"jlora DoRA -> PEFT: max |logits diff| {diff:.2e}")
     assert diff <= 1e-4
     back, back_cfg = jlora.peft.load(tmp_path / "adapter", params)
-    assert back_cfg.use_dora
+    assert back_cfg.variant == "dora"
     chex.assert_trees_all_close(jax.jit(f)(back, jnp.asarray(ids)), got, atol=1e-5)

@@ -437,7 +437,7 @@ def test_combine_refuses_adapters_that_do_not_fit(children, message):
 
 
 def test_combine_checks_stacked_kernels_and_dora_magnitudes():
-    cfg = jlora.LoraConfig(rank=2, targets="k", axes_pattern={"k": ((0,), (1,))}, use_dora=True)
+    cfg = jlora.LoraConfig(rank=2, targets="k", axes_pattern={"k": ((0,), (1,))}, variant="dora")
     frozen, trainable = _halves(cfg, {"k": jnp.ones((3, 12, 8))})  # 3 stacked layers
     jlora.combine(frozen, trainable)  # fits
     with pytest.raises(ValueError, match=re.escape("a has shape (2, 12, 2), but the frozen kernel "

@@ -126,7 +126,7 @@ def test_embeddings_keep_the_standard_init_and_bf16_residual():
 
 def test_dora_magnitude_after_decomposition_is_the_norm_of_w():
     w = _w(10, 6)
-    lw = _init({"k": w}, rank=2, targets="k", init="pissa", use_dora=True)["k"]
+    lw = _init({"k": w}, rank=2, targets="k", init="pissa", variant="dora")["k"]
     np.testing.assert_allclose(_f64(lw.m), np.linalg.norm(_f64(w), axis=0), rtol=1e-5)
 
 

@@ -261,7 +261,9 @@ def test_exported_adapter_in_torch_peft_gives_the_same_logits(tmp_path, require)
 
 def test_lora_fa_refuses_an_embedding_target():
     params = {"embed": {"embedding": jnp.ones((10, 4))}}
-    with pytest.raises(ValueError, match=r"LoRA-FA cannot adapt the embedding embed/embedding"):
+    with pytest.raises(
+        ValueError, match=r"variant='lora_fa' does not adapt embedding tables, and \['embed'\]"
+    ):
         jlora.init(
             params,
             jlora.LoraConfig(rank=2, targets="embedding", variant="lora_fa"),

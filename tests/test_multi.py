@@ -171,7 +171,7 @@ def test_combine_errors():
     ):
         s.combine(["a", "b"], [1, 1], "c", method="svd", rank=9)
     d = AdapterSet.from_tree(_adapter(PARAMS, 1), "a").add(
-        "d", jlora.init(PARAMS, jlora.LoraConfig(rank=2, use_dora=True), key=jax.random.key(0))
+        "d", jlora.init(PARAMS, jlora.LoraConfig(rank=2, variant="dora"), key=jax.random.key(0))
     )
     with pytest.raises(ValueError, match=r"layers_0/kernel: DoRA adapters .* cannot be combined"):
         d.combine(["a", "d"], [1, 1], "c")

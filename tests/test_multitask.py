@@ -376,7 +376,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"no leaf matched targets='nothing'"):
         init_tasks(PARAMS, dataclasses.replace(CFG, targets="nothing"), ["a"], key=key)
     with pytest.raises(ValueError, match=r"only plain LoRA adapters can"):
-        init_tasks(PARAMS, dataclasses.replace(CFG, use_dora=True), ["a", "b"], key=key)
+        init_tasks(PARAMS, dataclasses.replace(CFG, variant="dora"), ["a", "b"], key=key)
     biased = dataclasses.replace(CFG, bias="all")
     with pytest.raises(ValueError, match=r"init_tasks: \['layers_0/bias', 'layers_2/bias'\] train"):
         init_tasks(PARAMS, biased, ["a", "b"], key=key)

@@ -675,7 +675,7 @@ def test_dora_both_ways(llama, tmp_path, targets):
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
     pm.save_pretrained(tmp_path / "peft")
     tree, config = jpeft.load(tmp_path / "peft", params)
-    assert config.use_dora
+    assert config.variant == "dora"
     q = tree["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     m = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight
     np.testing.assert_array_equal(np.asarray(q.m), m.detach().numpy())
@@ -695,5 +695,5 @@ def test_dora_errors(tmp_path):
     _edit(tmp_path, config=lambda c: c.update(use_dora=True))
     with pytest.raises(ValueError, match=r"q_proj\.lora_magnitude_vector is missing"):
         jpeft.load(tmp_path, params)
-    with pytest.raises(ValueError, match=r"config.use_dora=True, but 0 of 2 adapters have a DoRA"):
-        jpeft.save(tmp_path, tree, dataclasses.replace(config, use_dora=True))
+    with pytest.raises(ValueError, match=r"config.variant=.dora., but 0 of 2 adapters have a DoRA"):
+        jpeft.save(tmp_path, tree, dataclasses.replace(config, variant="dora"))

@@ -9,10 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jlora
+from jlora import extend
 from jlora.core import fusion
-from jlora.core.node import adapter_field
 
 
 @jax.tree_util.register_dataclass
@@ -21,7 +22,7 @@ class GatedLeft(jlora.LoraWeight):
     """A LoRA whose left factor is ``a ⊙ g`` (a per-rank gate): the stored ``a`` is not the
     factor that enters the matmul."""
 
-    g: Any = adapter_field(layout=("batch", "rank"), default=None)
+    g: Any = extend.adapter_field(layout=("batch", "rank"), default=None)
 
     def factors(self):
         g = jnp.reshape(self.g, (*self.g.shape[:-1], *[1] * len(self.in_axes), self.g.shape[-1]))
@@ -152,3 +153,107 @@ def test_peft_export_writes_the_left_factor(tmp_path):
         rtol=1e-6,
     )
     np.testing.assert_allclose(saved["base_model.model.k.lora_B.weight"], np.float64(lw.b).T)
+
+
+# The extension API: builders with keys and config classes, embeddings, typed rule context -----
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoisyConfig(jlora.LoraConfig):
+    """A variant's own config class: one extra field."""
+
+    noise: float = 0.5
+
+    def __post_init__(self):
+        object.__setattr__(self, "variant", "noisy_test")
+        super().__post_init__()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NoisyLora(jlora.LoraWeight):
+    z: Any = extend.fixed_field(layout=("batch", "rank"), default=None, title="noise z")
+
+
+def _noisy(node, ctx: extend.TargetContext):
+    kw = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+    z = ctx.config.noise * jax.random.normal(ctx.key, (node.rank,))
+    return NoisyLora(**kw, z=z)
+
+
+extend.register_variant("noisy_test", _noisy, config=NoisyConfig)
+
+
+def test_a_variant_gets_its_config_class_and_a_key_of_its_own():
+    params = {"p": jnp.ones((6, 4)), "q": jnp.ones((6, 4))}
+    tree = jlora.init(
+        params, NoisyConfig(rank=3, noise=2.0, targets=["p", "q"]), key=jax.random.key(0)
+    )
+    zp, zq = np.asarray(tree["p"].z), np.asarray(tree["q"].z)
+    assert zp.shape == (3,) and not np.allclose(zp, zq)  # one key per target
+    again = jlora.init(
+        params, NoisyConfig(rank=3, noise=2.0, targets=["p", "q"]), key=jax.random.key(0)
+    )
+    np.testing.assert_array_equal(np.asarray(again["p"].z), zp)
+    # the builder's key is not the initializer's: `a` is as with the plain LoRA variant
+    plain = jlora.init(params, jlora.LoraConfig(rank=3, targets=["p", "q"]), key=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(tree["p"].a), np.asarray(plain["p"].a))
+    # the config class travels through the checkpoint JSON by the variant's name
+    from jlora.interop.config_json import config_from_json, config_to_json
+
+    assert (
+        config_from_json(config_to_json(NoisyConfig(rank=3, noise=2.0, targets=["p", "q"]))).noise
+        == 2.0
+    )
+    legacy = config_to_json(jlora.LoraConfig(rank=2, variant="dora")) | {"use_dora": True}
+    assert config_from_json(legacy).variant == "dora"  # an older checkpoint's PEFT-style flag
+    with pytest.raises(ValueError, match=r"variant='noisy_test' with init='kaiming' takes its "
+                       r"own config class .*NoisyConfig \(fields noise beyond"):  # fmt: skip
+        jlora.LoraConfig(variant="noisy_test")
+    with pytest.raises(TypeError, match=r"use_dora"):  # PEFT's flag is PEFT interop's
+        jlora.LoraConfig(use_dora=True)
+
+
+def test_titles_of_fixed_children_name_them_in_errors():
+    tree = jlora.init(
+        {"p": jnp.ones((6, 4))}, NoisyConfig(rank=3, targets="p"), key=jax.random.key(0)
+    )
+    frozen, adapters = jlora.split(tree)
+    bad = {"p": dataclasses.replace(adapters["p"], z=jnp.ones(5))}
+    with pytest.raises(ValueError, match=r"noise z has shape \(5,\).* needs \(3,\)"):
+        jlora.combine(frozen, bad)
+    assert tree["p"].describe()["titles"]["z"] == "noise z"
+
+
+def test_embedding_targets_are_declared_by_the_variant():
+    params = {"emb": {"embedding": jnp.ones((10, 4))}}
+    with pytest.raises(ValueError, match=r"variant='noisy_test' does not adapt embedding tables, "
+                       r"and \['emb'\]\['embedding'\] \(shape \(10, 4\)\) is one"):  # fmt: skip
+        jlora.init(params, NoisyConfig(rank=2, targets="emb"), key=jax.random.key(0))
+    for variant in ("lora", "dora"):  # they declare embedding=True
+        cfg = jlora.LoraConfig(rank=2, targets="emb", variant=variant)
+        assert jlora.init(params, cfg, key=jax.random.key(0))["emb"]["embedding"].a.shape == (10, 2)
+    assert {v for v, spec in extend.VARIANTS.items() if spec.embedding} >= {"lora", "dora"}
+    assert not extend.VARIANTS["lora_fa"].embedding and not extend.VARIANTS["adalora"].embedding
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Clipped(jlora.LoraWeight):
+    """A kernel whose use by ``dot_general`` clips its input to [-1, 1] (a rule of its own)."""
+
+
+@extend.register(Clipped, "dot_general")
+def _clipped_dot(ctx: extend.RuleContext, x, w):
+    assert ctx.name == "dot_general" and "dimension_numbers" in ctx.params
+    return extend.dot_rule(ctx, jnp.clip(x, -1, 1), w)
+
+
+def test_a_rule_sees_a_typed_context_and_can_delegate():
+    rng = np.random.default_rng(3)
+    w, a, b = (rng.normal(size=s).astype(np.float32) for s in ((5, 3), (5, 2), (2, 3)))
+    node = Clipped(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), scale=0.5)
+    x = 3 * rng.normal(size=(4, 5)).astype(np.float32)
+    got = jax.jit(jlora.lora(lambda w, x: x @ w))(node, x)
+    want = np.clip(np.float64(x), -1, 1) @ (np.float64(w) + 0.5 * np.float64(a) @ np.float64(b))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

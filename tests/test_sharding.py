@@ -140,7 +140,7 @@ def test_rules_form():
 
 
 def test_dora_magnitude_follows_output_axes():
-    tree = _tree({"k": jnp.ones((16, 32))}, targets="k", use_dora=True)
+    tree = _tree({"k": jnp.ones((16, 32))}, targets="k", variant="dora")
     if getattr(tree["k"], "m", None) is None:
         pytest.skip("LoraWeight has no DoRA magnitude here")
     s = js.lora_specs(tree, {"k": P("fsdp", "tensor")})["k"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jlora.core.registry import INITIALIZERS, VARIANT_FLAGS, VARIANTS
+from jlora.core.registry import INITIALIZERS, VARIANTS, config_class
 
 __all__ = ["BIASES", "LoraConfig"]
 
@@ -122,8 +122,8 @@ class LoraConfig:
       dtype: dtype of the adapters (default float32, whatever W's dtype).
       variant: the node type of each target: ``"lora"``, or a registered variant such as
         ``"dora"`` (weight-decomposed LoRA) or ``"lora_fa"`` (A frozen after init); see
-        `jlora.core.registry`.
-      use_dora: shorthand for ``variant="dora"`` (PEFT's name); kept in step with ``variant``.
+        `jlora.core.registry`. A variant (or an ``init``) that registered its own config class
+        needs an instance of it (e.g. `jlora.variants.adalora.AdaLoraConfig`).
 
     Example:
       >>> import jlora
@@ -149,7 +149,6 @@ class LoraConfig:
     bias: str = "none"
     trainable: str | Sequence[str] | None = ()
     dtype: Any = "float32"
-    use_dora: bool = False
     variant: str = "lora"
 
     def __post_init__(self) -> None:
@@ -167,7 +166,14 @@ class LoraConfig:
             raise ValueError(f"`init` must be one of {tuple(INITIALIZERS)}, got {self.init!r}.")
         if self.variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {tuple(VARIANTS)}, got {self.variant!r}.")
-        self._resolve_variant_flags()
+        cls = config_class(self.variant, self.init)
+        if cls is not None and not isinstance(self, cls):
+            own = [f.name for f in dataclasses.fields(cls) if f.name not in _FIELDS]
+            raise ValueError(
+                f"variant={self.variant!r} with init={self.init!r} takes its own config class "
+                f"{cls.__module__}.{cls.__qualname__} (fields {', '.join(own) or 'none'} beyond "
+                "LoraConfig's): build the config with it."
+            )
         if self.bias not in BIASES:
             raise ValueError(f"`bias` must be one of {BIASES}, got {self.bias!r}.")
         if not callable(self.targets):
@@ -191,17 +197,6 @@ class LoraConfig:
         if not jnp.issubdtype(dt, jnp.floating):
             raise ValueError(f"`dtype` must be a floating dtype, got {dt.name}.")
         put("dtype", dt.name)
-
-    def _resolve_variant_flags(self) -> None:
-        """A flag field set to True (`VARIANT_FLAGS`) selects its variant; then every flag is
-        set from ``variant``."""
-        for flag, name in VARIANT_FLAGS.items():
-            if getattr(self, flag):
-                if self.variant not in ("lora", name):
-                    raise ValueError(f"`{flag}=True` conflicts with variant={self.variant!r}.")
-                object.__setattr__(self, "variant", name)
-        for flag, name in VARIANT_FLAGS.items():
-            object.__setattr__(self, flag, self.variant == name)
 
     # Per-target values ---------------------------------------------------------------------
 
@@ -243,3 +238,6 @@ def _first_match(pattern: Pattern, path: str, default: Any) -> Any:
         if re.search(regex, path):
             return value
     return default
+
+
+_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}

@@ -31,6 +31,7 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jlora.core.context import RuleContext
 from jlora.core.node import Node, register
 from jlora.core.slicing import declined
 
@@ -41,18 +42,10 @@ def _materialized(x: Any) -> Any:
     return x.materialize() if isinstance(x, Node) else x
 
 
-def _bind(eqn: Any, invals: list[Any]) -> Any:
-    bind_params = eqn.primitive.get_bind_params(eqn.params)
-    subfuns: tuple[Any, ...] = ()
-    if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
-        subfuns, bind_params = bind_params
-    return eqn.primitive.bind(*subfuns, *invals, **bind_params)
-
-
 @register(Node, "while")
-def while_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def while_rule(ctx: RuleContext, *invals: Any) -> Any:
     """``lax.while_loop`` with nodes among its constants (each iteration its own dropout key)."""
-    p = eqn.params
+    p = ctx.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts = invals[:nc], invals[nc : nc + nb]
     reason = (
@@ -63,17 +56,16 @@ def while_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
         declined(x, "while (carry)", reason) if isinstance(x, Node) else x
         for x in invals[nc + nb :]
     ]
-    make = type(ctx)
 
     def cond(state):
-        return make(None).eval(p["cond_jaxpr"], [*cconsts, *state[1]])[0]
+        return ctx.eval(p["cond_jaxpr"], [*cconsts, *state[1]], key=None)[0]
 
     def body(state):
         key, carry = state
         step = None
         if key is not None:
             key, step = jax.random.split(key)
-        outs = make(step).eval(p["body_jaxpr"], [*bconsts, *carry])
+        outs = ctx.eval(p["body_jaxpr"], [*bconsts, *carry], key=step)
         return key, [_materialized(o) for o in outs]
 
     key = None if ctx.key is None else ctx.next_key()
@@ -94,9 +86,9 @@ def _flat_dynamic(invals: list[Any]) -> tuple[list[Any], Any]:
     return [leaves[i] for i in dyn], rebuild
 
 
-def _warn_custom(eqn: Any, invals: list[Any]) -> None:
-    kind = eqn.primitive.name.removesuffix("_call")
-    info = getattr(eqn.params["call_jaxpr"].jaxpr, "debug_info", None)
+def _warn_custom(ctx: RuleContext, invals: tuple[Any, ...]) -> None:
+    kind = ctx.name.removesuffix("_call")
+    info = getattr(ctx.params["call_jaxpr"].jaxpr, "debug_info", None)
     name = getattr(info, "func_name", None) or "?"
     for x in invals:
         if isinstance(x, Node) and x.warn_on_fallback:
@@ -110,31 +102,30 @@ def _warn_custom(eqn: Any, invals: list[Any]) -> None:
 
 
 @register(Node, "custom_jvp_call", "custom_vjp_call")
-def custom_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def custom_rule(ctx: RuleContext, *invals: Any) -> Any:
     """A custom-derivative call: fused primal; the custom rule on the materialized kernel."""
-    dyn, rebuild = _flat_dynamic(invals)
-    make = type(ctx)
+    dyn, rebuild = _flat_dynamic(list(invals))
 
     def fused(vals: list[Any], key: Any) -> list[Any]:
-        outs = make(key).eval(eqn.params["call_jaxpr"], rebuild(vals))
+        outs = ctx.eval(ctx.params["call_jaxpr"], rebuild(vals), key=key)
         return [_materialized(o) for o in outs]
 
     def plain(vals: list[Any]) -> list[Any]:
-        return list(_bind(eqn, [_materialized(x) for x in rebuild(vals)]))
+        return list(ctx.bind(*[_materialized(x) for x in rebuild(vals)]))
 
-    if eqn.primitive.name == "custom_jvp_call":
+    if ctx.name == "custom_jvp_call":
         f = jax.custom_jvp(fused)
 
         @f.defjvp
         def jvp(primals, tangents):
-            _warn_custom(eqn, invals)
+            _warn_custom(ctx, invals)
             return jax.jvp(plain, primals[:1], tangents[:1])
 
     else:
         f = jax.custom_vjp(fused)
 
         def fwd(vals, key):
-            _warn_custom(eqn, invals)
+            _warn_custom(ctx, invals)
             return jax.vjp(plain, vals)
 
         def bwd(vjp, g):
@@ -145,10 +136,9 @@ def custom_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
 
 
 @register(Node, "sharding_constraint")
-def constraint_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def constraint_rule(ctx: RuleContext, x: Node) -> Any:
     """``with_sharding_constraint`` on a node: each child constrained by its layout."""
-    (x,) = invals
-    p = eqn.params
+    p = ctx.params
     sharding = p["sharding"]
     if (
         not isinstance(sharding, NamedSharding)
@@ -159,21 +149,20 @@ def constraint_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
             f"only a NamedSharding with no unconstrained axes and no layout maps onto the "
             f"adapter factors (got {type(sharding).__name__})"
         )
-        return _bind(eqn, [declined(x, "sharding_constraint", reason)])
+        return ctx.bind(declined(x, "sharding_constraint", reason))
     specs = x.specs(sharding.spec)
 
     def one(v: Any, spec: PartitionSpec) -> Any:
         child = NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
-        return eqn.primitive.bind(v, **dict(p, sharding=child))
+        return ctx.bind(v, sharding=child)
 
     return jax.tree.map(one, x, specs)
 
 
 @register(Node, "pvary")
-def pvary_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def pvary_rule(ctx: RuleContext, x: Node) -> Any:
     """``pvary`` (a replicated operand meeting varying ones in ``shard_map``): every child."""
-    (x,) = invals
-    return jax.tree.map(lambda v: eqn.primitive.bind(v, **eqn.params), x)
+    return jax.tree.map(lambda v: ctx.bind(v), x)
 
 
 def _per_shard(shape: tuple[int, ...], spec: Any, sizes: dict[str, int]) -> tuple[int, ...] | None:
@@ -209,9 +198,9 @@ def _node_operand(x: Node, spec: Any, inner: Any, sizes: dict[str, int]) -> tupl
 
 
 @register(Node, "shard_map")
-def shard_map_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def shard_map_rule(ctx: RuleContext, *invals: Any) -> Any:
     """``shard_map`` with nodes among its operands: the body runs on per-shard nodes."""
-    p = eqn.params
+    p = ctx.params
     sizes = dict(p["mesh"].shape)
     flat, specs, parts = [], [], []
     for x, spec, inner in zip(invals, p["in_specs"], p["jaxpr"].invars, strict=True):
@@ -226,14 +215,13 @@ def shard_map_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
         specs += leaf_specs
     names = p["newly_manual_axes"]
     closed = jcore.ClosedJaxpr(p["jaxpr"], ())
-    make = type(ctx)
 
     def body(key: Any, *vals: Any) -> tuple[Any, ...]:
         args = [vals[s] if t is None else t.unflatten(vals[s : s + n]) for s, n, t in parts]
         if key is not None:
             for name in sorted(names):
                 key = jax.random.fold_in(key, lax.axis_index(name))
-        return tuple(_materialized(o) for o in make(key).eval(closed, args))
+        return tuple(_materialized(o) for o in ctx.eval(closed, args, key=key))
 
     key = None if ctx.key is None else ctx.next_key()
     f = jax.shard_map(

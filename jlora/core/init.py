@@ -16,8 +16,21 @@ import jax.numpy as jnp
 from jlora.core.config import LoraConfig
 from jlora.core.infer import infer_axes
 from jlora.core.kernel import LoraWeight, Trainable
-from jlora.core.registry import INITIALIZERS, VARIANTS, register_initializer, register_variant
-from jlora.core.targets import leaf_name, module_path, path_str, select_targets, select_trainable
+from jlora.core.registry import (
+    INITIALIZERS,
+    VARIANTS,
+    TargetContext,
+    register_initializer,
+    register_variant,
+)
+from jlora.core.targets import (
+    is_embedding,
+    leaf_name,
+    module_path,
+    path_str,
+    select_targets,
+    select_trainable,
+)
 
 __all__ = ["init", "leaf_key"]
 
@@ -61,18 +74,18 @@ def _fresh(path: Any, s: str, w: jax.Array, config: LoraConfig) -> LoraWeight:
 
 
 @register_initializer("kaiming")
-def _kaiming(node: LoraWeight, key: jax.Array) -> LoraWeight:
+def _kaiming(node: LoraWeight, ctx: TargetContext) -> LoraWeight:
     """A kaiming-uniform with a=√5 (bound 1/√fan_in), B = 0: PEFT's default."""
     fan_in = math.prod(node.shape[i] for i in node.in_axes)
     bound = 1.0 / math.sqrt(fan_in)
-    a = jax.random.uniform(key, node.a.shape, node.a.dtype, -bound, bound)
+    a = jax.random.uniform(ctx.key, node.a.shape, node.a.dtype, -bound, bound)
     return _replace(node, a=a)
 
 
 @register_initializer("gaussian")
-def _gaussian(node: LoraWeight, key: jax.Array) -> LoraWeight:
+def _gaussian(node: LoraWeight, ctx: TargetContext) -> LoraWeight:
     """A ~ N(0, (1/r)²), B = 0, as PEFT."""
-    return _replace(node, a=jax.random.normal(key, node.a.shape, node.a.dtype) / node.rank)
+    return _replace(node, a=jax.random.normal(ctx.key, node.a.shape, node.a.dtype) / node.rank)
 
 
 def _embedding(node: LoraWeight, key: jax.Array) -> LoraWeight:
@@ -80,8 +93,8 @@ def _embedding(node: LoraWeight, key: jax.Array) -> LoraWeight:
     return _replace(node, b=jax.random.normal(key, node.b.shape, node.b.dtype))
 
 
-@register_variant("lora")
-def _plain(node: LoraWeight, config: LoraConfig, path: str) -> LoraWeight:
+@register_variant("lora", embedding=True)
+def _plain(node: LoraWeight, ctx: TargetContext) -> LoraWeight:
     return node
 
 
@@ -91,11 +104,19 @@ def _replace(node: Any, **kw: Any) -> Any:
 
 def _make(path: Any, s: str, w: jax.Array, config: LoraConfig, key: jax.Array) -> Any:
     node = _fresh(path, s, w, config)
-    if leaf_name(s) == "embedding":
-        node = _embedding(node, key)
-    else:
-        node = INITIALIZERS[config.init](node, key)
-    return VARIANTS[config.variant](node, config, s)
+    variant = VARIANTS[config.variant]
+    embedding = is_embedding(s)
+    if embedding and not variant.embedding:
+        raise ValueError(
+            f"variant={config.variant!r} does not adapt embedding tables, and "
+            f"{jax.tree_util.keystr(path)} (shape {tuple(w.shape)}) is one: exclude it from "
+            "`targets` (or use a variant that does, e.g. 'lora')."
+        )
+    # the initializer draws from the target's key (as before variants had keys); the builder
+    # gets a key of its own
+    ctx = TargetContext(config=config, path=s, key=key, embedding=embedding)
+    node = _embedding(node, key) if embedding else INITIALIZERS[config.init].fn(node, ctx)
+    return variant.build(node, dataclasses.replace(ctx, key=jax.random.fold_in(key, 1)))
 
 
 def _with_inferred_axes(config: LoraConfig, inferred: dict[str, Any]) -> LoraConfig:

@@ -31,14 +31,16 @@ import jlora.core.control
 import jlora.core.ragged
 import jlora.core.rules
 import jlora.core.slicing  # noqa: F401
+from jlora.core.context import RuleContext
 from jlora.core.fusion import Fusion
 from jlora.core.node import Node, is_node, register, rule_for
 
-__all__ = ["Context", "lora", "materialize"]
+__all__ = ["Context", "RuleContext", "lora", "materialize"]
 
 
 class Context:
-    """Per-call state of the interpreter: the dropout key, split anew for each fused op."""
+    """Per-call state of the interpreter: the dropout key (split anew for each fused op), the
+    current jaxpr's shared projections; rules see it through a `RuleContext`."""
 
     def __init__(self, key: jax.Array | None):
         self.key = key
@@ -47,7 +49,7 @@ class Context:
         self.index = -1  # the eqn being evaluated
 
     def precomputed(self) -> jax.Array | None:
-        """A shared low-rank projection ``x·a`` computed ahead for the current eqn
+        """A shared low-rank projection ``x·left`` computed ahead for the current eqn
         (`jlora.core.fusion`), or None."""
         return None if self.fusion is None else self.fusion.take(self.index)
 
@@ -63,9 +65,13 @@ class Context:
         mask = jax.random.bernoulli(self.next_key(), keep, x.shape)
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
-    def eval(self, closed: Any, args: list[Any]) -> list[Any]:
-        """Evaluate a closed jaxpr with nodes among ``args``."""
-        return _eval(closed.jaxpr, closed.consts, args, self)
+    def fresh(self, key: jax.Array | None) -> Context:
+        """A new state with its own key stream (a ``scan`` step, a loop iteration)."""
+        return Context(key)
+
+    def eval(self, jaxpr: Any, consts: Any, args: list[Any]) -> list[Any]:
+        """Evaluate a jaxpr with nodes among ``args``."""
+        return _eval(jaxpr, consts, args, self)
 
 
 def materialize(node: Node) -> jax.Array:
@@ -77,26 +83,23 @@ def materialize(node: Node) -> jax.Array:
 
 
 @register(Node, "transpose")
-def _transpose(eqn, invals, ctx):
-    (x,) = invals
-    return x.transpose(tuple(eqn.params["permutation"]))
+def _transpose(ctx: RuleContext, x: Node) -> Any:
+    return x.transpose(tuple(ctx.params["permutation"]))
 
 
 @register(Node, "convert_element_type")
-def _convert(eqn, invals, ctx):
-    (x,) = invals
-    return x.astype(eqn.params["new_dtype"])
+def _convert(ctx: RuleContext, x: Node) -> Any:
+    return x.astype(ctx.params["new_dtype"])
 
 
 @register(Node, "copy", "copy_p")
-def _identity(eqn, invals, ctx):
-    return invals[0]
+def _identity(ctx: RuleContext, x: Node) -> Any:
+    return x
 
 
 def _inline(key: str):
-    def rule(eqn, invals, ctx):
-        closed = eqn.params[key]
-        return _eval(closed.jaxpr, closed.consts, invals, ctx)
+    def rule(ctx: RuleContext, *invals: Any) -> Any:
+        return ctx.eval(ctx.params[key], invals)
 
     return rule
 
@@ -106,28 +109,26 @@ register(Node, "closed_call")(_inline("call_jaxpr"))
 
 
 @register(Node, "checkpoint", "remat", "remat2")
-def _remat(eqn, invals, ctx):
-    p = eqn.params
+def _remat(ctx: RuleContext, *invals: Any) -> Any:
+    p = ctx.params
 
     def body(*args):
-        return _eval(p["jaxpr"], (), args, ctx)
+        return ctx.eval(p["jaxpr"], args)
 
     return jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
 
 
 @register(Node, "cond")
-def _cond(eqn, invals, ctx):
-    index, *ops = invals
+def _cond(ctx: RuleContext, index: Any, *ops: Any) -> Any:
     branches = [
-        functools.partial(lambda br, *a: _eval(br.jaxpr, br.consts, a, ctx), br)
-        for br in eqn.params["branches"]
+        functools.partial(lambda br, *a: ctx.eval(br, a), br) for br in ctx.params["branches"]
     ]
     return lax.switch(index, branches, *ops)
 
 
 @register(Node, "scan")
-def _scan(eqn, invals, ctx):
-    p = eqn.params
+def _scan(ctx: RuleContext, *invals: Any) -> Any:
+    p = ctx.params
     nc, ncar = p["num_consts"], p["num_carry"]
     consts, carry, xs = invals[:nc], list(invals[nc : nc + ncar]), list(invals[nc + ncar :])
     for i, c in enumerate(carry):
@@ -148,7 +149,7 @@ def _scan(eqn, invals, ctx):
     def body(c, x):
         step_xs, key = x
         step_xs = [rebuild[i](v) if i in rebuild else v for i, v in enumerate(step_xs)]
-        outs = _eval(closed.jaxpr, closed.consts, [*consts, *c, *step_xs], Context(key))
+        outs = ctx.eval(closed, [*consts, *c, *step_xs], key=key)
         return outs[:ncar], outs[ncar:]
 
     carry_out, ys = lax.scan(
@@ -188,7 +189,7 @@ def _eval(jaxpr, consts, args, ctx: Context) -> list[Any]:
                 fusion.prepare(i, jaxpr.eqns, read, dropout_on=ctx.key is not None)
             ctx.fusion, ctx.index = fusion, i
             rule = rule_for(eqn.primitive.name, invals)
-            outs = rule(eqn, invals, ctx) if rule is not None else None
+            outs = rule(RuleContext(eqn, ctx), *invals) if rule is not None else None
             if outs is None:
                 name = eqn.primitive.name
                 invals = [x.fallback(name) if isinstance(x, Node) else x for x in invals]

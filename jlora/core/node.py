@@ -100,10 +100,15 @@ def adapter_field(
 
 
 def fixed_field(
-    *, layout: Layout = None, cast: bool = True, default: Any = dataclasses.MISSING
+    *,
+    layout: Layout = None,
+    cast: bool = True,
+    default: Any = dataclasses.MISSING,
+    title: str | None = None,
 ) -> Any:
-    """A child of the adapter that never trains (no gradient, no optimizer state)."""
-    return _field("fixed", layout, "frozen", cast, default, None)
+    """A child of the adapter that never trains (no gradient, no optimizer state), but is saved
+    and exported with it (LoRA-FA's ``a``). Arguments as `adapter_field`."""
+    return _field("fixed", layout, "frozen", cast, default, title)
 
 
 class Node:
@@ -388,15 +393,17 @@ _RULES: dict[tuple[type, str], Rule] = {}
 
 
 def register(node_type: type, *primitives: str) -> Callable[[Rule], Rule]:
-    """Register ``rule(eqn, invals, ctx)`` as the fused rule of ``node_type`` for ``primitives``.
+    """Register ``rule(ctx, *invals)`` as the fused rule of ``node_type`` for ``primitives``.
 
-    A rule returns the primitive's output (a list for multiple results), or None to decline
-    (then the node's `Node.fallback` runs). Subclasses inherit their parents' rules and may
-    register their own.
+    ``ctx`` is a `jlora.core.context.RuleContext` (the primitive, its ``params``, ``bind``,
+    ``dropout``, ``precomputed``, ``eval`` of nested programs); ``invals`` are the equation's
+    inputs, nodes among them. A rule returns the primitive's output (a list for multiple
+    results), or None to decline (then the node's `Node.fallback` runs). Subclasses inherit
+    their parents' rules and may register their own.
 
     Example:
       >>> @register(Node, "my_primitive")
-      ... def my_rule(eqn, invals, ctx):
+      ... def my_rule(ctx, x):
       ...     return None
       >>> rule_for("my_primitive", [Node()]) is my_rule
       True

@@ -16,6 +16,7 @@ from typing import Any
 
 from jax import lax
 
+from jlora.core.context import RuleContext
 from jlora.core.kernel import KernelNode
 from jlora.core.node import Node, as_array, register
 
@@ -42,7 +43,7 @@ def _standard(lw: KernelNode, params: dict[str, Any]) -> bool:
 
 
 @register(KernelNode, "ragged_dot_general")
-def ragged_dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def ragged_dot_rule(ctx: RuleContext, x: Any, lw: Any, *rest: Any) -> Any:
     """``ragged_dot`` with a kernel node of per-group adapters (`KernelNode.factors`) as the
     right operand.
 
@@ -56,23 +57,22 @@ def ragged_dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
       >>> jlora.lora(jax.lax.ragged_dot)(x, lw, groups)[:, 0].tolist()
       [3.0, 6.0, 6.0]
     """
-    x, lw, *rest = invals
     factors = lw.factors() if isinstance(lw, KernelNode) else None
-    if isinstance(x, Node) or factors is None or not _standard(lw, eqn.params):
+    if isinstance(x, Node) or factors is None or not _standard(lw, ctx.params):
         return None
     if type(lw).output is not KernelNode.output:  # a variant rescaling per output (DoRA) needs
         return None  # the group axis in the output, which a ragged dot does not have
     if any(isinstance(g, Node) for g in rest):
         return None
     (groups,) = rest
-    p = eqn.params
+    p = ctx.params
     w = as_array(lw.w)
-    y = eqn.primitive.bind(x, w, groups, **p)
+    y = ctx.bind(x, w, groups)
     ct = x.dtype
     kw = dict(precision=p.get("precision"), preferred_element_type=y.dtype)
     xd = ctx.dropout(x, lw.dropout)
     left, right, scale = factors
     t = lax.ragged_dot(xd, left.astype(ct), groups, **kw).astype(ct)  # left: (E, in, r)
     yl = lax.ragged_dot(t, right.astype(ct), groups, **kw)
-    base = (lambda: y) if xd is x else (lambda: eqn.primitive.bind(xd, w, groups, **p))
+    base = (lambda: y) if xd is x else (lambda: ctx.bind(xd, w, groups))
     return lw.output(y, scale * yl, base, {lw.out_axes[0]: y.ndim - 1})

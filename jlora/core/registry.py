@@ -1,57 +1,161 @@
 """Named initializers and node variants, registered by the modules that define them.
 
 `jlora.init` builds each target as a `LoraWeight` with zero factors, fills them with the
-initializer named by ``LoraConfig.init`` and hands the result to the variant named by
-``LoraConfig.variant`` (which may turn it into another node type). The core registers
-``"kaiming"``, ``"gaussian"`` and ``"lora"``; `jlora.variants` registers the others.
+initializer named by ``LoraConfig.init`` and hands the result to the builder of the variant named
+by ``LoraConfig.variant`` (which may turn it into another node type). Both get the node and a
+`TargetContext`: the config, the target's path, its own PRNG key, whether it is an embedding
+table. A variant declares what it accepts (``embedding=``) and may register its own config class
+(a `LoraConfig` subclass with its fields, e.g. `jlora.variants.adalora.AdaLoraConfig`); so may an
+initializer. The core registers ``"kaiming"``, ``"gaussian"`` and ``"lora"``; `jlora.variants`
+registers the others.
 
 Example:
-  >>> import jlora
   >>> {"lora", "dora", "lora_fa"} <= set(VARIANTS), "pissa" in INITIALIZERS
   (True, True)
+  >>> VARIANTS["lora_fa"].embedding, VARIANTS["lora"].embedding
+  (False, True)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
+
+import jax
 
 __all__ = [
     "INITIALIZERS",
     "VARIANTS",
-    "VARIANT_FLAGS",
+    "Initializer",
+    "TargetContext",
+    "Variant",
+    "config_class",
     "register_initializer",
     "register_variant",
 ]
 
-#: ``name -> fn(node, key) -> node``: fills the zero ``a`` / ``b`` of a fresh `LoraWeight`.
-INITIALIZERS: dict[str, Callable[..., Any]] = {}
-#: ``name -> fn(node, config, path) -> node``: turns an initialized `LoraWeight` into the variant.
-VARIANTS: dict[str, Callable[..., Any]] = {}
-#: ``LoraConfig`` boolean field -> the variant it selects (PEFT-style flags such as ``use_dora``).
-VARIANT_FLAGS: dict[str, str] = {}
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TargetContext:
+    """What an initializer or a variant builder knows about the target it builds.
+
+    Attributes:
+      config: the `LoraConfig` of `jlora.init` (an instance of the config class the variant or
+        initializer registered, when it registered one).
+      path: the target's slash-joined path (``"model/layers_0/q_proj/kernel"``).
+      key: a PRNG key of this target alone (the initializer and the builder get different keys).
+      embedding: whether the target is an embedding table (a lookup, not a matmul).
+    """
+
+    config: Any
+    path: str
+    key: jax.Array
+    embedding: bool = False
 
 
-def register_initializer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn(node, key) -> node`` as ``LoraConfig(init=name)``."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A registered variant (see `register_variant`)."""
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        INITIALIZERS[name] = fn
-        return fn
+    name: str
+    build: Callable[[Any, TargetContext], Any]
+    config: type | None = None
+    embedding: bool = False
 
-    return deco
+
+@dataclasses.dataclass(frozen=True)
+class Initializer:
+    """A registered initializer (see `register_initializer`)."""
+
+    name: str
+    fn: Callable[[Any, TargetContext], Any]
+    config: type | None = None
+
+
+#: ``name -> Initializer``: fills the zero ``a`` / ``b`` of a fresh `LoraWeight`.
+INITIALIZERS: dict[str, Initializer] = {}
+#: ``name -> Variant``: turns an initialized `LoraWeight` into the variant's node.
+VARIANTS: dict[str, Variant] = {}
+
+
+def register_initializer(
+    name: str, fn: Callable[..., Any] | None = None, *, config: type | None = None
+) -> Any:
+    """Register ``fn(node, ctx) -> node`` as ``LoraConfig(init=name)``.
+
+    ``node`` is a fresh `LoraWeight` with zero ``a`` and ``b``; ``ctx`` a `TargetContext`.
+    Embedding targets never reach an initializer (they get PEFT's embedding init). Usable as a
+    decorator (``fn`` omitted).
+
+    Args:
+      name: the ``LoraConfig.init`` value.
+      fn: the initializer.
+      config: a `LoraConfig` subclass holding the initializer's own fields; a config naming
+        ``init=name`` must then be an instance of it.
+    """
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        INITIALIZERS[name] = Initializer(name, f, config)
+        return f
+
+    return deco if fn is None else deco(fn)
 
 
 def register_variant(
-    name: str, *, flag: str | None = None
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn(node, config, path) -> node`` as ``LoraConfig(variant=name)``; ``flag``
-    names a boolean `LoraConfig` field that selects it too (kept in step with ``variant``)."""
+    name: str,
+    build: Callable[..., Any] | None = None,
+    *,
+    config: type | None = None,
+    embedding: bool = False,
+) -> Any:
+    """Register ``build(node, ctx) -> node`` as ``LoraConfig(variant=name)``.
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        VARIANTS[name] = fn
-        if flag is not None:
-            VARIANT_FLAGS[flag] = name
-        return fn
+    ``node`` is the initialized `LoraWeight` of one target, ``ctx`` its `TargetContext` (with a
+    PRNG key of its own). Usable as a decorator (``build`` omitted).
 
-    return deco
+    Args:
+      name: the ``LoraConfig.variant`` value.
+      build: the builder.
+      config: a `LoraConfig` subclass with the variant's own fields (frozen, keyword-only); a
+        config naming ``variant=name`` must then be an instance of it.
+      embedding: whether the variant adapts embedding tables; `jlora.init` refuses an
+        embedding target of a variant that does not.
+
+    Example:
+      >>> import dataclasses, jax, jax.numpy as jnp, jlora
+      >>> def halve(node, ctx):  # a variant that starts a at half the initializer's draw
+      ...     return dataclasses.replace(node, a=node.a / 2)
+      >>> _ = register_variant("half_a", halve)
+      >>> tree = jlora.init({"k": jnp.ones((4, 4))},
+      ...                   jlora.LoraConfig(rank=1, targets="k", variant="half_a"),
+      ...                   key=jax.random.key(0))
+      >>> type(tree["k"]).__name__
+      'LoraWeight'
+      >>> del VARIANTS["half_a"]
+    """
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        VARIANTS[name] = Variant(name, f, config, embedding)
+        return f
+
+    return deco if build is None else deco(build)
+
+
+def config_class(variant: str, init: str) -> type | None:
+    """The config class that ``variant`` and ``init`` registered (the more derived one when
+    both did), or None when neither did.
+
+    Raises:
+      ValueError: both registered classes, and neither derives from the other.
+    """
+    v = VARIANTS[variant].config if variant in VARIANTS else None
+    i = INITIALIZERS[init].config if init in INITIALIZERS else None
+    if v is None or i is None or issubclass(v, i):
+        return v or i
+    if issubclass(i, v):
+        return i
+    raise ValueError(
+        f"variant={variant!r} takes a {v.__name__} and init={init!r} a {i.__name__}: no config "
+        "class combines them."
+    )

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora.core.context import RuleContext
 from jlora.core.kernel import KernelNode
 from jlora.core.node import Node, as_array, register
 
@@ -48,7 +49,7 @@ def dot_case(lw: KernelNode, dimension_numbers: Any) -> str | None:
     return None
 
 
-def _dot_rhs(prim: Any, x: jax.Array, lw: KernelNode, params: dict, ctx: Any) -> Any:
+def _dot_rhs(ctx: RuleContext, x: jax.Array, lw: KernelNode, params: dict) -> Any:
     """``dot_general(x, lw)`` as W path + low-rank path, or None when the use is not recognised
     (or the node has no low-rank factors)."""
     case = dot_case(lw, params["dimension_numbers"])
@@ -66,7 +67,7 @@ def _dot_rhs(prim: Any, x: jax.Array, lw: KernelNode, params: dict, ctx: Any) ->
         f_c = tuple(len(rb) + 1 + lw.out_axes.index(d) for d in rc)
         s_c = left.ndim - 1  # left's rank axis
     w = as_array(lw.w)
-    y = prim.bind(x, w, **params)
+    y = ctx.bind(x, w, **params)
     nb = len(rb)
     f_b = tuple(lw.batch_axes.index(d) for d in rb)
     kw = dict(precision=params.get("precision"), preferred_element_type=y.dtype)
@@ -84,23 +85,22 @@ def _dot_rhs(prim: Any, x: jax.Array, lw: KernelNode, params: dict, ctx: Any) ->
     nx = x.ndim - len(lc) - nb
     pos = {ax: k for k, ax in enumerate(rb)}
     pos.update({ax: nb + nx + k for k, ax in enumerate(sorted(free))})
-    base = (lambda: y) if xd is x else (lambda: prim.bind(xd, w, **params))
+    base = (lambda: y) if xd is x else (lambda: ctx.bind(xd, w, **params))
     return lw.output(y, scale * yl, base, pos)
 
 
 @register(KernelNode, "dot_general")
-def dot_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def dot_rule(ctx: RuleContext, lhs: Any, rhs: Any) -> Any:
     """``dot_general`` with a kernel node on either side (W on the left: swap, then permute)."""
-    lhs, rhs = invals
-    params = eqn.params
+    params = dict(ctx.params)
     if isinstance(lhs, Node) and isinstance(rhs, Node):
         return None
     if isinstance(rhs, KernelNode):
-        return _dot_rhs(eqn.primitive, lhs, rhs, params, ctx)
+        return _dot_rhs(ctx, lhs, rhs, params)
     # W on the left: compute dot_general(x, W) and move W's free axes in front of x's.
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     swapped = dict(params, dimension_numbers=((rc, lc), (rb, lb)))
-    y = _dot_rhs(eqn.primitive, rhs, lhs, swapped, ctx)
+    y = _dot_rhs(ctx, rhs, lhs, swapped)
     if y is None:
         return None
     nb = len(lb)
@@ -118,9 +118,8 @@ def left_in_w_layout(lw: KernelNode, left: jax.Array) -> jax.Array:
 
 
 @register(KernelNode, "conv_general_dilated")
-def conv_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
-    x, lw = invals
-    p = eqn.params
+def conv_rule(ctx: RuleContext, x: Any, lw: Any) -> Any:
+    p = ctx.params
     dn = p["dimension_numbers"]
     factors = lw.factors() if isinstance(lw, KernelNode) else None
     if (
@@ -134,21 +133,20 @@ def conv_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
     ):
         return None
     w = as_array(lw.w)
-    y = eqn.primitive.bind(x, w, **p)
+    y = ctx.bind(x, w)
     ct = x.dtype
     xd = ctx.dropout(x, lw.dropout)
     left, right, scale = factors
-    t = eqn.primitive.bind(xd, left_in_w_layout(lw, left).astype(ct), **p)
+    t = ctx.bind(xd, left_in_w_layout(lw, left).astype(ct))
     f = dn.out_spec[1]
     yl = jnp.moveaxis(jnp.tensordot(t, right.astype(ct), axes=((f,), (0,))), -1, f)
-    base = (lambda: y) if xd is x else (lambda: eqn.primitive.bind(xd, w, **p))
+    base = (lambda: y) if xd is x else (lambda: ctx.bind(xd, w))
     return lw.output(y, scale * yl, base, {lw.out_axes[0]: f})
 
 
 @register(KernelNode, "gather")
-def gather_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
-    lw, idx = invals
-    p = eqn.params
+def gather_rule(ctx: RuleContext, lw: Any, idx: Any) -> Any:
+    p = ctx.params
     dn = p["dimension_numbers"]
     factors = lw.factors() if isinstance(lw, KernelNode) else None
     if factors is None or isinstance(idx, Node) or lw.batch_axes:
@@ -163,10 +161,10 @@ def gather_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
     ):
         return None
     left, right, scale = factors
-    y = eqn.primitive.bind(as_array(lw.w), idx, **p)
+    y = ctx.bind(as_array(lw.w), idx)
     sizes = list(p["slice_sizes"])
     sizes[o] = left.shape[-1]
-    t = eqn.primitive.bind(left_in_w_layout(lw, left), idx, **dict(p, slice_sizes=tuple(sizes)))
+    t = ctx.bind(left_in_w_layout(lw, left), idx, slice_sizes=tuple(sizes))
     kept = [d for d in range(lw.ndim) if d not in dn.collapsed_slice_dims]
     pos = dn.offset_dims[kept.index(o)]
     yl = jnp.moveaxis(jnp.tensordot(t, right, axes=((pos,), (0,))), -1, pos)

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 from jax import lax
 
+from jlora.core.context import RuleContext
 from jlora.core.kernel import KernelNode
 from jlora.core.node import Node, register
 
@@ -114,16 +115,15 @@ def _non_batch(node: KernelNode, axes: tuple[int, ...]) -> list[int]:
 
 
 @register(KernelNode, "slice")
-def slice_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def slice_rule(ctx: RuleContext, node: KernelNode) -> Any:
     """``lax.slice`` of the kernel along batch axes: the same slice of each child."""
-    (node,) = invals
-    p = eqn.params
+    p = ctx.params
     starts, limits = p["start_indices"], p["limit_indices"]
     strides = p["strides"] or (1,) * node.ndim
     sizes = tuple(hi - lo for lo, hi in zip(starts, limits, strict=True))
     cut = tuple(ax for ax in range(node.ndim) if sizes[ax] != node.shape[ax] or strides[ax] != 1)
     if _non_batch(node, cut):
-        return _decline_cut(eqn, invals, cut)
+        return _decline_cut(ctx, (node,), cut)
 
     def op(v, hit):
         lo, hi, st = [0] * v.ndim, list(v.shape), [1] * v.ndim
@@ -132,19 +132,19 @@ def slice_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
         return lax.slice(v, lo, hi, st)
 
     out = map_children(node, op, cut)
-    return _decline_nested(eqn, invals) if out is None else out
+    return _decline_nested(ctx, (node,)) if out is None else out
 
 
 @register(KernelNode, "dynamic_slice")
-def dynamic_slice_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def dynamic_slice_rule(ctx: RuleContext, node: KernelNode, *index: Any) -> Any:
     """``lax.dynamic_slice`` of the kernel along batch axes (the layer ``i`` of a loop)."""
-    node, *index = invals
+    invals = (node, *index)
     if any(isinstance(i, Node) for i in index):
         return None
-    sizes = tuple(eqn.params["slice_sizes"])
+    sizes = tuple(ctx.params["slice_sizes"])
     cut = _sliced_axes(node, sizes)
     if _non_batch(node, cut):
-        return _decline_cut(eqn, invals, cut)
+        return _decline_cut(ctx, invals, cut)
 
     def op(v, hit):
         start = [0] * v.ndim
@@ -154,21 +154,20 @@ def dynamic_slice_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
         return lax.dynamic_slice(v, start, size)
 
     out = map_children(node, op, cut)
-    return _decline_nested(eqn, invals) if out is None else out
+    return _decline_nested(ctx, invals) if out is None else out
 
 
 @register(KernelNode, "squeeze")
-def squeeze_rule(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def squeeze_rule(ctx: RuleContext, node: KernelNode) -> Any:
     """``lax.squeeze`` of size-1 batch axes (after a slice): the layer's node."""
-    (node,) = invals
-    dims = tuple(d % node.ndim for d in eqn.params["dimensions"])
+    dims = tuple(d % node.ndim for d in ctx.params["dimensions"])
     if _non_batch(node, dims):
-        return _decline_cut(eqn, invals, dims)
+        return _decline_cut(ctx, (node,), dims)
     out = map_children(node, lambda v, hit: lax.squeeze(v, tuple(hit)), dims)
-    return _decline_nested(eqn, invals) if out is None else _renumber(out, dims)
+    return _decline_nested(ctx, (node,)) if out is None else _renumber(out, dims)
 
 
-def _decline_cut(eqn: Any, invals: list[Any], axes: tuple[int, ...]) -> Any:
+def _decline_cut(ctx: RuleContext, invals: tuple[Any, ...], axes: tuple[int, ...]) -> Any:
     node = invals[0]
     bad = _non_batch(node, axes)
     reason = (
@@ -177,14 +176,14 @@ def _decline_cut(eqn: Any, invals: list[Any], axes: tuple[int, ...]) -> Any:
         "stacked axes is one layer of the same adapter (pass `apply=` to `jlora.init` or set "
         "`LoraConfig.axes_pattern` if the layers are stacked there)"
     )
-    return _bind_materialized(eqn, invals, reason)
+    return _bind_materialized(ctx, invals, reason)
 
 
-def _decline_nested(eqn: Any, invals: list[Any]) -> Any:
+def _decline_nested(ctx: RuleContext, invals: tuple[Any, ...]) -> Any:
     reason = f"its nested {type(invals[0].w).__name__} cannot be sliced along that axis"
-    return _bind_materialized(eqn, invals, reason)
+    return _bind_materialized(ctx, invals, reason)
 
 
-def _bind_materialized(eqn: Any, invals: list[Any], reason: str) -> Any:
-    w = declined(invals[0], eqn.primitive.name, reason)
-    return eqn.primitive.bind(w, *invals[1:], **eqn.params)
+def _bind_materialized(ctx: RuleContext, invals: tuple[Any, ...], reason: str) -> Any:
+    w = declined(invals[0], ctx.name, reason)
+    return ctx.bind(w, *invals[1:])

@@ -12,6 +12,7 @@ from jlora.core.config import LoraConfig
 
 __all__ = [
     "WEIGHT_NAMES",
+    "is_embedding",
     "leaf_name",
     "module_path",
     "path_str",
@@ -56,6 +57,18 @@ def leaf_name(path: str) -> str:
     if len(parts) > 1 and parts[-1] == "value":
         return parts[-2]
     return parts[-1]
+
+
+def is_embedding(path: str) -> bool:
+    """Whether the leaf at ``path`` is an embedding table (Flax ``nn.Embed``'s ``embedding``):
+    consumed by a lookup, it gets PEFT's embedding init, and a variant must declare that it
+    adapts one (`jlora.core.registry.register_variant`).
+
+    Example:
+      >>> is_embedding("model/embed_tokens/embedding"), is_embedding("model/q_proj/kernel")
+      (True, False)
+    """
+    return leaf_name(path) == "embedding"
 
 
 def module_path(path: str) -> str:

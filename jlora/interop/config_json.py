@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from jlora.core.config import LoraConfig
-from jlora.variants.adalora import AdaLoraConfig
+from jlora.core.registry import config_class
 
 __all__ = ["config_from_json", "config_to_json"]
 
@@ -49,6 +49,9 @@ def config_from_json(data: dict[str, Any]) -> LoraConfig:
             f"the saved config has a callable `targets` ({data['targets']['callable']}), which "
             "JSON cannot hold: rebuild the LoraConfig yourself."
         )
-    # AdaLoRA's extra fields (init_r, target_r, the schedule) need its config class.
-    cls = AdaLoraConfig if data.get("variant") == "adalora" else LoraConfig
+    data = dict(data)
+    if data.pop("use_dora", False):  # written before DoRA was only `variant`
+        data["variant"] = "dora"
+    # a variant's or an init's own fields (AdaLoRA's init_r, target_r, ...) need its config class
+    cls = config_class(data.get("variant", "lora"), data.get("init", "kaiming")) or LoraConfig
     return cls(**data)

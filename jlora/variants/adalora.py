@@ -42,8 +42,7 @@ import jax.numpy as jnp
 from jlora.core.config import LoraConfig
 from jlora.core.kernel import KernelNode, LoraWeight
 from jlora.core.node import adapter_field
-from jlora.core.registry import register_initializer, register_variant
-from jlora.core.targets import leaf_name
+from jlora.core.registry import TargetContext, register_initializer, register_variant
 
 __all__ = ["EPS", "AdaLoraConfig", "AdaLoraWeight", "adalora_scale"]
 
@@ -144,7 +143,7 @@ class AdaLoraConfig(LoraConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {v!r}.")
-        if self.variant not in ("lora", "adalora") or self.use_dora:
+        if self.variant not in ("lora", "adalora"):
             raise ValueError(f"AdaLoraConfig is the 'adalora' variant, got {self.variant!r}.")
         if self.rank_pattern:
             raise ValueError("AdaLoRA starts every target at init_r: `rank_pattern` must be empty.")
@@ -179,28 +178,21 @@ class AdaLoraConfig(LoraConfig):
 
 
 @register_initializer("adalora")
-def _normal(node: LoraWeight, key: jax.Array) -> LoraWeight:
+def _normal(node: LoraWeight, ctx: TargetContext) -> LoraWeight:
     """PEFT's AdaLoRA init of the singular vectors: ``a`` (Q) and ``b`` (P) ~ N(0, 0.02²)."""
-    ka, kb = jax.random.split(key)
+    ka, kb = jax.random.split(ctx.key)
     a = 0.02 * jax.random.normal(ka, node.a.shape, node.a.dtype)
     b = 0.02 * jax.random.normal(kb, node.b.shape, node.b.dtype)
     return dataclasses.replace(node, a=a, b=b)
 
 
-@register_variant("adalora")
-def _variant(node: LoraWeight, config: LoraConfig, path: str) -> AdaLoraWeight:
-    if leaf_name(path) == "embedding":
-        raise ValueError(
-            f"AdaLoRA adapts linear and conv kernels; {path} is an embedding (PEFT has no "
-            "AdaLoRA embedding layer either)."
-        )
-    if config.init != "adalora":
-        raise ValueError(
-            f"variant='adalora' needs init='adalora' (P, Q ~ N(0, 0.02²), Λ = 0, as PEFT), got "
-            f"init={config.init!r}; use jlora.adalora.AdaLoraConfig."
-        )
+def _variant(node: LoraWeight, ctx: TargetContext) -> AdaLoraWeight:
     r = node.rank
     e = jnp.zeros((*node.a.shape[: len(node.batch_axes)], r), node.a.dtype)
     kw = {f.name: getattr(node, f.name) for f in dataclasses.fields(KernelNode)}
-    kw["scale"] = adalora_scale(config.alpha_for(path), r)
+    kw["scale"] = adalora_scale(ctx.config.alpha_for(ctx.path), r)
     return AdaLoraWeight(**kw, q=node.a, e=e, p=node.b, ranknum=r)
+
+
+# PEFT has no AdaLoRA embedding layer either
+register_variant("adalora", _variant, config=AdaLoraConfig, embedding=False)

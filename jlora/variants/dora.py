@@ -9,7 +9,7 @@ and sharding specs handle it), `DoraWeight.output` rescales the fused rules' out
 The adapted kernel is ``m ⊙ (W + s·a@b) / ‖W + s·a@b‖``, the norm taken over the input axes of
 each output unit (PEFT's column norm).
 
-``LoraConfig(use_dora=True)`` (= ``variant="dora"``) makes `jlora.init` set
+``LoraConfig(variant="dora")`` (PEFT's ``use_dora=True``) makes `jlora.init` set
 ``m = ‖W + s·a@b‖`` (= ‖W‖ at init, where ``b = 0``), so the output at step 0 is the base model's.
 
 Forward (`jlora.lora`): the matmuls stay unmerged, ``y = g ⊙ (x·W + s·(x·a)·b)`` with
@@ -22,7 +22,7 @@ low-rank path receive gradients. `jlora.merge` gives ``m ⊙ (W + s·a@b)/‖W +
 Example:
   >>> import jax, jax.numpy as jnp, jlora
   >>> params = {"dense": {"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]])}}
-  >>> tree = jlora.init(params, jlora.LoraConfig(rank=1, use_dora=True), key=jax.random.key(0))
+  >>> tree = jlora.init(params, jlora.LoraConfig(rank=1, variant="dora"), key=jax.random.key(0))
   >>> tree["dense"]["kernel"].m.tolist()  # column norms of W
   [5.0, 1.0]
   >>> bool(jnp.allclose(jlora.merge(tree)["dense"]["kernel"], params["dense"]["kernel"]))
@@ -38,10 +38,10 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jlora.core.config import LoraConfig
+from jlora.core.context import RuleContext
 from jlora.core.kernel import KernelNode, LoraWeight
 from jlora.core.node import adapter_field, as_array, is_node, register
-from jlora.core.registry import register_variant
+from jlora.core.registry import TargetContext, register_variant
 from jlora.core.rules import dot_case, dot_rule
 
 __all__ = [
@@ -104,22 +104,21 @@ class DoraWeight(LoraWeight):
 
 
 @register(DoraWeight, "dot_general")
-def _dot(eqn: Any, invals: list[Any], ctx: Any) -> Any:
+def _dot(ctx: RuleContext, x: Any, lw: Any) -> Any:
     """``x @ W.T`` (e.g. attend) contracts W's output units, which DoRA scales: scale x instead,
     then run LoRA's rule; every other use is LoRA's rule with `DoraWeight.output`."""
-    x, lw = invals
     if isinstance(x, DoraWeight):  # W on the left
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        (lc, rc), (lb, rb) = ctx.params["dimension_numbers"]
         if dot_case(x, ((rc, lc), (rb, lb))) == "out":
             return None  # x.T-style use of a DoRA kernel on the left: materialized
     if isinstance(lw, DoraWeight) and not isinstance(x, KernelNode):
-        dn = eqn.params["dimension_numbers"]
+        dn = ctx.params["dimension_numbers"]
         if dot_case(lw, dn) == "out":
             (lc, rc), (lb, rb) = dn
             pos = dict(zip(rc, lc, strict=True)) | dict(zip(rb, lb, strict=True))
             g = broadcast(lw, magnitude_scale(lw), pos, x.ndim).astype(x.dtype)
-            return dot_rule(eqn, [x * g, lw.as_lora()], ctx)
-    return dot_rule(eqn, invals, ctx)
+            return dot_rule(ctx, x * g, lw.as_lora())
+    return dot_rule(ctx, x, lw)
 
 
 def _dense_f32(w: Any) -> jax.Array:
@@ -205,6 +204,6 @@ def _with_magnitude(x: LoraWeight, dtype: Any = None) -> DoraWeight:
     return DoraWeight(**kw, m=weight_norm(x).astype(dtype or x.a.dtype))
 
 
-@register_variant("dora", flag="use_dora")
-def _variant(node: LoraWeight, config: LoraConfig, path: str) -> DoraWeight:
+@register_variant("dora", embedding=True)
+def _variant(node: LoraWeight, ctx: TargetContext) -> DoraWeight:
     return _with_magnitude(node)

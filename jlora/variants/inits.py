@@ -14,7 +14,7 @@ axes flattened); the decomposition runs in float32.
   i.e. ``a = R[:r]ᵀ`` and ``b = Q[:, :r]ᵀ``; the residual is ``W − s·a@b``.
 
 Embedding tables keep the standard embedding init (PEFT applies neither to embeddings). Both
-are registered initializers (`jlora.core.registry`); with ``use_dora`` the DoRA magnitude is
+are registered initializers (`jlora.core.registry`); with ``variant="dora"`` the DoRA magnitude is
 taken after the decomposition, from ``W_res + s·a@b`` (= W), as PEFT does.
 
 Example:
@@ -42,7 +42,7 @@ from jlora.core.config import LoraConfig
 from jlora.core.init import init
 from jlora.core.kernel import LoraWeight
 from jlora.core.node import Node
-from jlora.core.registry import register_initializer
+from jlora.core.registry import TargetContext, register_initializer
 
 __all__ = ["decompose", "init_decomposed"]
 
@@ -95,12 +95,12 @@ def decompose(lw: LoraWeight, method: str) -> LoraWeight:
 
 
 @register_initializer("pissa")
-def _pissa(node: LoraWeight, key: jax.Array) -> LoraWeight:
+def _pissa(node: LoraWeight, ctx: TargetContext) -> LoraWeight:
     return decompose(node, "pissa")
 
 
 @register_initializer("olora")
-def _olora(node: LoraWeight, key: jax.Array) -> LoraWeight:
+def _olora(node: LoraWeight, ctx: TargetContext) -> LoraWeight:
     return decompose(node, "olora")
 
 

@@ -4,12 +4,14 @@
 lives in the fixed column space of ``a``, the activations saved for the backward pass shrink to
 the rank-r projection ``x·a``, and the optimizer holds state for ``b`` alone.
 
-This module is the worked example of adding a variant through the node protocol
-(`jlora.core.node`) without touching a core module: a `LoraWeight` subclass that re-declares
+This module is the worked example of adding a variant through the extension API
+(`jlora.extend`) without touching a core module: a `LoraWeight` subclass that re-declares
 ``a`` as a *fixed* child (in the adapter half of `jlora.split`, saved and exported with it, but
 ``stop_gradient`` in the forward and no optimizer state), and a registered variant name so that
-``LoraConfig(variant="lora_fa")`` builds it. Its fused rules, merge, PEFT tensors (``lora_A`` /
-``lora_B``, so PEFT loads it as a plain LoRA adapter) and sharding specs are inherited.
+``LoraConfig(variant="lora_fa")`` builds it (and refuses embedding targets: they start from
+A = 0, which frozen would never learn). Its `factors` (``a``, ``b``), hence its fused rules, merge,
+PEFT tensors (``lora_A`` / ``lora_B``, so PEFT loads it as a plain LoRA adapter), and its
+sharding specs are inherited.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax, jlora
@@ -30,11 +32,7 @@ from typing import Any, ClassVar
 
 import jax
 
-from jlora.core.config import LoraConfig
-from jlora.core.kernel import LoraWeight
-from jlora.core.node import fixed_field
-from jlora.core.registry import register_variant
-from jlora.core.targets import leaf_name
+from jlora.extend import LoraWeight, TargetContext, fixed_field, register_variant
 
 __all__ = ["LoraFAWeight"]
 
@@ -49,12 +47,6 @@ class LoraFAWeight(LoraWeight):
     variant_name: ClassVar[str] = "LoRA-FA"
 
 
-@register_variant("lora_fa")
-def _variant(node: LoraWeight, config: LoraConfig, path: str) -> LoraFAWeight:
-    if leaf_name(path) == "embedding":
-        raise ValueError(
-            f"LoRA-FA cannot adapt the embedding {path} (shape {tuple(node.shape)}): embeddings "
-            "start from A = 0 (PEFT's init), and a frozen A = 0 never learns; exclude it from "
-            "`targets` (or use variant='lora' for it)."
-        )
+@register_variant("lora_fa", embedding=False)
+def _variant(node: LoraWeight, ctx: TargetContext) -> LoraFAWeight:
     return LoraFAWeight(**{f.name: getattr(node, f.name) for f in dataclasses.fields(node)})

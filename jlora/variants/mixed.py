@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora.core.context import RuleContext
 from jlora.core.kernel import KernelNode, LoraWeight
 from jlora.core.node import (
     Node,
@@ -148,13 +149,12 @@ def _dot_parts(lw: MultiLoraWeight, dn: Any, ndim_x: int) -> tuple[str, int] | N
 
 
 @register(MultiLoraWeight, "dot_general")
-def _dot_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
-    x, lw = invals
+def _dot_multi(ctx: RuleContext, x: Any, lw: Any) -> jax.Array:
     if not isinstance(lw, MultiLoraWeight) or isinstance(x, Node):
-        return next(v for v in invals if isinstance(v, MultiLoraWeight)).fallback(
+        return next(v for v in (x, lw) if isinstance(v, MultiLoraWeight)).fallback(
             "a dot_general with W on the left"
         )
-    dn = eqn.params["dimension_numbers"]
+    dn = ctx.params["dimension_numbers"]
     parts = _dot_parts(lw, dn, x.ndim)
     if parts is None:
         return lw.fallback(f"a dot_general {dn}")
@@ -162,9 +162,9 @@ def _dot_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
     _check_ids(lw, x, ex)
     idx, _, scale = lw.routing()
     (lc, rc), (lb, rb) = dn
-    y = eqn.primitive.bind(x, as_array(lw.w), **eqn.params)
+    y = ctx.bind(x, as_array(lw.w))
     ct, nb = x.dtype, len(rb)
-    kw = dict(precision=eqn.params.get("precision"), preferred_element_type=y.dtype)
+    kw = dict(precision=ctx.params.get("precision"), preferred_element_type=y.dtype)
     first, second, axes, skip, s_rank, free = _factors(lw, case)
     f_b = tuple(lw.batch_axes.index(d) for d in rb)
     f_c = tuple(nb + 1 + skip + axes.index(d) for d in rc)
@@ -192,12 +192,11 @@ def _dot_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
 
 
 @register(MultiLoraWeight, "gather")
-def _gather_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
-    lw, ids = invals
-    p = eqn.params
+def _gather_multi(ctx: RuleContext, lw: Any, ids: Any) -> jax.Array:
+    p = ctx.params
     dn = p["dimension_numbers"]
     if not isinstance(lw, MultiLoraWeight) or isinstance(ids, Node) or lw.batch_axes:
-        return next(v for v in invals if isinstance(v, MultiLoraWeight)).fallback("gather")
+        return next(v for v in (lw, ids) if isinstance(v, MultiLoraWeight)).fallback("gather")
     (o,) = lw.out_axes if len(lw.out_axes) == 1 else (None,)
     if (
         o is None
@@ -211,14 +210,14 @@ def _gather_multi(eqn: Any, invals: list[Any], ctx: Any) -> jax.Array:
         return lw.fallback(f"a gather {dn}")
     _check_ids(lw, ids, 0)
     idx, _, scale = lw.routing()
-    y = eqn.primitive.bind(as_array(lw.w), ids, **p)
+    y = ctx.bind(as_array(lw.w), ids)
     n, r = lw.n_adapters, lw.rank
     a = jnp.moveaxis(lw.a, 0, -2)  # (*in, n, r) -> every adapter's rank block in W's layout
     a = a.reshape(*a.shape[:-2], n * r)
     perm = [lw.in_axes.index(ax) if ax in lw.in_axes else a.ndim - 1 for ax in range(lw.ndim)]
     sizes = list(p["slice_sizes"])
     sizes[o] = n * r
-    t = eqn.primitive.bind(jnp.transpose(a, perm), ids, **dict(p, slice_sizes=tuple(sizes)))
+    t = ctx.bind(jnp.transpose(a, perm), ids, slice_sizes=tuple(sizes))
     kept = [d for d in range(lw.ndim) if d not in dn.collapsed_slice_dims]
     pos = dn.offset_dims[kept.index(o)]
     t = jnp.moveaxis(t, pos, -1)

@@ -172,7 +172,7 @@ def loaded_config(
     loras = {s: dataclasses.replace(p, r=p.ranknum) for s, p in loras.items()}  # as initialized
     base = lora_config(params, loras, plain, mts_paths, dtypes.pop() if len(dtypes) == 1 else None)
     kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(LoraConfig)}
-    for k in ("rank", "variant", "init", "use_dora"):
+    for k in ("rank", "variant", "init"):
         kw.pop(k)
     schedule = {k: cfg[k] for k in SCHEDULE if cfg.get(k) is not None}
     return AdaLoraConfig(**kw, **{**schedule, "init_r": init_r(cfg)})

@@ -110,7 +110,7 @@ def lora_config(
         use_rslora=bool(cfg.get("use_rslora")),
         bias=cfg.get("bias", "none"),
         trainable=tuple(f"^{re.escape(m)}/" for m in mts_paths),
-        use_dora=bool(cfg.get("use_dora")),
+        variant="dora" if cfg.get("use_dora") else "lora",  # PEFT's flag, jlora's variant
     )
     tm, found = cfg.get("target_modules") or [], set(loras)
     candidates: list[Any] = []
@@ -167,7 +167,7 @@ def adapter_config(
         exclude_modules=None,
         layers_to_transform=None,
         layers_pattern=None,
-        use_dora=config.use_dora,
+        use_dora=config.variant == "dora",
         lora_bias=False,
         layer_replication=None,
         base_model_name_or_path=base_model_name_or_path,

@@ -66,8 +66,8 @@ def save(
       task_type: PEFT ``task_type``, e.g. ``"CAUSAL_LM"`` or ``"SEQ_CLS"``.
 
     Raises:
-      ValueError: a PiSSA/OLoRA init (it changes the base weights); ``use_dora`` without
-        ``jlora.dora`` or with only some targets carrying a magnitude; a stacked or
+      ValueError: a PiSSA/OLoRA init (it changes the base weights); ``variant="dora"`` without
+        DoRA targets, or with only some targets carrying a magnitude; a stacked or
         non-representable kernel; two modules with one torch name; `Trainable` leaves that
         PEFT's ``modules_to_save`` cannot express, or targets inside them; AdaLoRA targets
         (written as ``peft_type: ADALORA``) without their `AdaLoraConfig` or mixed with others.
@@ -158,10 +158,11 @@ def _check_dora(targets: dict[str, tuple[str, LoraWeight]], config: LoraConfig) 
     if not targets:  # only target_parameters (experts): plain LoRA, `parameter_tensors` checks
         return
     dora = {n: isinstance(lw, DoraWeight) for n, (_, lw) in targets.items()}
-    if any(dora.values()) != all(dora.values()) or any(dora.values()) != config.use_dora:
+    use_dora = config.variant == "dora"  # PEFT's use_dora
+    if any(dora.values()) != all(dora.values()) or any(dora.values()) != use_dora:
         raise ValueError(
-            f"config.use_dora={config.use_dora}, but {sum(dora.values())} of {len(dora)} adapters "
-            "have a DoRA magnitude `m`: PEFT applies DoRA to all targets or none."
+            f"config.variant={config.variant!r}, but {sum(dora.values())} of {len(dora)} adapters "
+            "have a DoRA magnitude `m`: PEFT applies DoRA (use_dora) to all targets or none."
         )
 
 
