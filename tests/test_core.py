@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 
 import chex
 import jax
@@ -169,6 +170,26 @@ def test_init_targets_names_regex_predicate_all_linear():
     assert targets(
         jlora.LoraConfig(rank=2, targets=lambda path, x: jlora.path_str(path).startswith("embed"))
     ) == ["embed/embedding"]
+
+
+def test_a_targets_entry_that_matches_nothing_warns_naming_it():
+    p = _params()
+    cfg = jlora.LoraConfig(rank=2, targets=["q_proj", "vlaue", r"attn/.*_pro$"])
+    with pytest.warns(UserWarning) as record:
+        tree = jlora.init(p, cfg, key=jax.random.key(0))
+    assert [str(w.message) for w in record] == [
+        "targets entries 'vlaue', 'attn/.*_pro$' matched no leaf of params (the other entries "
+        "select 1 leaf(s)): a typo? Available leaves: attn/q_proj/bias (16,), attn/q_proj/kernel "
+        "(32, 16), attn/v_proj/bias (16,), attn/v_proj/kernel (32, 16), embed/embedding (50, 32), "
+        "head/bias (3,), head/kernel (32, 3), norm/weight (32,), ... (1 more)."
+    ]
+    assert record[0].filename == __file__  # the warning points at the caller of jlora.init
+    assert isinstance(tree["attn"]["q_proj"]["kernel"], jlora.LoraWeight)  # the others apply
+    assert not isinstance(tree["attn"]["v_proj"]["kernel"], jlora.LoraWeight)
+    with warnings.catch_warnings():  # every entry selects a leaf, even if `exclude` drops it
+        warnings.simplefilter("error")
+        jlora.init(p, dataclasses.replace(cfg, targets=["q_proj", "v_proj"], exclude="v_proj"),
+                   key=jax.random.key(0))  # fmt: skip
 
 
 def test_init_untargeted_leaves_unchanged_and_trainable_wrapping():

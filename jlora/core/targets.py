@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import jax
@@ -79,10 +80,15 @@ def module_path(path: str) -> str:
     return "/".join(parts[:-1])
 
 
-def _matches(config: LoraConfig, path: KeyPath, s: str, leaf: Any) -> bool:
+def _parts(s: str) -> list[str]:
     parts = s.split("/")
     if len(parts) > 1 and parts[-1] == "value":  # an NNX Variable's payload: name it by its owner
         parts = parts[:-1]
+    return parts
+
+
+def _matches(config: LoraConfig, path: KeyPath, s: str, leaf: Any) -> bool:
+    parts = _parts(s)
     name = parts[-1]
     targets = config.targets
     if callable(targets):
@@ -94,15 +100,24 @@ def _matches(config: LoraConfig, path: KeyPath, s: str, leaf: Any) -> bool:
             and "lm_head" not in parts
             and jnp.issubdtype(leaf.dtype, jnp.floating)
         )
-    if isinstance(targets, str):
-        targets = (targets,)
-    for t in targets:
-        if _NAME.match(t):
-            if name == t or (name in WEIGHT_NAMES and len(parts) >= 2 and parts[-2] == t):
-                return True
-        elif name != "bias" and re.search(t, s):  # biases are governed by `bias`
-            return True
-    return False
+    return any(_entry_matches(t, parts, s) for t in _entries(config))
+
+
+def _entries(config: LoraConfig) -> tuple[str, ...]:
+    """The entries of a list of names / regexes in ``config.targets`` (none for a callable or
+    ``"all-linear"``)."""
+    targets = config.targets
+    if callable(targets) or targets == "all-linear":
+        return ()
+    return (targets,) if isinstance(targets, str) else tuple(targets)
+
+
+def _entry_matches(t: str, parts: list[str], s: str) -> bool:
+    """Whether one target entry (a module or leaf name, else a regex) selects the leaf ``s``."""
+    name = parts[-1]
+    if _NAME.match(t):
+        return name == t or (name in WEIGHT_NAMES and len(parts) >= 2 and parts[-2] == t)
+    return name != "bias" and re.search(t, s) is not None  # biases are governed by `bias`
 
 
 def _show(v: Any) -> Any:
@@ -134,6 +149,9 @@ def select_trainable(params: Any, config: LoraConfig) -> set[str]:
 def select_targets(params: Any, config: LoraConfig) -> dict[str, tuple[KeyPath, Any]]:
     """The leaves `jlora.init` adapts, as ``{path_str: (key_path, leaf)}`` in tree order.
 
+    An entry of a ``targets`` list that matches no leaf (``[query, vlaue]``) is a warning
+    naming it, so a typo does not train silently on the other entries alone.
+
     Raises:
       ValueError: no leaf matched, or a matched leaf has ndim < 2 or a non-floating dtype.
 
@@ -146,8 +164,10 @@ def select_targets(params: Any, config: LoraConfig) -> dict[str, tuple[KeyPath, 
     """
     trainable = select_trainable(params, config)
     found: dict[str, tuple[KeyPath, Any]] = {}
+    entries, used = _entries(config), set()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         s = path_str(path)
+        used.update(t for t in entries if t not in used and _entry_matches(t, _parts(s), s))
         if s in trainable or any(re.search(e, s) for e in config.exclude):
             continue
         if not _matches(config, path, s, leaf):
@@ -171,5 +191,13 @@ def select_targets(params: Any, config: LoraConfig) -> dict[str, tuple[KeyPath, 
             f"no leaf matched targets={_show(config.targets)!r} "
             f"(exclude={_show(config.exclude)!r}). "
             f"Available leaves: {_available(params)}."
+        )
+    unused = [t for t in entries if t not in used]
+    if unused:
+        warnings.warn(
+            f"targets entr{'y' if len(unused) == 1 else 'ies'} "
+            f"{', '.join(map(repr, unused))} matched no leaf of params (the other entries "
+            f"select {len(found)} leaf(s)): a typo? Available leaves: {_available(params)}.",
+            stacklevel=3,
         )
     return found

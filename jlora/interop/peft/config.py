@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from jlora.core.config import LoraConfig
@@ -123,11 +124,24 @@ def lora_config(
     candidates += [sorted(named), "all-linear"]
     for targets in candidates:  # a readable config when it selects exactly the same leaves
         try:
-            if set(select_targets(params, LoraConfig(targets=targets, **kw))) == found:
-                return LoraConfig(targets=targets, **kw)
-        except ValueError:
-            pass
+            config = LoraConfig(targets=targets, **kw)
+        except ValueError:  # e.g. no target_modules (only target_parameters)
+            continue
+        if same_targets(params, config, found):
+            return config
     return LoraConfig(targets=[exact(s) for s in sorted(loras)], **kw)
+
+
+def same_targets(params: Any, config: LoraConfig, found: set[str]) -> bool:
+    """Whether ``config`` selects exactly the leaves ``found``, every entry of its ``targets``
+    matching one (a candidate config, tried quietly: its errors and warnings say no)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            same = set(select_targets(params, config)) == found
+        except ValueError:
+            return False
+    return same and not caught
 
 
 # Writing ----------------------------------------------------------------------------------------

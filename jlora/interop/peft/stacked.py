@@ -23,7 +23,8 @@ import numpy as np
 from jlora.core.config import LoraConfig
 from jlora.core.kernel import KernelNode, LoraWeight, Trainable
 from jlora.core.node import Node, is_node
-from jlora.core.targets import path_str, select_targets
+from jlora.core.targets import path_str
+from jlora.interop.peft.config import same_targets
 
 __all__ = ["STACK", "has_stack", "restack", "stack_nodes", "unstack_layers"]
 
@@ -187,10 +188,6 @@ def restack(params: Any, tree: Any, config: LoraConfig) -> tuple[Any, LoraConfig
             alphas[exact(s)] = float(alpha)
     kw = dict(axes_pattern=axes, rank_pattern=ranks, alpha_pattern=alphas)
     config = dataclasses.replace(config, **kw)
-    try:
-        same = set(select_targets(params, config)) == set(nodes)
-    except ValueError:
-        same = False
-    if not same:
+    if not same_targets(params, config, set(nodes)):
         config = dataclasses.replace(config, targets=tuple(exact(s) for s in sorted(nodes)))
     return tree, config
