@@ -252,7 +252,10 @@ def test_scan_layers_errors_and_trainer_option(tmp_path):
     )
     lw = tree["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert (lw.batch_axes, lw.a.shape, lw.b.shape) == ((0,), (2, 64, 8), (2, 8, 64))
-    assert jlora.summary(tree).adapter == 3584  # as many adapter parameters as unrolled
+    unrolled = jlora.summary(base_tree(load_config("configs/llama-tiny.yaml"), shapes_only=True)[2])
+    # as many adapter parameters and targets (q and v of 2 layers) as unrolled
+    assert (jlora.summary(tree).adapter, jlora.summary(tree).targets) == (3584, 4)
+    assert (unrolled.adapter, unrolled.targets) == (3584, 4)
 
 
 @pytest.mark.slow

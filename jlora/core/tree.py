@@ -112,7 +112,12 @@ def _structure_difference(trees: tuple[Any, ...], is_leaf: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """Parameter counts of a tree with adapters (see `summary`)."""
+    """Parameter counts of a tree with adapters (see `summary`).
+
+    ``targets`` counts adapted weight matrices: a stacked kernel counts once per slice of its
+    batch axes (each scanned layer, each MoE expert has its own adapter), so a model with
+    ``scan_layers`` reports what the same model unscanned does.
+    """
 
     trainable: int
     base: int
@@ -169,5 +174,5 @@ def summary(tree: Any) -> Summary:
             n, b = _sizes(x, "adapter", "fixed")
             adapter += n
             nbytes += b
-            targets += 1
+            targets += math.prod(x.shape[i] for i in getattr(x, "batch_axes", ()))
     return Summary(trainable, base, adapter, nbytes, targets)
