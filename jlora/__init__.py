@@ -18,7 +18,17 @@ from jlora.core.tree import LoraWeight, Summary, Trainable, combine, init, split
 from jlora.interop import checkpoint, peft
 from jlora.interop.parallel_rules import TENSOR_PARALLEL_RULES
 from jlora.scale.sharding.presets import register_tensor_rules as _register_tensor_rules
-from jlora.variants import adalora, adalora_alloc, dora, inits, lora_fa, merging, multi, quant
+from jlora.variants import (
+    adalora,
+    adalora_alloc,
+    dora,
+    inits,
+    lora_fa,
+    merging,
+    multi,
+    quant,
+    vera,
+)
 
 _aliases.install()
 # The reference models' Megatron-style rules for the "tensor" sharding preset: wired here, above
@@ -64,4 +74,5 @@ __all__ = [
     "summary",
     "trainable_mask",
     "unmerge",
+    "vera",
 ]

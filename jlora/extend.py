@@ -2,7 +2,8 @@
 
 A variant is a node type (a frozen dataclass registered as a pytree, subclassing `Node` or, for
 an adapted kernel, `KernelNode` / `LoraWeight`) whose children say what they are with
-`base_field` / `adapter_field` / `fixed_field`; a builder registered with `register_variant`
+`base_field` / `adapter_field` / `fixed_field` / `shared_field` (a `Shared` tensor many
+targets reference, e.g. VeRA's projections); a builder registered with `register_variant`
 (it gets the initialized `LoraWeight` and a `TargetContext` with a PRNG key, and may register
 its own config class); optionally fused rules registered with `register`, which get a typed
 `RuleContext`. A kernel node gives its low-rank path with `KernelNode.factors`, and inherits
@@ -36,6 +37,7 @@ from jlora.core.kernel import KernelNode, LoraWeight, Trainable
 from jlora.core.node import (
     KINDS,
     Node,
+    Shared,
     adapter_field,
     as_array,
     base_field,
@@ -43,6 +45,8 @@ from jlora.core.node import (
     is_node,
     register,
     rule_for,
+    shared_field,
+    shared_tensors,
 )
 from jlora.core.registry import (
     INITIALIZERS,
@@ -62,6 +66,7 @@ __all__ = [
     "LoraWeight",
     "Node",
     "RuleContext",
+    "Shared",
     "TargetContext",
     "Trainable",
     "adapter_field",
@@ -76,4 +81,6 @@ __all__ = [
     "register_initializer",
     "register_variant",
     "rule_for",
+    "shared_field",
+    "shared_tensors",
 ]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jlora.core.config import LoraConfig
 from jlora.core.infer import infer_axes
 from jlora.core.kernel import LoraWeight, Trainable
+from jlora.core.node import Shared
 from jlora.core.registry import (
     INITIALIZERS,
     VARIANTS,
@@ -102,11 +103,13 @@ def _replace(node: Any, **kw: Any) -> Any:
     return dataclasses.replace(node, **kw)
 
 
-def _make(path: Any, s: str, w: jax.Array, config: LoraConfig, key: jax.Array) -> Any:
+def _initialized(
+    path: Any, s: str, w: jax.Array, config: LoraConfig, key: jax.Array
+) -> tuple[LoraWeight, TargetContext]:
+    """The target as an initialized `LoraWeight`, and the context its builder gets."""
     node = _fresh(path, s, w, config)
-    variant = VARIANTS[config.variant]
     embedding = is_embedding(s)
-    if embedding and not variant.embedding:
+    if embedding and not VARIANTS[config.variant].embedding:
         raise ValueError(
             f"variant={config.variant!r} does not adapt embedding tables, and "
             f"{jax.tree_util.keystr(path)} (shape {tuple(w.shape)}) is one: exclude it from "
@@ -116,7 +119,25 @@ def _make(path: Any, s: str, w: jax.Array, config: LoraConfig, key: jax.Array) -
     # gets a key of its own
     ctx = TargetContext(config=config, path=s, key=key, embedding=embedding)
     node = _embedding(node, key) if embedding else INITIALIZERS[config.init].fn(node, ctx)
-    return variant.build(node, dataclasses.replace(ctx, key=jax.random.fold_in(key, 1)))
+    return node, dataclasses.replace(ctx, key=jax.random.fold_in(key, 1))
+
+
+def _build(targets: dict[str, Any], config: LoraConfig, key: jax.Array) -> dict[str, Any]:
+    """Every target's node: initialized, the variant's shared tensors made once, then built."""
+    variant = VARIANTS[config.variant]
+    made = {
+        s: _initialized(path, s, leaf, config, leaf_key(key, s))
+        for s, (path, leaf) in targets.items()
+    }
+    shared: dict[str, Shared] = {}
+    if variant.shared is not None:
+        hook_key = jax.random.fold_in(key, 0x5EA2ED)
+        arrays = variant.shared(config, {s: node for s, (node, _) in made.items()}, hook_key)
+        shared = {name: Shared(value, name) for name, value in arrays.items()}
+    return {
+        s: variant.build(node, dataclasses.replace(ctx, shared=shared))
+        for s, (node, ctx) in made.items()
+    }
 
 
 def _with_inferred_axes(config: LoraConfig, inferred: dict[str, Any]) -> LoraConfig:
@@ -204,10 +225,12 @@ def init(
             if leaf_name(s) == "bias" and module_path(s) in owners:
                 trainable.add(s)
 
+    nodes = _build(targets, config, key)
+
     def convert(path, leaf):
         s = path_str(path)
-        if s in targets:
-            return _make(path, s, leaf, config, leaf_key(key, s))
+        if s in nodes:
+            return nodes[s]
         if s in trainable:
             return Trainable(leaf)
         return leaf

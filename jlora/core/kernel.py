@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.node import Node, adapter_field, as_array, base_field
+from jlora.core.node import Node, Shared, adapter_field, as_array, base_field
 
 __all__ = ["KernelNode", "LoraWeight", "Trainable", "cast"]
 
@@ -22,6 +22,8 @@ def cast(x: Any, dtype: Any) -> Any:
     if isinstance(x, Node):
         out = x.astype(dtype)
         return x.materialize(dtype) if out is None else out
+    if isinstance(x, Shared):
+        return x.astype(dtype)
     return jnp.asarray(x).astype(dtype)
 
 
@@ -114,7 +116,7 @@ class KernelNode(Node):
             return None
         kw = {
             f.name: cast(getattr(self, f.name), dtype)
-            for f in self.children("adapter", "fixed")
+            for f in self.children("adapter", "fixed", "shared")
             if f.metadata.get("cast")
         }
         return dataclasses.replace(self, w=cast(self.w, dtype), **kw)

@@ -3,11 +3,15 @@
 A node type is a frozen dataclass registered as a pytree (`jax.tree_util.register_dataclass`)
 that subclasses `Node`. It declares, in one place:
 
-* **its children, by field metadata** (`base_field`, `adapter_field`, `fixed_field`): a *base*
+* **its children, by field metadata** (`base_field`, `adapter_field`, `fixed_field`,
+  `shared_field`): a *base*
   child is part of the frozen model (it stays in the frozen half of `jlora.split`, gets
   ``stop_gradient`` and no optimizer state); an *adapter* child trains (trainable half, an
   optimizer ``group``); a *fixed* child belongs to the adapter (saved and exported with it, in
-  the trainable half) but never trains (LoRA-FA's ``a``). An adapter or fixed child can give a
+  the trainable half) but never trains (LoRA-FA's ``a``); a *shared* child is a `Shared` tensor
+  that many nodes reference (VeRA's random projections): it never trains, stays in the frozen
+  half (so a train step never copies it), and the checkpoint, the sharding placement and
+  `jlora.summary` take it once per name. An adapter or fixed child can give a
   ``layout``: a tuple of axis groups -- ``"batch"``, ``"in"``, ``"out"`` (W's axes of that kind,
   in their declared order), ``"rank"``, ``"adapter"`` (axes of its own) -- from which its
   sharding spec and its per-layer slice in ``scan`` follow. ``"w"`` means W's own layout.
@@ -54,6 +58,7 @@ from jax.sharding import PartitionSpec
 __all__ = [
     "KINDS",
     "Node",
+    "Shared",
     "adapter_field",
     "as_array",
     "base_field",
@@ -61,10 +66,12 @@ __all__ = [
     "is_node",
     "register",
     "rule_for",
+    "shared_field",
+    "shared_tensors",
 ]
 
 #: The kinds of child a node declares (see the module docstring).
-KINDS = ("base", "adapter", "fixed")
+KINDS = ("base", "adapter", "fixed", "shared")
 Layout = tuple[str, ...] | str | None
 
 
@@ -111,6 +118,77 @@ def fixed_field(
     return _field("fixed", layout, "frozen", cast, default, title)
 
 
+def shared_field(*, cast: bool = True, title: str | None = None) -> Any:
+    """A `Shared` tensor the node references with other nodes (no gradient, no optimizer state,
+    in the frozen half of `jlora.split`; saved, placed and counted once per `Shared.name`).
+    Replicated (`Node.specs`) and kept whole per layer (`KernelNode.scan_split`)."""
+    return _field("shared", None, "frozen", cast, dataclasses.MISSING, title)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """One tensor referenced by many nodes, under a ``name`` (static) that identifies it.
+
+    `jlora.init` makes each shared tensor once and gives every node the same object; whatever
+    walks a tree (checkpoint, placement, summary) keeps one copy per name.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = Shared(jnp.zeros((4, 2)), "proj")
+      >>> s.shape, s.name, len(jax.tree.leaves(s))
+      ((4, 2), 'proj', 1)
+    """
+
+    value: Any
+    name: str = dataclasses.field(default="", metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.value))
+
+    @property
+    def dtype(self) -> Any:
+        return getattr(self.value, "dtype", None)
+
+    def astype(self, dtype: Any) -> Shared:
+        return Shared(jnp.asarray(self.value).astype(dtype), self.name)
+
+
+def shared_tensors(tree: Any) -> dict[str, Any]:
+    """``{name: value}`` of the `Shared` children of a tree's nodes (the first seen per name).
+
+    Raises:
+      ValueError: two nodes hold tensors of one name with different shapes or dtypes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = Shared(jnp.zeros((4, 2)), "proj")
+      >>> list(shared_tensors({"a": s, "b": s}))
+      ['proj']
+    """
+    out: dict[str, Any] = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda v: isinstance(v, Shared | Node)
+    )[0]:
+        found = [x] if isinstance(x, Shared) else []
+        if isinstance(x, Node):
+            found = [getattr(x, f.name) for f in x.children("shared")]
+        for s in found:
+            if not isinstance(s, Shared):
+                continue
+            first = out.get(s.name)
+            if first is None:
+                out[s.name] = s.value
+            elif (np.shape(first), first.dtype) != (np.shape(s.value), s.value.dtype):
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)}: the shared tensor {s.name!r} has shape "
+                    f"{tuple(np.shape(s.value))} {s.value.dtype}, but another node's has "
+                    f"{tuple(np.shape(first))} {first.dtype}: one name, one tensor."
+                )
+    return out
+
+
 class Node:
     """Base class of every jlora pytree node (adapted kernels, quantized kernels, `Trainable`).
 
@@ -138,10 +216,10 @@ class Node:
         )
 
     def partition(self) -> tuple[Node, Node]:
-        """``(frozen part, adapter part)``: the base children, and the adapter + fixed ones
-        (``None`` in the holes)."""
+        """``(frozen part, adapter part)``: the base and shared children, and the adapter +
+        fixed ones (``None`` in the holes)."""
         adapter = {f.name: None for f in self.children("adapter", "fixed")}
-        base = {f.name: None for f in self.children("base")}
+        base = {f.name: None for f in self.children("base", "shared")}
         return dataclasses.replace(self, **adapter), dataclasses.replace(self, **base)
 
     def fill(self, *others: Node) -> Node:
@@ -217,10 +295,10 @@ class Node:
         return dataclasses.replace(self, **kw)
 
     def stop_gradient(self) -> Node:
-        """The node with ``stop_gradient`` on every base and fixed child."""
+        """The node with ``stop_gradient`` on every base, fixed and shared child."""
         kw = {
             f.name: jax.tree.map(jax.lax.stop_gradient, getattr(self, f.name))
-            for f in self.children("base", "fixed")
+            for f in self.children("base", "fixed", "shared")
         }
         return dataclasses.replace(self, **kw)
 

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -46,12 +46,15 @@ class TargetContext:
       path: the target's slash-joined path (``"model/layers_0/q_proj/kernel"``).
       key: a PRNG key of this target alone (the initializer and the builder get different keys).
       embedding: whether the target is an embedding table (a lookup, not a matmul).
+      shared: the tensors the variant's ``shared`` hook made once for the whole tree, by name,
+        as `jlora.core.node.Shared` (the same object for every target); empty without a hook.
     """
 
     config: Any
     path: str
     key: jax.Array
     embedding: bool = False
+    shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Variant:
     build: Callable[[Any, TargetContext], Any]
     config: type | None = None
     embedding: bool = False
+    shared: Callable[..., Mapping[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,7 @@ def register_variant(
     *,
     config: type | None = None,
     embedding: bool = False,
+    shared: Callable[..., Mapping[str, Any]] | None = None,
 ) -> Any:
     """Register ``build(node, ctx) -> node`` as ``LoraConfig(variant=name)``.
 
@@ -121,6 +126,10 @@ def register_variant(
         config naming ``variant=name`` must then be an instance of it.
       embedding: whether the variant adapts embedding tables; `jlora.init` refuses an
         embedding target of a variant that does not.
+      shared: ``shared(config, nodes, key) -> {name: array}``, called once per `jlora.init`
+        with every target's initialized `LoraWeight` (``{path: node}``) and a key of its own:
+        tensors shared by all targets (VeRA's random projections). Each becomes one
+        `jlora.core.node.Shared` handed to every builder as ``ctx.shared[name]``.
 
     Example:
       >>> import dataclasses, jax, jax.numpy as jnp, jlora
@@ -136,7 +145,7 @@ def register_variant(
     """
 
     def deco(f: Callable[..., Any]) -> Callable[..., Any]:
-        VARIANTS[name] = Variant(name, f, config, embedding)
+        VARIANTS[name] = Variant(name, f, config, embedding, shared)
         return f
 
     return deco if build is None else deco(build)

@@ -14,7 +14,7 @@ import numpy as np
 
 from jlora.core.init import init
 from jlora.core.kernel import LoraWeight, Trainable
-from jlora.core.node import Node, is_node
+from jlora.core.node import Node, is_node, shared_tensors
 
 __all__ = ["LoraWeight", "Summary", "Trainable", "combine", "init", "is_node", "split", "summary"]
 
@@ -175,4 +175,7 @@ def summary(tree: Any) -> Summary:
             adapter += n
             nbytes += b
             targets += math.prod(x.shape[i] for i in getattr(x, "batch_axes", ()))
+    for v in shared_tensors(tree).values():  # once per name, however many nodes hold it
+        adapter += math.prod(np.shape(v))
+        nbytes += math.prod(np.shape(v)) * np.dtype(v.dtype).itemsize
     return Summary(trainable, base, adapter, nbytes, targets)

@@ -39,9 +39,15 @@ from jlora.interop.checkpoint_orbax import (
     preservation,
     restore_args,
     save_items,
+    shared_meta,
     target_shardings,
 )
-from jlora.interop.checkpoint_schema import adapter_nodes, mismatches, opt_leaves
+from jlora.interop.checkpoint_schema import (
+    adapter_nodes,
+    mismatches,
+    opt_leaves,
+    shared_mismatches,
+)
 from jlora.interop.config_json import config_from_json, config_to_json
 
 __all__ = ["AdapterCheckpointer", "CorruptCheckpointError", "config_from_json", "config_to_json"]
@@ -292,18 +298,20 @@ class AdapterCheckpointer:
         with_opt = opt_state is not None and (require_opt_state or "opt_state" in meta)
         opt = opt_leaves(opt_state) if with_opt else None
         errors = mismatches(meta, nodes, opt)
+        errors += shared_mismatches(meta.get("shared", {}), shared_meta(nodes))
         if errors:
             head = f"checkpoint step {step} in {self.directory} does not fit:"
             raise ValueError("\n".join([head, *errors]))
+        shared = meta.get("shared", {})
         args = restore_args(
-            nodes, target_shardings(shardings, nodes), None if opt is None else opt[1]
+            nodes, target_shardings(shardings, nodes), None if opt is None else opt[1], shared
         )
         out, reason = read_items(self._manager, self.directory, step, args)
         if not agree(reason is None):  # every process takes the same decision
             raise CorruptCheckpointError(
                 step, self.directory, reason or "its items cannot be read on another process"
             )
-        read = flat_items(out, nodes, None if opt is None else len(opt[1]))
+        read = flat_items(out, nodes, None if opt is None else len(opt[1]), shared)
         saved = {
             k: v
             for k, v in meta.get("checksums", {}).items()

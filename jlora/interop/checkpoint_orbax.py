@@ -1,8 +1,9 @@
 """How an adapter checkpoint maps onto Orbax (`jlora.interop.checkpoint`): the manager's options,
 the items of one step (``adapters``, ``opt_state``, ``meta``) and reading them back.
 
-The adapters are saved nested like the tree (``.../q_proj/kernel/a``), the optimizer state's
-leaves by index; the ``meta`` JSON holds the `LoraConfig`, every node's `Node.describe` entry, the
+The adapters are saved nested like the tree (``.../q_proj/kernel/a``), the tensors many nodes
+share (`jlora.core.node.Shared`, e.g. VeRA's projections) once under ``__shared__/<name>``, the
+optimizer state's leaves by index; the ``meta`` JSON holds the `LoraConfig`, every node's `Node.describe` entry, the
 optimizer state's leaf paths, shapes and dtypes, and the checksums of every array
 (`jlora.interop.checkpoint_integrity`), sealed by a digest.
 """
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 
 from jlora.core.config import LoraConfig
-from jlora.core.node import Node, is_node
+from jlora.core.node import Node, Shared, is_node, shared_tensors
 from jlora.core.targets import path_str
 from jlora.interop.checkpoint_integrity import FORMAT, checksums, seal
 from jlora.interop.checkpoint_schema import dtype_name, opt_leaves, saved_children
@@ -29,6 +30,7 @@ __all__ = [
     "preservation",
     "restore_args",
     "save_items",
+    "shared_meta",
     "target_shardings",
 ]
 
@@ -86,6 +88,18 @@ def preservation(max_to_keep: int | None, best_metric: str | None, best_mode: st
     return policies.AnyPreservationPolicy([best, policies.LatestN(n=1)])
 
 
+#: where the shared tensors go in the ``adapters`` item (no tree path starts with it)
+SHARED = "__shared__"
+
+
+def shared_meta(nodes: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{name: {"shape", "dtype"}}`` of the `Shared` tensors of the nodes (each once)."""
+    return {
+        name: {"shape": list(np.shape(v)), "dtype": dtype_name(v)}
+        for name, v in shared_tensors(nodes).items()
+    }
+
+
 def save_items(
     step: int,
     nodes: dict[str, Any],
@@ -99,11 +113,14 @@ def save_items(
     for path, x in nodes.items():
         for name, v in saved_children(x).items():
             arrays[f"{path}/{name}"] = v
+    for name, v in shared_tensors(nodes).items():  # once, however many nodes hold it
+        arrays[f"{SHARED}/{name}"] = v
     meta: dict[str, Any] = {
         "format": FORMAT,
         "step": step,
         "config": None if config is None else config_to_json(config),
         "adapters": {path: x.describe() for path, x in nodes.items()},
+        "shared": shared_meta(nodes),
         "metrics": metrics,
     }
     items = {
@@ -129,14 +146,27 @@ def save_items(
 
 
 def restore_args(
-    nodes: dict[str, Any], sh: dict[str, dict[str, Any]], opt_leaves: list[Any] | None
+    nodes: dict[str, Any],
+    sh: dict[str, dict[str, Any]],
+    opt_leaves: list[Any] | None,
+    shared: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
-    """The Orbax restore args: every saved child at its target sharding, and the opt state."""
+    """The Orbax restore args: every saved child at its target sharding, the saved shared
+    tensors (``shared``: the checkpoint's `shared_meta`; as the tree's, or on the default device
+    when the tree has none of that name), and the opt state."""
     ocp = _orbax()
     abstract = {}
     for p, x in nodes.items():
         for name, v in saved_children(x).items():
             abstract[f"{p}/{name}"] = _abstract(v, sh[p].get(name))
+    here = shared_tensors(nodes)
+    for name, m in (shared or {}).items():
+        sharding = _sharding_of(here.get(name)) or jax.sharding.SingleDeviceSharding(
+            jax.devices()[0]
+        )
+        abstract[f"{SHARED}/{name}"] = jax.ShapeDtypeStruct(
+            tuple(m["shape"]), np.dtype(m["dtype"]), sharding=sharding
+        )
     items = {"adapters": ocp.args.StandardRestore(_nest(abstract))}
     if opt_leaves is not None:
         items["opt_state"] = ocp.args.StandardRestore(
@@ -145,20 +175,27 @@ def restore_args(
     return ocp.args.Composite(**items)
 
 
-def flat_items(out: Any, nodes: dict[str, Any], n_opt: int | None) -> dict[str, Any]:
-    """The restored arrays by checksum key: ``adapters/<path>/<child>``, ``opt_state/<i>``."""
+def flat_items(
+    out: Any, nodes: dict[str, Any], n_opt: int | None, shared: Any = ()
+) -> dict[str, Any]:
+    """The restored arrays by checksum key: ``adapters/<path>/<child>``, the ``shared`` names
+    under ``adapters/__shared__/<name>``, ``opt_state/<i>``."""
     read = {
         f"adapters/{p}/{name}": _get(out["adapters"], f"{p}/{name}")
         for p, x in nodes.items()
         for name in saved_children(x)
     }
+    for name in shared:
+        read[f"adapters/{SHARED}/{name}"] = _get(out["adapters"], f"{SHARED}/{name}")
     for i in range(n_opt or 0):
         read[f"opt_state/{i}"] = out["opt_state"][str(i)]
     return read
 
 
 def fill_tree(tree: Any, nodes: dict[str, Any], arrays: dict[str, Any]) -> Any:
-    """``tree`` with the saved children of each adapter node replaced by the restored arrays."""
+    """``tree`` with the saved children of each adapter node replaced by the restored arrays,
+    and each `Shared` child of a restored name by one `Shared` per name (one object)."""
+    shared = {n: Shared(v, n) for n, v in arrays.get(SHARED, {}).items()}
 
     def fill(path, x):
         if not is_node(x):
@@ -167,6 +204,10 @@ def fill_tree(tree: Any, nodes: dict[str, Any], arrays: dict[str, Any]) -> Any:
         if p not in nodes:
             return x
         kw = {name: _get(arrays, f"{p}/{name}") for name in saved_children(x)}
+        for f in x.children("shared"):
+            v = getattr(x, f.name)
+            if isinstance(v, Shared) and v.name in shared:
+                kw[f.name] = shared[v.name]
         return dataclasses.replace(x, **kw)
 
     return jax.tree_util.tree_map_with_path(fill, tree, is_leaf=is_node)

@@ -16,7 +16,14 @@ import numpy as np
 from jlora.core.node import Node, is_node
 from jlora.core.targets import path_str
 
-__all__ = ["adapter_nodes", "dtype_name", "mismatches", "opt_leaves", "saved_children"]
+__all__ = [
+    "adapter_nodes",
+    "dtype_name",
+    "mismatches",
+    "opt_leaves",
+    "saved_children",
+    "shared_mismatches",
+]
 
 
 def adapter_nodes(tree: Any) -> dict[str, Any]:
@@ -70,6 +77,19 @@ def mismatches(
                 opt_errors = [f"opt_state: {len(opt_errors)} leaves differ accordingly"]
             errors += opt_errors
     return errors
+
+
+def shared_mismatches(saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    """Shared tensors (`jlora.core.node.Shared`) of one name whose shape or dtype differs
+    between the checkpoint and the tree (a name only one side has is not an error: a tree
+    without them restores the rest, a checkpoint without them keeps the tree's)."""
+    return [
+        f"shared tensor {n!r}: {tuple(s['shape'])} {s['dtype']} in the checkpoint, "
+        f"{tuple(here[n]['shape'])} {here[n]['dtype']} in the tree"
+        for n, s in saved.items()
+        if n in here
+        and (list(s["shape"]), s["dtype"]) != (list(here[n]["shape"]), here[n]["dtype"])
+    ]
 
 
 def _kind(d: dict[str, Any]) -> str:

@@ -48,6 +48,8 @@ from jlora.interop.peft.names import (
 )
 from jlora.interop.peft.parameters import ParamPlan, plan_parameters
 from jlora.interop.peft.stacked import restack, unstack_layers
+from jlora.interop.peft.vera import load as load_vera
+from jlora.interop.peft.vera import read_vera_config
 from jlora.variants.dora import DoraWeight
 
 
@@ -83,7 +85,9 @@ def load(
       each adapted kernel and `Trainable` leaves for ``modules_to_save`` / ``bias``; and a
       `LoraConfig` with which ``jlora.init(params, config, key=...)`` builds the same targets,
       ranks and scales. An AdaLoRA adapter (``peft_type: ADALORA``) gives `AdaLoraWeight`
-      targets with their kept ranks and an `AdaLoraConfig` (`jlora.interop.peft.adalora`).
+      targets with their kept ranks and an `AdaLoraConfig` (`jlora.interop.peft.adalora`); a
+      VeRA adapter (``peft_type: VERA``) `VeraWeight` targets and a `VeraConfig`
+      (`jlora.interop.peft.vera`).
 
     Raises:
       ValueError: see above; shape errors name the tensor key, both shapes and the leaf.
@@ -99,6 +103,9 @@ def load(
       (4.0, 2, ('q_proj',))
     """
     directory = os.fspath(directory)
+    vera = read_vera_config(directory)
+    if vera is not None:  # PEFT's VERA format (jlora.interop.peft.vera)
+        return load_vera(directory, params, vera, module_map=module_map)
     stacked, params = params, unstack_layers(params)  # a scanned stack: per-layer names
     _check_config_file(directory)
     cfg = read_config(directory)

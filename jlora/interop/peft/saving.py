@@ -12,6 +12,7 @@ import safetensors.flax
 
 from jlora.core.config import LoraConfig
 from jlora.core.kernel import KernelNode, LoraWeight, Trainable
+from jlora.core.node import is_node
 from jlora.core.targets import leaf_name, module_path
 from jlora.interop.peft.adalora import adapter_config as adalora_config
 from jlora.interop.peft.adalora import torch_tensors
@@ -32,8 +33,10 @@ from jlora.interop.peft.parameters import (
     torch_param_names,
 )
 from jlora.interop.peft.stacked import unstack_layers
+from jlora.interop.peft.vera import vera_config, vera_tensors
 from jlora.variants.adalora import AdaLoraWeight
 from jlora.variants.dora import DoraWeight
+from jlora.variants.vera import VeraWeight
 
 Entries = list[tuple[str, Any, Any]]
 
@@ -82,20 +85,26 @@ def save(
       ['q_proj']
     """
     _check_init(config)
-    entries = tree_entries(unstack_layers(tree))  # a scanned stack: per-layer names
+    vera = any(isinstance(x, VeraWeight) for x in jax.tree.leaves(tree, is_leaf=is_node))
+    entries = tree_entries(tree if vera else unstack_layers(tree))  # scanned: per-layer names
     top = top_modules(entries)
     fn = module_map or default_map(top, bert_prefix="classifier" in top)
     universe = set(all_modules([s for s, _, _ in entries], fn))
     # LoRA on raw 3-D (MoE expert) parameters: PEFT's target_parameters
     by_param, target_params = parameter_tensors(entries, fn, config, torch_param_names(entries, fn))
     modules = [e for e in entries if not is_parameter_target(e[0], e[2])]
-    targets, tensors = _lora_tensors(modules, fn, allow_none=bool(target_params))
-    _check_dora(targets, config)
+    if vera:  # PEFT's VERA format: the vectors per target, the projections once
+        targets, tensors = vera_tensors(modules, fn, config)
+    else:
+        targets, tensors = _lora_tensors(modules, fn, allow_none=bool(target_params))
+        _check_dora(targets, config)
     owners = {strip_params(module_path(s)) for s, _ in targets.values()}
     owners |= {strip_params(module_path(s)) for s, _, x in entries if is_parameter_target(s, x)}
     mts_mods = _trainable_tensors(entries, owners, fn, config, tensors)
     meta = dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path)
-    if any(isinstance(x, AdaLoraWeight) for _, x in targets.values()):
+    if vera:
+        cfg = vera_config(config, targets, mts_mods, universe, **meta)
+    elif any(isinstance(x, AdaLoraWeight) for _, x in targets.values()):
         cfg = adalora_config(config, targets, mts_mods, universe, **meta)
     else:
         ranks, alphas = _ranks_and_alphas(targets, config)

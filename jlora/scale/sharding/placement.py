@@ -132,7 +132,8 @@ def shard(tree: Any, mesh: Mesh, specs: Any) -> Any:
     ``(regex, PartitionSpec)`` rules, or a preset name such as ``"fsdp"``. Multi-host: every
     process passes the same full values (e.g. loaded from the same checkpoint, or initialized from
     the same key) and keeps only its own shards. The result never aliases the input's buffers, so
-    donating it to a train step leaves ``tree`` intact.
+    donating it to a train step leaves ``tree`` intact. An array that several leaves hold (the
+    `jlora.core.node.Shared` projections of VeRA) is placed once, and stays one array.
 
     Raises:
       ValueError: the specs do not match the tree, or a spec does not fit its array (naming the
@@ -150,7 +151,16 @@ def shard(tree: Any, mesh: Mesh, specs: Any) -> Any:
       ValueError: w: spec P('data', None, None) does not fit shape (4, 6): the spec has 3 entries but the array has 2 dimensions.
     """
     shardings = named_shardings(tree, mesh, specs)
-    return jax.tree.map(_put_copy, tree, shardings)
+    placed: dict[tuple[int, Any], jax.Array] = {}
+
+    def put(x: Any, sharding: NamedSharding) -> jax.Array:
+        # one array held by several nodes (a `Shared` tensor) is placed once and stays shared
+        key = (id(x), sharding)
+        if key not in placed:
+            placed[key] = _put_copy(x, sharding)
+        return placed[key]
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def _put_copy(x: Any, sharding: NamedSharding) -> jax.Array:
