@@ -73,3 +73,83 @@ def tiny_bert(cls_name: str = "BertModel", seed: int = 0, **overrides: Any) -> A
     config._attn_implementation = "eager"
     require("torch").manual_seed(seed)
     return randomize_(getattr(transformers, cls_name)(config), seed)
+
+
+#: The newer decoder families on tiny configs: ``(config class, causal LM class, sequence
+#: classification class, overrides of TINY_DECODER)``. Each exercises its family's features:
+#: Gemma 2 three layers (sliding, full, sliding: one scan period and a tail), attention and
+#: final soft-capping, ``query_pre_attn_scalar``; Gemma 3 four layers (sliding, sliding, full,
+#: sliding), a local rotary base apart from the global one with linear scaling; Qwen3 YaRN
+#: scaling; Phi-3 fused projections, half the head rotated, longrope past position 4.
+FAMILIES = {
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        "Gemma2ForSequenceClassification",
+        dict(
+            head_dim=16,
+            num_hidden_layers=3,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        "Gemma3TextForSequenceClassification",
+        dict(
+            head_dim=16,
+            num_hidden_layers=4,
+            sliding_window=4,
+            sliding_window_pattern=3,
+            query_pre_attn_scalar=24,
+            final_logit_softcapping=3.0,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            rope_local_base_freq=100.0,
+        ),
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        "Qwen3ForSequenceClassification",
+        dict(
+            head_dim=16,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        "Phi3ForSequenceClassification",
+        dict(
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
+            partial_rotary_factor=0.5,
+            original_max_position_embeddings=4,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0, 1.5, 2.0, 3.0],
+                "long_factor": [2.0, 3.0, 5.0, 8.0],
+            },
+        ),
+    ),
+}
+
+
+def tiny_family(family: str, head: str = "causal", seed: int = 0, **overrides: Any) -> Any:
+    """A random tiny model of one of `FAMILIES` (float32, eager attention): ``head`` is
+    ``"causal"`` (``*ForCausalLM``) or ``"seq_cls"`` (``*ForSequenceClassification``)."""
+    transformers = require("transformers")
+    config_name, causal, seq_cls, base = FAMILIES[family]
+    kw = {**TINY_DECODER, **base, **overrides}
+    config = getattr(transformers, config_name)(**kw)
+    config._attn_implementation = "eager"
+    require("torch").manual_seed(seed)
+    return randomize_(getattr(transformers, causal if head == "causal" else seq_cls)(config), seed)

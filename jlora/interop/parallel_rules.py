@@ -5,7 +5,8 @@ registers them (`jlora.sharding.register_tensor_rules`), so neither layer import
 module is plain data, outside the `jlora.interop.models` package so that registering it does not
 import flax.
 
-One table covers Llama / Mistral / Qwen2 (`jlora.interop.models.llama`), BERT
+One table covers the decoders (`jlora.interop.models.llama`: Llama, Mistral, Qwen2 / Qwen3,
+Gemma 2 / Gemma 3, Phi-3), BERT
 (`jlora.interop.models.bert`) and the usual HF names (``wte``, ``lm_head``): the regexes are
 shared between the families, and their order matters (for a path, the first rule whose spec
 fits the shape wins; the embedding falls back to its feature axis). Column-parallel: output
@@ -25,8 +26,12 @@ from jax.sharding import PartitionSpec
 
 __all__ = ["TENSOR_PARALLEL_RULES"]
 
-#: Llama-family projections (q/k/v/gate/up), BERT query/key/value and the LM head.
-COLUMN = r"(^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|lm_head)"
+#: Decoder projections (q/k/v/gate/up, Phi-3's fused qkv / gate_up), BERT query/key/value and
+#: the LM head. A fused kernel is split along its whole output: XLA gathers what the q / k / v
+#: (gate / up) slices need, as transformers' ``colwise_gather_output`` for Phi-3.
+COLUMN = (
+    r"(^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv_proj|gate_up_proj|query|key|value|lm_head)"
+)
 #: BERT's feed-forward input projection.
 COLUMN_BERT = r"(^|/)intermediate/dense"
 #: Llama-family output projections (o/down).
@@ -35,12 +40,18 @@ ROW = r"(^|/)(o_proj|down_proj)"
 ROW_BERT = r"(^|/)output/dense"
 #: Token embeddings (Llama, BERT, GPT-2).
 EMBED = r"(^|/)(embed_tokens|word_embeddings|wte)/embedding$"
+#: A scanned decoder stack (``scan_layers=True``): every leaf has a leading layer axis.
+STACK = r"(^|/)layers/(.*/)?"
 
 TENSOR = "tensor"  # the mesh axis name (jlora.sharding.TENSOR)
 _COL, _ROW_SPEC = PartitionSpec(None, TENSOR), PartitionSpec(TENSOR, None)
 
 #: ``(regex, PartitionSpec)`` pairs, first fitting match wins.
 TENSOR_PARALLEL_RULES: list[tuple[str, PartitionSpec]] = [
+    # a scanned stack: the same split, after the leading layer axis
+    (STACK + COLUMN.removeprefix("(^|/)") + "/kernel$", PartitionSpec(None, None, TENSOR)),
+    (STACK + COLUMN.removeprefix("(^|/)") + "/bias$", PartitionSpec(None, TENSOR)),
+    (STACK + ROW.removeprefix("(^|/)") + "/kernel$", PartitionSpec(None, TENSOR, None)),
     (COLUMN + "/kernel$", _COL),
     (COLUMN_BERT + "/kernel$", _COL),
     (COLUMN + "/bias$", PartitionSpec(TENSOR)),

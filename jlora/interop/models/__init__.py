@@ -1,7 +1,9 @@
 """Reference models whose parameter paths mirror Hugging Face names, and a safetensors loader.
 
-* :class:`LlamaForCausalLM` — Llama / Mistral / Qwen2 decoders (``params["model"]["layers_0"]...``),
+* :class:`LlamaForCausalLM` — the decoders: Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 /
+  Gemma 3 (text) / Phi-3 (``params["model"]["layers_0"]...``; `jlora.interop.models.families`),
   and the sparse MoE ones (Mixtral / Qwen2-MoE / Qwen3-MoE, :class:`MoeConfig`).
+* :class:`LlamaForSequenceClassification` — a decoder with a ``score`` head on the last token.
 * :class:`BertModel` — BERT encoders such as all-MiniLM-L6-v2, mean-pooled sentence embeddings.
 * :func:`from_pretrained` — a local HF checkpoint directory → ``(model, {"params": ...})``.
 * :func:`attention` — the one attention function of the decoders (causal, packed, sliding
@@ -17,6 +19,7 @@
 from jlora.interop.models.attention import BACKENDS as ATTENTION_BACKENDS
 from jlora.interop.models.attention import AttentionMask, attention
 from jlora.interop.models.bert import BertConfig, BertModel, BertOutput, mean_pool
+from jlora.interop.models.classification import LlamaForSequenceClassification
 from jlora.interop.models.generation import GenerateOutput, filter_logits, generate
 from jlora.interop.models.hub import (
     build_model,
@@ -43,6 +46,7 @@ __all__ = [
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
     "LlamaModel",
     "MoeConfig",
     "REMAT_POLICIES",

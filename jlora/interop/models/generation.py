@@ -32,6 +32,7 @@ from jax import lax
 
 from jlora.core.interpreter import lora
 from jlora.interop.models.llama import LlamaForCausalLM, init_cache
+from jlora.interop.models.rope import rope_long_threshold
 
 __all__ = ["GenerateOutput", "filter_logits", "generate"]
 
@@ -233,6 +234,22 @@ def _check_positions(model: Any, mask: np.ndarray, max_new_tokens: int) -> None:
             f"max_position_embeddings={limit}: ask for at most {max(limit - longest, 0)} new "
             "tokens" + (" (the prompt alone fills them: shorten it)." if longest >= limit else ".")
         )
+    threshold = _longrope_threshold(model.config)
+    last = longest + max_new_tokens - 2  # the position of the last token fed back
+    if threshold is not None and longest - 1 < threshold <= last:
+        raise ValueError(
+            f"this longrope model switches to its long rotary factors at position {threshold} "
+            f"(original_max_position_embeddings); a prompt of {longest} tokens plus "
+            f"`max_new_tokens`={max_new_tokens} crosses it, where transformers re-encodes the "
+            "whole sequence and a KV cache cannot: ask for at most "
+            f"{max(threshold - longest + 1, 1)} new tokens, or start from a prompt past it."
+        )
+
+
+def _longrope_threshold(config: Any) -> int | None:
+    if not hasattr(config, "rope_scaling"):
+        return None
+    return rope_long_threshold(config)
 
 
 def _token_ids(model: LlamaForCausalLM, eos_token_id: Any, pad_token_id: Any) -> tuple[Any, int]:

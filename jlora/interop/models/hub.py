@@ -6,8 +6,9 @@ BERT LayerNorm ``weight``/``bias`` (or legacy ``gamma``/``beta``) ↔ ``scale``/
 experts (Mixtral, Qwen2-MoE, Qwen3-MoE) are read from the per-expert tensors transformers
 writes, or its fused ones (`jlora.interop.models.hf_layout`).
 
-Tensors that are read but deliberately ignored: decoder ``*.rotary_emb.inv_freq`` buffers and a
-stored ``lm_head.weight`` when ``tie_word_embeddings`` is set; BERT ``embeddings.position_ids``,
+Tensors that are read but deliberately ignored: decoder ``*.rotary_emb.inv_freq`` buffers, a
+stored ``lm_head.weight`` when ``tie_word_embeddings`` is set or a classifier is asked for
+(``num_labels``), and a ``*ForSequenceClassification``'s ``score.weight`` when none is; BERT ``embeddings.position_ids``,
 the ``pooler.*`` (tanh [CLS] pooler, unused since jlora pools by mean), ``cls.*`` (MLM head) and
 ``classifier.*`` when no ``num_labels`` is requested. Only safetensors are read (never pickle).
 """
@@ -31,12 +32,13 @@ from flax import linen as nn
 from safetensors import SafetensorError, safe_open
 
 from jlora.interop.models.bert import BertConfig, BertModel
+from jlora.interop.models.classification import LlamaForSequenceClassification
+from jlora.interop.models.families import DECODER_FAMILIES
 from jlora.interop.models.hf_layout import Piece, assemble, flat_params, leaf_pieces
 from jlora.interop.models.hf_layout import to_hf_state_dict as to_hf_state_dict
 from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM
-from jlora.interop.models.moe import MOE_TYPES
 
-DECODER_TYPES = ("llama", "mistral", "qwen2", *MOE_TYPES)
+DECODER_TYPES = tuple(DECODER_FAMILIES)
 ENCODER_TYPES = ("bert",)
 Config = LlamaConfig | BertConfig
 
@@ -52,9 +54,16 @@ def model_type_of(config: Mapping[str, Any]) -> str:
         raise TypeError(f"expected a JSON object, got {type(config).__name__}")
     mt = config.get("model_type")
     if not mt and config.get("architectures"):
-        mt = re.split(r"For|Model", config["architectures"][0])[0]
+        arch = config["architectures"][0]
+        mt = re.split(r"For|Model", arch)[0]
         mt = re.sub(r"moe$", "_moe", mt.lower())  # Qwen2MoeForCausalLM -> qwen2_moe
+        mt = "gemma3_text" if arch == "Gemma3ForCausalLM" else mt
     mt = str(mt or "").lower()
+    if mt == "gemma3":
+        raise ValueError(
+            "model_type 'gemma3' is Gemma 3's multimodal checkpoint (vision tower + text); jlora "
+            "reads the text-only 'gemma3_text' checkpoints (Gemma3ForCausalLM)"
+        )
     if mt not in DECODER_TYPES + ENCODER_TYPES:
         raise ValueError(
             f"unsupported model_type {mt!r}; supported: {', '.join(DECODER_TYPES + ENCODER_TYPES)}"
@@ -78,9 +87,8 @@ def config_from_hf(config: Mapping[str, Any], *, num_labels: int | None = None) 
     _check_types(config, BertConfig if mt in ENCODER_TYPES else LlamaConfig)
     if mt in ENCODER_TYPES:
         return BertConfig.from_hf(dict(config), num_labels=num_labels)
-    if num_labels is not None:
-        raise ValueError(f"num_labels is only supported for {ENCODER_TYPES} models, not {mt!r}")
-    return LlamaConfig.from_hf({**config, "model_type": mt})
+    cfg = LlamaConfig.from_hf({**config, "model_type": mt})
+    return cfg if num_labels is None else dataclasses.replace(cfg, num_labels=num_labels)
 
 
 def _check_types(config: Mapping[str, Any], cls: type) -> None:
@@ -132,6 +140,8 @@ def build_model(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = 
         'LlamaForCausalLM'
     """
     param_dtype = param_dtype or dtype
+    if isinstance(config, LlamaConfig) and config.num_labels is not None:
+        return LlamaForSequenceClassification(config, dtype=dtype, param_dtype=param_dtype)
     if isinstance(config, LlamaConfig):
         return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype)
     if isinstance(config, BertConfig):
@@ -159,15 +169,18 @@ def _normalize(name: str, mt: str) -> str:
     if mt in ENCODER_TYPES:
         name = name.removeprefix("bert.")
         return re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
-    if not name.startswith(("model.", "lm_head.")):
+    if not name.startswith(("model.", "lm_head.", "score.")):
         name = "model." + name
     return name
 
 
 def _ignored(name: str, config: Config) -> bool:
     if isinstance(config, LlamaConfig):
-        return name.endswith("rotary_emb.inv_freq") or (
-            config.tie_word_embeddings and name.startswith("lm_head.")
+        head = config.num_labels is not None or config.tie_word_embeddings
+        return (
+            name.endswith("rotary_emb.inv_freq")
+            or (head and name.startswith("lm_head."))
+            or (config.num_labels is None and name.startswith("score."))
         )
     return (
         name.startswith(("pooler.", "cls."))
@@ -233,9 +246,11 @@ def from_pretrained(
     Args:
         path: Local directory with ``config.json`` and safetensors weights.
         dtype: Parameter and compute dtype.
-        num_labels: BERT only: add a ``classifier`` head on the mean-pooled embedding. If the
-            checkpoint has no ``classifier.*`` tensors it is initialized with a zero bias and a
-            zero kernel, or a ``N(0, 0.02)`` kernel when ``key`` is given.
+        num_labels: add a classification head: BERT's ``classifier`` on the mean-pooled
+            embedding, a decoder's bias-free ``score`` on the last token
+            (`jlora.models.LlamaForSequenceClassification`). If the checkpoint has no such
+            tensors (a causal LM's), the head is initialized with zeros (and a zero bias), or a
+            ``N(0, 0.02)`` kernel when ``key`` is given.
         key: PRNG key for the classifier kernel (see ``num_labels``).
         scan_layers: decoders only: one ``nn.scan`` over the decoder layers, the checkpoint's
             per-layer tensors stacked along a leading layer axis (``params["model"]["layers"]``).
@@ -266,7 +281,7 @@ def from_pretrained(
     mt = model_type_of(hf_config)
     model = build_model(config, dtype=dtype)
     if scan_layers:
-        if not isinstance(model, LlamaForCausalLM):
+        if not isinstance(model, LlamaForCausalLM | LlamaForSequenceClassification):
             raise ValueError(f"scan_layers needs a decoder model, not {mt!r}")
         model = model.clone(scan_layers=True)
     shapes = flat_params(
@@ -275,9 +290,12 @@ def from_pretrained(
     available, unexpected = _available(path, mt, config)
     chosen, missing, bad_shape = _match(shapes, available, mt)
     unexpected += [available[n][1] for n in available if n not in _used(chosen)]
-    init_head = num_labels is not None and {"classifier.weight", "classifier.bias"} <= set(missing)
+    head = _HEADS[type(config)]
+    init_head = num_labels is not None and {f"{head}.{n}" for n in _HEAD_LEAVES[head]} <= set(
+        missing
+    )
     if init_head:
-        missing = [n for n in missing if not n.startswith("classifier.")]
+        missing = [n for n in missing if not n.startswith(f"{head}.")]
     if missing or unexpected or bad_shape:
         parts = [f"checkpoint {path} does not match the {mt} model:"]
         if missing:
@@ -292,9 +310,10 @@ def from_pretrained(
 
     flat = _read(chosen, shapes, available, dtype)
     if init_head:
-        shape = shapes[("classifier", "kernel")].shape
-        flat[("classifier", "bias")] = jnp.zeros(shape[-1:], dtype)
-        flat[("classifier", "kernel")] = (
+        shape = shapes[(head, "kernel")].shape
+        if "bias" in _HEAD_LEAVES[head]:
+            flat[(head, "bias")] = jnp.zeros(shape[-1:], dtype)
+        flat[(head, "kernel")] = (
             jnp.zeros(shape, dtype)
             if key is None
             else (0.02 * jax.random.normal(key, shape)).astype(dtype)
@@ -309,6 +328,9 @@ def from_pretrained(
 
 
 Available = dict[str, tuple[str, str, tuple[int, ...]]]  # normalized -> (file, name, shape)
+#: The classification head of each model (``num_labels``) and its HF tensors.
+_HEADS = {BertConfig: "classifier", LlamaConfig: "score"}
+_HEAD_LEAVES = {"classifier": ("weight", "bias"), "score": ("weight",)}
 
 
 def _available(path: str, mt: str, config: Config) -> tuple[Available, list[str]]:

@@ -1,8 +1,10 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) in Flax linen.
+"""The decoder of every family jlora reads (Llama, Mistral, Qwen2 / Qwen3, Gemma 2 / Gemma 3,
+Phi-3, the MoE ones) in Flax linen; what differs between families is in `LlamaConfig`.
 
 Parameter paths mirror the Hugging Face module names, so HF tensor ``model.layers.3.mlp.up_proj.weight``
 lives at ``params["model"]["layers_3"]["mlp"]["up_proj"]["kernel"]`` (transposed to ``(in, out)``).
-Every projection is a plain 2-D :class:`flax.linen.Dense` kernel, which is what LoRA targets.
+Every projection is a plain 2-D :class:`flax.linen.Dense` kernel, which is what LoRA targets
+(Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` too, as PEFT targets them).
 
 Incremental decoding: pass a preallocated `KVCache` (an explicit pytree argument, returned
 updated: no flax mutable collection) and the model writes the new tokens' keys and values at
@@ -10,15 +12,22 @@ updated: no flax mutable collection) and the model writes the new tokens' keys a
 Packed rows: ``segment_ids`` keep attention (and the default positions) within each segment.
 ``scan_layers=True`` runs the decoder layers as one ``nn.scan`` (params with a leading layer
 axis, ``params["model"]["layers"]``; `jlora.interop.models.scan`).
+
+The family features, each a `LlamaConfig` field: ``hidden_act`` (SwiGLU / GeGLU),
+``rms_norm_unit_offset`` (``1 + w`` norms), ``sandwich_norms`` (norms after attention and
+around the MLP), ``scale_embeddings`` (``√d``), ``query_pre_attn_scalar`` (the score scale),
+``attn_logit_softcapping`` / ``final_logit_softcapping``, ``qk_norm``, local / global rotary
+settings (``rope_local_theta``: the sliding layers'), ``partial_rotary_factor``,
+``fused_projections``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from jlora.interop.models.attention import AttentionMask, attention
@@ -29,20 +38,54 @@ from jlora.interop.models.kv_cache import (
     segment_positions,
     write,
 )
-from jlora.interop.models.llama_config import LlamaConfig, rope_inv_freq
+from jlora.interop.models.llama_config import LlamaConfig
 from jlora.interop.models.moe import SparseMoeBlock
 from jlora.interop.models.remat import remat_module
+from jlora.interop.models.rope import (
+    apply_rope,
+    rope_attention_scaling,
+    rope_inv_freq,
+    rope_long_threshold,
+)
 from jlora.interop.models.scan import run_layers
 
+#: The MLP gate's activation per ``LlamaConfig.hidden_act`` (transformers' ``ACT2FN``).
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates ``x`` (batch, seq, heads, head_dim) with HF's ``rotate_half`` convention."""
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # (b, s, d/2)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x.astype(jnp.float32) * jnp.cos(emb) + rotated.astype(jnp.float32) * jnp.sin(emb)
-    return out.astype(x.dtype)
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap · tanh(x / cap)`` in float32, in ``x``'s dtype (``x`` when ``cap`` is None)."""
+    if cap is None:
+        return x
+    return (cap * jnp.tanh(x.astype(jnp.float32) / cap)).astype(x.dtype)
+
+
+def rotary(
+    config: LlamaConfig, positions: jax.Array, local: bool | jax.Array
+) -> tuple[jax.Array, Any]:
+    """``(inv_freq, cos/sin scaling)`` of a layer: the sliding layers' own setting when the
+    config has one (``local`` may be a traced flag), longrope's long factors when a position
+    reaches ``original_max_position_embeddings`` (as transformers: the largest position of
+    the call decides)."""
+
+    def tables(is_local: bool) -> tuple[Any, float]:
+        inv = rope_inv_freq(config, local=is_local)
+        threshold = rope_long_threshold(config, local=is_local)
+        if threshold is not None:
+            long = rope_inv_freq(config, local=is_local, long=True)
+            inv = jnp.where(jnp.max(positions) >= threshold, long, inv)
+        return inv, rope_attention_scaling(config, local=is_local)
+
+    if config.rope_local_theta is None:
+        return tables(False)
+    if isinstance(local, bool):
+        return tables(local)
+    (inv_l, scale_l), (inv_g, scale_g) = tables(True), tables(False)
+    return jnp.where(local, inv_l, inv_g), jnp.where(local, scale_l, scale_g)
 
 
 def init_cache(
@@ -67,19 +110,31 @@ def init_cache(
 
 
 class RMSNorm(nn.Module):
-    """RMS normalization with an HF-named ``weight`` parameter (computed in float32)."""
+    """RMS normalization with an HF-named ``weight`` parameter (computed in float32).
+
+    ``unit_offset`` (Gemma): the scale is ``1 + weight`` (``weight`` starts at 0), applied in
+    float32 before the cast, as transformers' ``GemmaRMSNorm``.
+    """
 
     eps: float = 1e-6
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        weight = self.param("weight", init, (x.shape[-1],), self.param_dtype)
         dtype = self.dtype or x.dtype
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (h * (1.0 + weight.astype(jnp.float32))).astype(dtype)
         return weight.astype(dtype) * h.astype(dtype)
+
+
+def _norm(config: LlamaConfig, name: str, **kw: Any) -> RMSNorm:
+    return RMSNorm(config.rms_norm_eps, unit_offset=config.rms_norm_unit_offset, name=name, **kw)
 
 
 class LlamaAttention(nn.Module):
@@ -100,12 +155,14 @@ class LlamaAttention(nn.Module):
         mask: AttentionMask,
         cache: LayerCache | None = None,
         window: jax.Array | None = None,
+        local: jax.Array | None = None,
     ) -> Any:
         """Self-attention of ``x`` (batch, seq, hidden) at rotary ``positions``; ``mask`` says
         which keys each query sees. With ``cache = (keys, values, index)`` the new keys and
         values are written at slot ``index`` and the queries attend over all cache slots;
-        returns ``(out, (keys, values))`` then. ``window``, traced, replaces
-        ``sliding_window`` (a scanned stack of sliding and full layers)."""
+        returns ``(out, (keys, values))`` then. ``window`` and ``local`` (is this a sliding
+        layer, for its rotary setting), traced, replace ``sliding_window`` (a scanned stack of
+        sliding and full layers)."""
         cfg = self.config
         b, s, _ = x.shape
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -115,15 +172,22 @@ class LlamaAttention(nn.Module):
                 n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
             )
 
-        q = dense(nh * hd, "q_proj", cfg.attention_bias)(x).reshape(b, s, nh, hd)
-        k = dense(nkv * hd, "k_proj", cfg.attention_bias)(x).reshape(b, s, nkv, hd)
-        v = dense(nkv * hd, "v_proj", cfg.attention_bias)(x).reshape(b, s, nkv, hd)
+        if cfg.fused_projections:  # Phi-3: q, k, v side by side in one kernel
+            qkv = dense((nh + 2 * nkv) * hd, "qkv_proj", cfg.attention_bias)(x)
+            q, k, v = jnp.split(qkv, [nh * hd, (nh + nkv) * hd], axis=-1)
+        else:
+            q = dense(nh * hd, "q_proj", cfg.attention_bias)(x)
+            k = dense(nkv * hd, "k_proj", cfg.attention_bias)(x)
+            v = dense(nkv * hd, "v_proj", cfg.attention_bias)(x)
+        q, k, v = q.reshape(b, s, nh, hd), k.reshape(b, s, nkv, hd), v.reshape(b, s, nkv, hd)
         if cfg.qk_norm:
             norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-            q = RMSNorm(cfg.rms_norm_eps, name="q_norm", **norm)(q)
-            k = RMSNorm(cfg.rms_norm_eps, name="k_norm", **norm)(k)
-        inv_freq = rope_inv_freq(cfg)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            q = _norm(cfg, "q_norm", **norm)(q)
+            k = _norm(cfg, "k_norm", **norm)(k)
+        is_local = self.sliding_window is not None if local is None else local
+        inv_freq, rope_scale = rotary(cfg, positions, is_local)
+        q = apply_rope(q, positions, inv_freq, rope_scale)
+        k = apply_rope(k, positions, inv_freq, rope_scale)
         if cache is not None:
             k, v = write(cache[0], k, cache[2]), write(cache[1], v, cache[2])
         out = attention(
@@ -133,6 +197,8 @@ class LlamaAttention(nn.Module):
             **mask.kwargs(),
             causal=True,
             sliding_window=self.sliding_window if window is None else window,
+            softcap=cfg.attn_logit_softcapping,
+            scale=None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5,
             backend=cfg.attention,
             block_size=cfg.attention_block_size,
         ).reshape(b, s, nh * hd)
@@ -149,9 +215,14 @@ class LlamaMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         kw = dict(use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = nn.Dense(cfg.intermediate_size, name="gate_proj", **kw)(x)
-        up = nn.Dense(cfg.intermediate_size, name="up_proj", **kw)(x)
-        return nn.Dense(cfg.hidden_size, name="down_proj", **kw)(nn.silu(gate) * up)
+        if cfg.fused_projections:  # Phi-3: gate then up in one kernel
+            gate_up = nn.Dense(2 * cfg.intermediate_size, name="gate_up_proj", **kw)(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+        else:
+            gate = nn.Dense(cfg.intermediate_size, name="gate_proj", **kw)(x)
+            up = nn.Dense(cfg.intermediate_size, name="up_proj", **kw)(x)
+        act = ACTIVATIONS[cfg.hidden_act]
+        return nn.Dense(cfg.hidden_size, name="down_proj", **kw)(act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -168,24 +239,28 @@ class LlamaDecoderLayer(nn.Module):
         mask: AttentionMask,
         cache: LayerCache | None = None,
         window: jax.Array | None = None,
+        local: jax.Array | None = None,
     ) -> Any:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        eps = self.config.rms_norm_eps
-        h = RMSNorm(eps, name="input_layernorm", **kw)(x)
-        attn = LlamaAttention(
-            self.config, sliding_window=self.sliding_window, name="self_attn", **kw
-        )(h, positions, mask, cache, window)
+        """Pre-norm attention then MLP, each added to the residual; with ``sandwich_norms``
+        (Gemma) the attention output and the MLP output are normed too before the addition."""
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = _norm(cfg, "input_layernorm", **kw)(x)
+        attn = LlamaAttention(cfg, sliding_window=self.sliding_window, name="self_attn", **kw)(
+            h, positions, mask, cache, window, local
+        )
         if cache is not None:
             attn, kv = attn
+        if cfg.sandwich_norms:
+            attn = _norm(cfg, "post_attention_layernorm", **kw)(attn)
         x = x + attn
-        h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x)
-        moe = self.config.moe
-        mlp = (
-            SparseMoeBlock(moe, name="mlp", **kw)
-            if moe
-            else LlamaMLP(self.config, name="mlp", **kw)
-        )
-        x = x + mlp(h)
+        pre = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+        h = _norm(cfg, pre, **kw)(x)
+        moe = cfg.moe
+        mlp = SparseMoeBlock(moe, name="mlp", **kw) if moe else LlamaMLP(cfg, name="mlp", **kw)
+        y = mlp(h)
+        if cfg.sandwich_norms:
+            y = _norm(cfg, "post_feedforward_layernorm", **kw)(y)
+        x = x + y
         return x if cache is None else (x, kv)
 
 
@@ -216,7 +291,14 @@ class LlamaModel(nn.Module):
                 layer_cls(cfg, sliding_window=w, name=f"layers_{i}", **kw)
                 for i, w in enumerate(windows)
             ]
-        self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
+        self.norm = RMSNorm(cfg.rms_norm_eps, unit_offset=cfg.rms_norm_unit_offset, **kw)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """The token embeddings (times ``√hidden_size`` in the embeddings' dtype, Gemma)."""
+        h = self.embed_tokens(input_ids)
+        if self.config.scale_embeddings:
+            h = h * jnp.asarray(math.sqrt(self.config.hidden_size), h.dtype)
+        return h
 
     def __call__(
         self,
@@ -242,9 +324,10 @@ class LlamaModel(nn.Module):
             kv_segment_ids=segment_ids,
             kv_mask=None if attention_mask is None else attention_mask > 0,
         )
-        h = self.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         if self.scan_layers:
-            h, _ = run_layers(self.layers, self.config, h, position_ids, mask)
+            init = self.is_initializing()
+            h, _ = run_layers(self.layers, self.config, h, position_ids, mask, initializing=init)
             return self.norm(h)
         for layer in self.layers:
             h = layer(h, position_ids, mask)
@@ -276,10 +359,13 @@ class LlamaModel(nn.Module):
             position_ids = jnp.broadcast_to(start + jnp.arange(s), (b, s))
         kv_mask = write(cache.mask, attention_mask > 0, start)
         mask = AttentionMask(q_positions=start + jnp.arange(s), kv_mask=kv_mask)
-        h = self.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         if self.scan_layers:  # the cache enters the scan stacked along the layer axis
             kv = (jnp.stack(cache.keys), jnp.stack(cache.values))
-            h, (k, v) = run_layers(self.layers, self.config, h, position_ids, mask, kv, start)
+            h, (k, v) = run_layers(
+                self.layers, self.config, h, position_ids, mask, kv, start,
+                initializing=self.is_initializing(),
+            )  # fmt: skip
             h = jnp.where(fits, self.norm(h), jnp.nan)  # traced overflow: NaN (kv_cache)
             return h, KVCache(tuple(k), tuple(v), kv_mask, start + s)
         keys, values = [], []
@@ -370,4 +456,5 @@ class LlamaForCausalLM(nn.Module):
         )
         h, new_cache = (out, None) if cache is None else out
         logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        logits = softcap(logits, self.config.final_logit_softcapping)
         return logits if cache is None else (logits, new_cache)

@@ -123,7 +123,8 @@ def causal_lm_loss(
     segment_ids: jax.Array | None = None,
     chunk_size: int = 1024,
 ) -> dict[str, jax.Array]:
-    """The next-token loss of a `jlora.models.LlamaForCausalLM` with the chunked LM head.
+    """The next-token loss of a `jlora.models.LlamaForCausalLM` with the chunked LM head (and
+    the config's ``final_logit_softcapping``, Gemma 2).
 
     Token ``t + 1`` is the target of position ``t``; a target counts where ``loss_mask`` (else
     ``attention_mask``, else every token) is 1 at it, and, in packed rows, where it belongs to
@@ -164,4 +165,5 @@ def causal_lm_loss(
         weights,
         chunk_size=chunk_size,
         transposed=transposed,
+        softcap=getattr(model.config, "final_logit_softcapping", None),
     )

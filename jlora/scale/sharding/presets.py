@@ -110,11 +110,11 @@ def preset_rules(preset: str, *, tensor: str = TENSOR) -> list[tuple[str, Partit
       ValueError: unknown preset.
 
     Example:
-      >>> for regex, spec in preset_rules("tensor")[:3]:
+      >>> for regex, spec in preset_rules("tensor")[3:6]:
       ...     print(regex, spec)
-      (^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|lm_head)/kernel$ P(None, 'tensor')
+      (^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv_proj|gate_up_proj|query|key|value|lm_head)/kernel$ P(None, 'tensor')
       (^|/)intermediate/dense/kernel$ P(None, 'tensor')
-      (^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|lm_head)/bias$ P('tensor',)
+      (^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv_proj|gate_up_proj|query|key|value|lm_head)/bias$ P('tensor',)
       >>> preset_rules("fsdp")
       []
     """
