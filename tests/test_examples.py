@@ -35,14 +35,25 @@ EXAMPLES = {
     "08_multi_adapter.py": r"mixed batch of 4 adapters \+ base: max \|diff\| to one-by-one",
     "09_peft_roundtrip.py": r"jlora -> PEFT: max \|logits diff\| [\d.e+-]+",
     "10_sharded.py": r"adapters after 3 steps: max \|sharded - single device\|",
+    "11_bring_your_own_nnx.py": r"adapter checkpoint: \d+ bytes, restored identical: True",
+    "12_gemma_library.py": r"adapter checkpoint: \d+ bytes, restored identical: True",
     "serve_three_adapters.py": r"3 adapters in one batch: each request's tokens equal decoding it alone: True",
 }
 #: examples that need optional packages (the test extra has them; CI must not skip)
 NEEDS = {"09_peft_roundtrip.py": ("torch", "transformers", "peft")}
+#: examples that need packages outside every extra: skipped when missing, CI included
+OPTIONAL = {
+    "12_gemma_library.py": (
+        "gemma",
+        "google-deepmind's `gemma` library is not installed (`pip install gemma`; it pulls "
+        "TensorFlow, so no jlora extra installs it)",
+    )
+}
 
 
 def _missing(name: str) -> list[str]:
-    return [m for m in NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
+    needs = (*NEEDS.get(name, ()), *OPTIONAL.get(name, ())[:1])
+    return [m for m in needs if importlib.util.find_spec(m) is None]
 
 
 def _run(name: str) -> subprocess.CompletedProcess:
@@ -85,6 +96,7 @@ SLOW_EXAMPLES = {
     "04_equinox.py",
     "08_multi_adapter.py",
     "06_dora.py",
+    "12_gemma_library.py",
 }
 
 
@@ -94,6 +106,10 @@ SLOW_EXAMPLES = {
 )
 def test_example_runs(name, runs):
     missing = _missing(name)
+    if name in OPTIONAL and missing:
+        reason = f"{name}: {OPTIONAL[name][1]}"
+        print(f"SKIPPED {reason}")
+        pytest.skip(reason)
     if missing and not os.environ.get("CI"):
         pytest.skip(f"{name} needs {', '.join(missing)} (installed by the test extra)")
     proc = runs[name].result() if name in runs else _run(name)
