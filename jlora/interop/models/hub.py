@@ -237,9 +237,10 @@ def from_pretrained(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Loads a local HF checkpoint directory into ``(model, {"params": ...})``.
 
-    Reads ``config.json`` (``model_type`` llama/mistral/qwen2, and the MoE decoders
-    mixtral/qwen2_moe/qwen3_moe → :class:`LlamaForCausalLM`, bert →
-    :class:`BertModel`) and ``model.safetensors`` or the shards listed in
+    Reads ``config.json`` (the decoders of `jlora.interop.models.families` -- llama, mistral,
+    qwen2, qwen3, gemma2, gemma3_text, phi3 and the MoE mixtral / qwen2_moe / qwen3_moe --
+    → :class:`LlamaForCausalLM`, or :class:`LlamaForSequenceClassification` with
+    ``num_labels``; bert → :class:`BertModel`) and ``model.safetensors`` or the shards listed in
     ``model.safetensors.index.json``. Names with or without the ``model.``/``bert.`` prefix are
     accepted. All missing, unexpected and wrong-shape tensors are reported in one ValueError.
 
