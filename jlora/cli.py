@@ -194,12 +194,13 @@ def _add_generate(sub: Any) -> None:
 
 
 def _generate(args: argparse.Namespace, cfg) -> int:
-    from jlora.train import export
-    from jlora.train.setup import base_tree
-    from jlora.train.sft_eval import complete
-    from jlora.train.task import param_shapes
+    from jlora.train.engine.model import param_shapes
+    from jlora.train.engine.setup import base_tree
+    from jlora.train.io import export
+    from jlora.train.io.generate import complete
+    from jlora.train.objectives import objective_class
 
-    if cfg.model.task != "causal_lm":
+    if not objective_class(cfg).generates(cfg):
         raise ValueError(
             f"generate needs a decoder config (model.task: causal_lm); {args.config} has "
             f"model.task: {cfg.model.task}, an encoder that cannot generate text"
@@ -256,9 +257,9 @@ def _info(cfg) -> None:
     import jax
 
     import jlora
-    from jlora.train.setup import base_tree
+    from jlora.train.engine.setup import base_tree
 
-    task, _, tree = base_tree(cfg, shapes_only=True)
+    objective, _, tree = base_tree(cfg, shapes_only=True)
     groups: dict[tuple, int] = {}
     for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)[0]:
         if isinstance(x, jlora.LoraWeight):
@@ -269,7 +270,7 @@ def _info(cfg) -> None:
     print(f"name:    {cfg.name}")
     print(
         f"model:   {m.path or 'random ' + str(m.random.get('model_type'))} "
-        f"({type(task.model).__name__}, task {m.task}, compute {m.dtype}, "
+        f"({type(objective.model).__name__}, task {m.task}, compute {m.dtype}, "
         f"params {m.param_dtype})"
     )
     print(f"targets: {s.targets} LoRA weights")
@@ -337,7 +338,7 @@ def _command(args: argparse.Namespace) -> int:
         return _fail(str(e), 2)
     try:
         if args.command == "train":
-            from jlora.train.compiles import enable_compile_cache
+            from jlora.train.engine.compiles import enable_compile_cache
 
             enable_compile_cache(cfg.train.compile_cache_dir)  # before anything compiles
             train(cfg, resume=args.resume)
@@ -361,7 +362,7 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _adapters(args: argparse.Namespace, cfg) -> int:
-    from jlora.train import export
+    from jlora.train.io import export
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is an existing file; expected a directory")

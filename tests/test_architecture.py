@@ -12,7 +12,10 @@ when that is a module, else of ``jlora.x``; old flat aliases resolved), every
 ``importlib.import_module`` / ``__import__`` of a literal name, and -- for the layers only -- a
 string constant that is exactly a jlora module's dotted name (a module imported by name later is
 still a dependency). Also checked: no import cycle (Tarjan's SCCs), no private name imported
-across modules, and no test module importing another.
+across modules, no test module importing another, and, inside train, that the trainer's engine
+names no objective and no method: ``jlora.train.engine`` / ``io`` / ``data`` and the config
+modules import from ``jlora.train.objectives`` and ``jlora.train.methods`` only what their
+``base`` modules define (the protocols and registries), never a plug-in module or class.
 """
 
 from __future__ import annotations
@@ -313,6 +316,40 @@ def private_imports(s: Scan) -> list[str]:
     return bad
 
 
+#: The trainer's plug-in packages, and the train modules that must know only their protocols.
+PLUGINS = ("jlora.train.objectives", "jlora.train.methods")
+ENGINE_SIDE = ("jlora.train.engine", "jlora.train.io", "jlora.train.data", "jlora.train.config",
+               "jlora.train.sections")  # fmt: skip
+
+
+def _all_of(path: Path) -> set[str]:
+    """The names in a module's ``__all__`` (read as a literal)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "__all__":
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def plugin_imports(s: Scan) -> list[str]:
+    """Imports by an engine-side train module of a plug-in module, or of a name that the
+    plug-in package's ``base`` module does not define."""
+    bad = []
+    for i in s.imports:
+        side = any(i.importer == e or i.importer.startswith(e + ".") for e in ENGINE_SIDE)
+        pkg = next((p for p in PLUGINS if i.target == p or i.target.startswith(p + ".")), None)
+        if not side or pkg is None:
+            continue
+        if i.target not in (pkg, pkg + ".base"):
+            bad.append(f"{i.where()}  (the plug-in module {i.target})")
+            continue
+        base = s.modules.get(pkg + ".base")
+        allowed = _all_of(base) if base is not None else set()
+        names = [n for n in i.names if n not in allowed]
+        if names or (i.target == pkg and not i.names and i.kind == "import"):
+            bad.append(f"{i.where()}  (names no protocol: {', '.join(names) or pkg})")
+    return bad
+
+
 @functools.cache
 def scan() -> Scan:
     return Scan(ROOT)
@@ -348,6 +385,15 @@ FAKE = {
     "jlora/interop/peft.py": "from jlora.core._impl import x\n",
     "jlora/core/_impl.py": "",
     "jlora/train/__init__.py": "import jlora\nfrom jlora.interop import peft\nfrom jlora.scale import *\n",
+    "jlora/train/objectives/__init__.py": "from .base import Objective\nfrom .dpo import DPO\n",
+    "jlora/train/objectives/base.py": "__all__ = ['Objective']\nclass Objective: ...\n",
+    "jlora/train/objectives/dpo.py": "class DPO: ...\n",
+    "jlora/train/engine/__init__.py": "",
+    "jlora/train/engine/loop.py": (
+        "from jlora.train.objectives import Objective\n"
+        "from jlora.train.objectives import DPO\n"
+        "import jlora.train.objectives.dpo\n"
+    ),
     "jlora/variants/multi.py": (
         "import importlib\n"
         "PLUGINS = ('jlora.scale', 'jlora.nowhere', 'see jlora.scale')\n"
@@ -379,6 +425,11 @@ def test_scan_resolves_absolute_relative_aliased_and_function_level_imports(tmp_
         ("jlora.train", "jlora.interop.peft", (), "import"),
         ("jlora.train", "jlora.scale", ("*",), "import"),
         ("jlora._aliases", "jlora.variants.quant", (), "named"),  # the ALIASES table
+        ("jlora.train.objectives", "jlora.train.objectives.base", ("Objective",), "import"),
+        ("jlora.train.objectives", "jlora.train.objectives.dpo", ("DPO",), "import"),
+        ("jlora.train.engine.loop", "jlora.train.objectives", ("Objective",), "import"),
+        ("jlora.train.engine.loop", "jlora.train.objectives", ("DPO",), "import"),
+        ("jlora.train.engine.loop", "jlora.train.objectives.dpo", (), "import"),
     }
     # a name in a string is a dependency for the layers, not an import-time edge
     assert s.graph["jlora.variants.multi"] == {"jlora.interop.peft"}
@@ -413,6 +464,12 @@ def test_each_rule_reports_what_was_planted(tmp_path):
         "jlora.interop.peft:1: from jlora.core._impl import x  (private: _impl)",
         "jlora.variants.dora:1: from jlora.core.a import _private, __version__  "
         "(private: _private)",
+    ]
+    assert plugin_imports(s) == [
+        "jlora.train.engine.loop:2: from jlora.train.objectives import DPO  "
+        "(names no protocol: DPO)",
+        "jlora.train.engine.loop:3: import jlora.train.objectives.dpo  "
+        "(the plug-in module jlora.train.objectives.dpo)",
     ]
 
 
@@ -467,6 +524,14 @@ def test_no_import_cycle_among_jlora_modules():
 def test_no_private_name_is_imported_across_modules():
     bad = private_imports(scan())
     assert not bad, "private names imported across jlora modules:\n" + "\n".join(bad)
+
+
+def test_the_trainer_engine_names_no_objective_and_no_method():
+    bad = plugin_imports(scan())
+    assert not bad, (
+        "engine-side train modules may import only the protocols of "
+        f"{', '.join(PLUGINS)} (their base modules' __all__):\n" + "\n".join(bad)
+    )
 
 
 def test_no_test_module_imports_another():

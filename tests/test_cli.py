@@ -23,7 +23,7 @@ import safetensors.numpy
 import jlora
 from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.train import load_config
-from jlora.train.setup import base_tree
+from jlora.train.engine.setup import base_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "llama-tiny.yaml"
@@ -394,7 +394,7 @@ SFT_SMALL = ["model.random.num_hidden_layers=1", "data.test_split=null"]
 
 @pytest.mark.slow
 def test_generate_prints_greedy_completions_of_a_trained_run(capsys, tmp_path):
-    from jlora.train import export
+    from jlora.train.io import export
 
     out = tmp_path / "run"
     over = [*SFT_SMALL, "train.max_steps=3", f"output.dir={out}", "output.progress=false"]
@@ -455,7 +455,7 @@ def test_generate_usage_and_runtime_errors_are_one_line(capsys, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1.8TB\nmore")
 
-    monkeypatch.setattr("jlora.train.setup.base_tree", lambda cfg: (None, None))
-    monkeypatch.setattr("jlora.train.sft_eval.complete", out_of_memory)
+    monkeypatch.setattr("jlora.train.engine.setup.base_tree", lambda cfg: (None, None))
+    monkeypatch.setattr("jlora.train.io.generate.complete", out_of_memory)
     r = call(capsys, "generate", str(SFT), "--prompt", "sort : 3 1 =>")
     one_line(r, 1, "generation failed: RESOURCE_EXHAUSTED: Out of memory allocating 1.8TB")

@@ -1,4 +1,4 @@
-"""Compile less (`jlora.train.compiles`): the persistent XLA cache of ``jlora train`` and the
+"""Compile less (`jlora.train.engine.compiles`): the persistent XLA cache of ``jlora train`` and the
 compile counter in summary.json.
 
 The two-run check is a pair of subprocesses (JAX decides once per process whether it uses the
@@ -22,7 +22,7 @@ import pytest
 import jlora
 import jlora.train.data as D
 from jlora.train import load_config
-from jlora.train.compiles import CompileCounter, default_cache_dir, enable_compile_cache
+from jlora.train.engine.compiles import CompileCounter, default_cache_dir, enable_compile_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "llama-tiny.yaml"
@@ -145,15 +145,15 @@ def test_bad_buckets_are_refused(bad):
 def test_padded_bucket_batch_equals_unpadded_examples():
     """Loss and accuracy of a batch padded up to a bucket = those of each example run alone at
     its exact length (no padding at all): the padding is masked out."""
-    from jlora.train.setup import prepare
-    from jlora.train.steps import make_eval_step
+    from jlora.train.engine.setup import prepare
+    from jlora.train.engine.steps import make_eval_step
 
     cfg = load_config(ROOT / "configs" / "minilm-lora.yaml", ["data.length_buckets=[64]"])
     p = prepare(cfg)
     frozen, adapters = jlora.split(p.tree)
     rng = np.random.default_rng(0)  # non-zero B: the adapted model, not just the base
     adapters = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(x.dtype), adapters)
-    step = jax.jit(make_eval_step(p.task))
+    step = jax.jit(make_eval_step(p.objective))
     split = p.splits["eval"]
     lengths = split.attention_mask.sum(1)
     pick = np.unique(lengths, return_index=True)[1][:5]  # 5 texts of different lengths

@@ -718,7 +718,7 @@ def tiny_run(env, tmp_path_factory):
 
 def _final_adapters(out, step):
     from jlora.train import load_config
-    from jlora.train.setup import base_tree
+    from jlora.train.engine.setup import base_tree
 
     _, _, fresh = base_tree(load_config(TINY))
     with AdapterCheckpointer(out / "checkpoints") as ckpt:
@@ -789,7 +789,7 @@ def test_export_and_merge_skip_a_damaged_step_or_name_it(capsys, tiny_run, tmp_p
 
 HOLD = """
 import sys, time
-from jlora.train.lock import RunLock
+from jlora.train.engine.lock import RunLock
 RunLock.acquire(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
@@ -797,7 +797,7 @@ time.sleep(120)
 
 
 def test_a_held_run_dir_is_refused_and_a_killed_holders_lock_taken_over(capsys, tmp_path):
-    from jlora.train.lock import LOCK_NAME, RunLock
+    from jlora.train.engine.lock import LOCK_NAME, RunLock
 
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT,
@@ -911,7 +911,7 @@ def _verify_all(ckpt_dir):
 def _wait_for_training(out, proc, beyond, timeout=120.0):
     """Until ``proc`` holds the run's lock and has logged training step ``beyond`` (a killed
     attempt's records stay until the next one's set-up); False if it ended first."""
-    from jlora.train.lock import LOCK_NAME
+    from jlora.train.engine.lock import LOCK_NAME
 
     deadline, locked = time.time() + timeout, None
     while time.time() < deadline and proc.poll() is None:

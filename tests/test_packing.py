@@ -1,4 +1,4 @@
-"""Packed classification batches (`jlora.train.packing`, ``data.packing`` on a classification
+"""Packed classification batches (`jlora.train.data.packing`, ``data.packing`` on a classification
 run): several texts per row, each still its own example — logits, loss and gradients equal the
 unpacked batch's."""
 
@@ -18,10 +18,10 @@ import jlora
 import jlora.train.data as D
 from jlora.interop.models.bert import BertConfig, BertModel
 from jlora.train import config as C
-from jlora.train.packing import pack_micro_batches, pack_rows, packing_of, slots_per_row
-from jlora.train.setup import prepare
-from jlora.train.task import Task
-from jlora.train.trainer import train
+from jlora.train import train
+from jlora.train.data.packing import pack_micro_batches, pack_rows, packing_of, slots_per_row
+from jlora.train.engine.setup import prepare
+from jlora.train.objectives import Classification
 
 WORDS = ["[PAD]", "[UNK]", "red", "blue", "cat", "dog", "bird", "one", "two", "big", "small"]
 BERT = dict(
@@ -123,7 +123,7 @@ class PackedForwardTest(chex.TestCase):
 
 def test_packed_loss_and_gradients_equal_the_unpacked_batch():
     model, tree = _lora_tree(seed=4)
-    task = Task(model, "classification")
+    task = Classification(model)
     part = _texts(20, seed=5)
     packed = {k: v[0] for k, v in pack_micro_batches([part], row_len=20, slots=10).items()}
     frozen, adapters = jlora.split(tree)

@@ -245,7 +245,7 @@ def test_scan_layers_errors_and_trainer_option(tmp_path):
     with pytest.raises(ValueError, match="scan_layers needs a decoder model, not 'bert'"):
         from_pretrained(bert, scan_layers=True)
     from jlora.train import load_config
-    from jlora.train.setup import base_tree
+    from jlora.train.engine.setup import base_tree
 
     _, _, tree = base_tree(
         load_config("configs/llama-tiny.yaml", ["model.scan_layers=true"]), shapes_only=True

@@ -1,5 +1,5 @@
 """SFT data for the causal-LM task: prompt/completion and chat rows, completion-only loss,
-packing with segment ids (jlora.train.sft)."""
+packing with segment ids (jlora.train.data.sft)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from tokenizers import Tokenizer
 
 from jlora.interop.models.llama import LlamaConfig, LlamaForCausalLM
 from jlora.train.data import Split
-from jlora.train.sft import (
+from jlora.train.data.sft import (
     Example,
     encode_examples,
     load_sft_jsonl,
     pack,
     render_chat,
 )
-from jlora.train.task import Task
+from jlora.train.objectives import CausalLM
 
 TOKENIZER = "data/sft-tiny/tokenizer.json"
 CHATML = (
@@ -82,7 +82,7 @@ def test_prompt_completion_loss_is_on_completion_tokens_only(tmp_path):
         expect_mask[n_prompt : len(want)] = 1  # completion tokens and EOS
         np.testing.assert_array_equal(split.loss_mask[i], expect_mask)
     model, params = _model()
-    task = Task(model, "causal_lm")
+    task = CausalLM(model)
     batch = {k: jnp.asarray(v) for k, v in split.take(np.arange(2)).items()}
     t = task.terms(params, batch)
     logits = np.asarray(
@@ -176,7 +176,7 @@ def test_packed_logits_and_loss_equal_unpacked():
             at += n
             seen += 1
     assert seen == len(split)
-    task = Task(model, "causal_lm")
+    task = CausalLM(model)
     tp = task.terms(
         params, {k: jnp.asarray(v) for k, v in packed.take(np.arange(len(packed))).items()}
     )
@@ -196,7 +196,7 @@ def test_example_prompt_and_completion():
 
 def test_config_reads_sft_data_and_packs_the_train_split():
     from jlora.train import load_config
-    from jlora.train.setup import prepare
+    from jlora.train.engine.setup import prepare
 
     over = ["data.packing=true", "model.random.num_hidden_layers=1"]
     p = prepare(load_config("configs/llama-sft-tiny.yaml", overrides=over))
@@ -212,7 +212,7 @@ def test_config_reads_sft_data_and_packs_the_train_split():
 
 
 def test_score_counts_exact_matches_and_positional_tokens():
-    from jlora.train.sft_eval import score
+    from jlora.train.io.generate import score
 
     got = score([[5, 6, 7], [5], []], [[5, 6, 7], [5, 9], [4]])
     assert got == {"exact_match": 1 / 3, "token_accuracy": 4 / 6}
@@ -220,7 +220,7 @@ def test_score_counts_exact_matches_and_positional_tokens():
 
 @pytest.mark.slow
 def test_generation_metrics_equal_a_full_forward_greedy_reference(tmp_path):
-    from jlora.train.sft_eval import generation_metrics
+    from jlora.train.io.generate import generation_metrics
 
     rows = [
         {"prompt": "sort : 3 1 2 =>", "completion": " 1 2 3"},
@@ -231,7 +231,7 @@ def test_generation_metrics_equal_a_full_forward_greedy_reference(tmp_path):
     examples = load_sft_jsonl(tmp_path / "d.jsonl", template_dir=tmp_path)
     model, params = _model()
     tok, eos = _tok(), 1
-    got = generation_metrics(Task(model, "causal_lm"), params, tok, examples, eos_id=eos)
+    got = generation_metrics(CausalLM(model), params, tok, examples, eos_id=eos)
     exact, hits, total = 0, 0, 0
     for ex in examples:  # no cache, no padding: the whole sequence re-run for every token
         ids = tok.encode(ex.prompt).ids
@@ -276,8 +276,8 @@ def test_complete_applies_the_tokenizer_dirs_chat_template(tmp_path):
     import shutil
 
     from jlora.train import load_config
-    from jlora.train.setup import base_tree
-    from jlora.train.sft_eval import complete
+    from jlora.train.engine.setup import base_tree
+    from jlora.train.io.generate import complete
 
     shutil.copy(TOKENIZER, tmp_path / "tokenizer.json")
     template = (

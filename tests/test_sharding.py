@@ -738,7 +738,7 @@ def _records(out):
 def _final_adapters(out):
     from jlora.interop.checkpoint import AdapterCheckpointer
     from jlora.train import load_config
-    from jlora.train.setup import base_tree
+    from jlora.train.engine.setup import base_tree
 
     cfg = load_config(TINY, [f"output.dir={out}"])
     _, _, fresh = base_tree(cfg)

@@ -17,12 +17,12 @@ import scipy.optimize
 import jlora
 from jlora.train import config as C
 from jlora.train import data as D
-from jlora.train import scale
-from jlora.train.metrics import MetricsLog, plot_curves, read_metrics
-from jlora.train.probe import fit_logreg, linear_probe
+from jlora.train.engine import scale
+from jlora.train.engine.steps import make_optimizer, make_schedule, make_train_step, step_key
+from jlora.train.io.metrics import MetricsLog, plot_curves, read_metrics
+from jlora.train.objectives import CausalLM
+from jlora.train.objectives.probe import fit_logreg, linear_probe
 from jlora.train.sections import MeshConfig, OptimConfig
-from jlora.train.steps import make_optimizer, make_schedule, make_train_step, step_key
-from jlora.train.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -240,7 +240,7 @@ def test_config_is_frozen():
 
 
 def test_model_path_without_config_json(tmp_path):
-    from jlora.train.setup import base_tree
+    from jlora.train.engine.setup import base_tree
 
     cfg = C.from_dict(raw(model={"random": None, "path": str(tmp_path)}))
     with pytest.raises(C.ConfigError, match=r"no config.json there"):
@@ -248,14 +248,14 @@ def test_model_path_without_config_json(tmp_path):
 
 
 def test_auto_path_of_missing_package():
-    from jlora.train.task import resolve_model_path
+    from jlora.train.engine.model import resolve_model_path
 
     with pytest.raises(C.ConfigError, match="package 'no_such_model_pkg' is not installed"):
         resolve_model_path("auto:no-such-model-pkg")
 
 
 def test_targets_that_match_nothing():
-    from jlora.train.setup import base_tree
+    from jlora.train.engine.setup import base_tree
 
     cfg = C.from_dict(raw(lora={"targets": ["qq_proj"]}))
     with pytest.raises(C.ConfigError, match=r"^lora: no leaf matched targets=.*qq_proj"):
@@ -263,7 +263,7 @@ def test_targets_that_match_nothing():
 
 
 def test_classification_needs_a_trained_head(tmp_path):
-    from jlora.train.setup import base_tree
+    from jlora.train.engine.setup import base_tree
 
     bert = {
         "model_type": "bert",
@@ -462,7 +462,7 @@ def test_train_step_is_sgd_on_the_mean_loss(accum):
     mask[3, 2:] = 0
     o = OptimConfig(name="sgd", lr=0.5, clip_norm=None)
     tx = make_optimizer(o, make_schedule(o, 10), adapters)
-    step = jax.jit(make_train_step(Task(model, "causal_lm"), tx))
+    step = jax.jit(make_train_step(CausalLM(model), tx))
     batch = {
         "input_ids": ids.reshape(accum, 4 // accum, 6),
         "attention_mask": mask.reshape(accum, 4 // accum, 6),
@@ -577,7 +577,7 @@ def test_mixed_precision_computes_in_bf16_with_fp32_adapters():
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     losses = {}
     for name, model in (("fp32", fp32), ("bf16", bf16)):
-        step = jax.jit(make_train_step(Task(model, "causal_lm"), tx))
+        step = jax.jit(make_train_step(CausalLM(model), tx))
         new, state, m = step(adapters, tx.init(adapters), frozen, batch, jax.random.key(0))
         losses[name] = float(m["loss"])
         assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype("float32")}

@@ -1,4 +1,4 @@
-"""AdaLoRA in `jlora train` (`jlora.train.adalora`): the ``lora`` section (``method: adalora``),
+"""AdaLoRA in `jlora train` (`jlora.train.methods.adalora`): the ``lora`` section (``method: adalora``),
 the train step (orthogonal regularizer, allocator after the update, accumulated gradients), the
 carried allocator state through checkpoints and an exact resume, the summary / ranks PNG, and
 ``jlora export-peft`` / ``jlora merge`` of an AdaLoRA run (the export loaded by the real PEFT).
@@ -23,12 +23,12 @@ import jlora
 from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.interop.config_json import config_from_json, config_to_json
 from jlora.train import config as C
-from jlora.train.adalora import AdaLoraTrainState, PendingAdaLoraConfig, init_opt_state
-from jlora.train.export import from_checkpoint
-from jlora.train.resume import OUTPUTS
-from jlora.train.setup import prepare
-from jlora.train.steps import make_optimizer, make_schedule, make_train_step
-from jlora.train.trainer import train
+from jlora.train import train
+from jlora.train.engine.resume import OUTPUTS
+from jlora.train.engine.setup import prepare
+from jlora.train.engine.steps import make_optimizer, make_schedule, make_train_step
+from jlora.train.io.export import from_checkpoint
+from jlora.train.methods import AdaLoraTrainState, PendingAdaLoraConfig, init_opt_state, method_for
 from jlora.variants import adalora_alloc as alloc
 from jlora.variants.adalora import AdaLoraConfig
 
@@ -186,14 +186,14 @@ def test_train_step_is_the_manual_adalora_step_on_the_accumulated_gradient(base,
     mask = np.ones_like(ids)
     mask[1, 2, 7:] = 0  # padding in one micro-batch: the mean is token-weighted
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
-    step = jax.jit(make_train_step(p.task, tx, lcfg))
+    step = jax.jit(make_train_step(p.objective, tx, method_for(lcfg)))
     got_ad, got_state, m = step(ad, state, frozen, batch, jax.random.key(0))
 
     whole = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
 
     def loss_fn(a):
-        t = p.task.terms(jlora.combine(frozen, a), whole)
-        ce = t["loss"] / jnp.sum(p.task.weights(whole))
+        t = p.objective.terms(jlora.combine(frozen, a), whole)
+        ce = t["loss"] / jnp.sum(p.objective.weights(whole))
         return ce + lcfg.orth_reg_weight * alloc.orth_regularizer(a), ce
 
     @jax.jit

@@ -18,12 +18,12 @@ from _hf_utils import require, tiny_bert
 import jlora
 import jlora.train.data as D
 from jlora.train import config as C
-from jlora.train.export import from_checkpoint
-from jlora.train.multitask_run import task_trees
-from jlora.train.setup import prepare
-from jlora.train.steps import make_optimizer, make_schedule, make_train_step
-from jlora.train.task import Task
-from jlora.train.trainer import train
+from jlora.train import train
+from jlora.train.engine.setup import prepare
+from jlora.train.engine.steps import make_optimizer, make_schedule, make_train_step
+from jlora.train.io.export import from_checkpoint
+from jlora.train.objectives import CausalLM, Classification
+from jlora.train.objectives.multitask_io import task_trees
 
 WORDS = ["red", "blue", "green", "cat", "dog", "bird", "one", "two", "three", "big", "small"]
 BERT = {
@@ -216,7 +216,7 @@ def test_task_weights_sum_the_task_means():
 # The mixed step --------------------------------------------------------------------------------
 
 
-def _plain_ce(task: Task, tree, batch, rows, spec) -> np.ndarray:
+def _plain_ce(task: Classification, tree, batch, rows, spec) -> np.ndarray:
     """Per-example cross-entropy (float64) of ``rows`` with the task's own single-task tree."""
     sub = {k: v[rows] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     logits, _ = task.forward(tree, sub)
@@ -236,22 +236,22 @@ def test_the_step_loss_is_the_sum_of_each_tasks_mean_loss(world, tmp_path, adapt
     ad = jax.tree.map(
         lambda x: 0.3 * jax.random.normal(next(keys), x.shape) if np.ndim(x) else x, ad
     )
-    batch = D.train_batch(p.splits["train"], p.batcher, 0, 1)
+    batch = p.objective.train_batch(p, 0)  # grad_accum 1: the step's one micro-batch
     assert batch["task_id"].shape == (1, 8) and len(set(batch["task_id"][0].tolist())) == 2
     o = C.OptimConfig(name="sgd", lr=0.1, clip_norm=None)
     tx = make_optimizer(o, make_schedule(o, 10), ad)
-    new, _, m = jax.jit(make_train_step(p.task, tx))(
+    new, _, m = jax.jit(make_train_step(p.objective, tx))(
         ad, tx.init(ad), frozen, batch, jax.random.key(0)
     )
     flat = {k: v[0] for k, v in batch.items()}
-    trees = task_trees(p.task, jlora.combine(frozen, ad))  # each task's adapter and head alone
-    trees_after = task_trees(p.task, jlora.combine(frozen, new))
+    trees = task_trees(p.objective, jlora.combine(frozen, ad))  # each task's adapter and head alone
+    trees_after = task_trees(p.objective, jlora.combine(frozen, new))
     want = 0.0
-    for i, spec in enumerate(p.task.specs):
+    for i, spec in enumerate(p.objective.specs):
         rows = np.flatnonzero(flat["task_id"] == i)
         sub = {k: flat[k][rows] for k in ("input_ids", "attention_mask")}
         y = flat["labels"][rows]
-        single = Task(_model_with_labels(p, spec.num_labels), "classification")
+        single = Classification(_model_with_labels(p, spec.num_labels))
         assert trees[spec.name]["classifier"]["kernel"].value.shape[-1] == spec.num_labels
         t_frozen, t_ad = jlora.split(trees[spec.name])
 
@@ -281,7 +281,9 @@ def _base_with_head(p, k):
 
 def _model_with_labels(p, k):
     """The run's BERT module with a ``k``-class head (a task's own model)."""
-    return p.task.model.clone(config=dataclasses.replace(p.task.model.config, num_labels=k))
+    return p.objective.model.clone(
+        config=dataclasses.replace(p.objective.model.config, num_labels=k)
+    )
 
 
 # Whole runs ------------------------------------------------------------------------------------
@@ -318,13 +320,13 @@ def test_tiny_multitask_run(world, tmp_path, adapters):
     trained, _, step = from_checkpoint(cfg, out / "checkpoints")
     assert step == 4
     test = p.splits["test"]
-    for i, spec in enumerate(p.task.specs):
+    for i, spec in enumerate(p.objective.specs):
         sub = test.take(np.flatnonzero(test.task_ids == i))
-        logits, _ = p.task.logits(trained, sub)
+        logits, _ = p.objective.logits(trained, sub)
         want = np.asarray(logits)[:, spec.offset : spec.offset + spec.num_labels]
         base = _base_with_head(p, spec.num_labels)
         loaded, _ = jlora.peft.load(out / "peft" / spec.name, base)
-        single = Task(_model_with_labels(p, spec.num_labels), "classification")
+        single = Classification(_model_with_labels(p, spec.num_labels))
         got, _ = single.forward(loaded, sub)
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
@@ -366,10 +368,10 @@ def test_the_task_directories_load_in_peft_as_named_adapters(world, tmp_path):
     train(cfg, echo=lambda m: None)
     p = prepare(cfg)
     trained, _, _ = from_checkpoint(cfg, tmp_path / "run" / "checkpoints")
-    trees = task_trees(p.task, trained)
+    trees = task_trees(p.objective, trained)
     test = p.splits["test"]
     ids = test.input_ids[:, :8]
-    for spec in p.task.specs:
+    for spec in p.objective.specs:
         hf = transformers.BertForSequenceClassification.from_pretrained(
             base, num_labels=spec.num_labels, attn_implementation="eager"
         ).eval()
@@ -414,20 +416,20 @@ def test_causal_lm_tasks_sum_their_mean_token_losses(world, tmp_path):
     ad = jax.tree.map(
         lambda x: 0.3 * jax.random.normal(next(keys), x.shape) if np.ndim(x) else x, ad
     )
-    batch = D.train_batch(p.splits["train"], p.batcher, 0, 1)
+    batch = p.objective.train_batch(p, 0)  # grad_accum 1: the step's one micro-batch
     assert batch["weight"].shape == (1, 8, batch["input_ids"].shape[-1] - 1)
     o = C.OptimConfig(name="sgd", lr=0.1, clip_norm=None)
     tx = make_optimizer(o, make_schedule(o, 10), ad)
-    _, _, m = jax.jit(make_train_step(p.task, tx))(
+    _, _, m = jax.jit(make_train_step(p.objective, tx))(
         ad, tx.init(ad), frozen, batch, jax.random.key(0)
     )
     flat = {k: v[0] for k, v in batch.items()}
-    aset = jlora.multi.unstack(jlora.combine(frozen, ad), p.task.names)
+    aset = jlora.multi.unstack(jlora.combine(frozen, ad), p.objective.names)
     want = 0.0
-    for i, name in enumerate(p.task.names):
+    for i, name in enumerate(p.objective.names):
         rows = np.flatnonzero(flat["task_id"] == i)
         ids, mask = flat["input_ids"][rows], flat["attention_mask"][rows]
-        logits = jax.jit(Task(p.task.model, "causal_lm").forward)(
+        logits = jax.jit(CausalLM(p.objective.model).forward)(
             aset.tree(name), {"input_ids": ids, "attention_mask": mask}
         )[0]
         z = np.asarray(logits, np.float64)[:, :-1]
@@ -465,10 +467,10 @@ def test_export_peft_and_merge_write_one_directory_per_task(world, tmp_path):
     trained, _, _ = from_checkpoint(cfg, tmp_path / "run" / "checkpoints")
     at2, _, _ = from_checkpoint(cfg, tmp_path / "run" / "checkpoints", step=2)
     test = p.splits["test"]
-    for i, spec in enumerate(p.task.specs):
+    for i, spec in enumerate(p.objective.specs):
         assert (tmp_path / "exp" / spec.name / "adapter_config.json").is_file()
         sub = test.take(np.flatnonzero(test.task_ids == i))
-        want = np.asarray(p.task.logits(trained, sub)[0])[
+        want = np.asarray(p.objective.logits(trained, sub)[0])[
             :, spec.offset : spec.offset + spec.num_labels
         ]
         # the merged model of the task: a plain HF BERT with the task's head
@@ -478,8 +480,8 @@ def test_export_peft_and_merge_write_one_directory_per_task(world, tmp_path):
         # export-peft --step 2: the task's adapter of step 2
         base = _base_with_head(p, spec.num_labels)
         loaded, _ = jlora.peft.load(tmp_path / "exp" / spec.name, base)
-        single = Task(_model_with_labels(p, spec.num_labels), "classification")
-        want2 = np.asarray(p.task.logits(at2, sub)[0])[
+        single = Classification(_model_with_labels(p, spec.num_labels))
+        want2 = np.asarray(p.objective.logits(at2, sub)[0])[
             :, spec.offset : spec.offset + spec.num_labels
         ]
         np.testing.assert_allclose(np.asarray(single.forward(loaded, sub)[0]), want2, atol=1e-5)

@@ -24,7 +24,8 @@ from typing import Any, Literal
 import yaml
 
 from jlora.core.config import LoraConfig
-from jlora.train.adalora import ADALORA_KEYS, lora_section
+from jlora.train.methods import METHODS, lora_section
+from jlora.train.objectives import OBJECTIVES, objective_class
 from jlora.train.sections import (
     CheckpointConfig,
     DataConfig,
@@ -57,9 +58,10 @@ __all__ = [
 ]
 
 # `lora` keys that a YAML file can set (a predicate `targets` cannot be written in YAML):
-# LoraConfig's, `method` (another name for `variant`) and AdaLoRA's (`lora.method: adalora`).
+# LoraConfig's, `method` (another name for `variant`) and every method's own
+# (`jlora.train.methods`, e.g. AdaLoRA's with `lora.method: adalora`).
 LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig))
-LORA_SECTION_KEYS = (*LORA_KEYS, "method", *ADALORA_KEYS)
+LORA_SECTION_KEYS = (*LORA_KEYS, "method", *(k for m in METHODS.values() for k in m.keys))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,36 +93,13 @@ class RunConfig:
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
-        m, d, t = self.model, self.data, self.train
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
-        if d.source == "synthetic" and m.task != "causal_lm":
-            raise ConfigError("data.source 'synthetic' needs model.task 'causal_lm'")
-        if t.linear_probe and m.task != "classification":
-            raise ConfigError("train.linear_probe needs model.task 'classification'")
-        if t.early_stopping_metric == "accuracy" and m.task != "classification":
-            raise ConfigError(
-                "train.early_stopping_metric 'accuracy' needs model.task 'classification'; "
-                "use 'loss'"
-            )
-        for i, task in enumerate(d.tasks or ()):
-            if task.kind != m.task:
-                raise ConfigError(
-                    f"data.tasks[{i}] ({task.name!r}) is a {task.kind!r} task, but model.task is "
-                    f"{m.task!r}: one model serves one kind of task (classification needs a "
-                    "BERT encoder, causal_lm a decoder), so all tasks must be of model.task's kind"
-                )
-        if d.tasks is not None and m.num_labels is not None:
-            raise ConfigError(
-                "model.num_labels does not apply to a multitask run: each task in data.tasks "
-                "has its own (its labels.json, or data.tasks[i].num_labels)"
-            )
-        if (
-            m.task == "classification"
-            and m.random is not None
-            and str(m.random.get("model_type", "")).lower() != "bert"
-        ):
-            raise ConfigError("model.task 'classification' needs a BERT model (model_type 'bert')")
+        objective = objective_class(self)  # what is trained checks what it reads
+        objective.check_config(self)
+        for other in OBJECTIVES.values():
+            if other is not objective:
+                other.check_unselected(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +210,7 @@ def _lora(raw: Any) -> LoraConfig:
     for k in raw:
         if k not in LORA_SECTION_KEYS:
             raise _unknown(f"lora.{k}", "lora", LORA_SECTION_KEYS)
-    # LoraConfig, or AdaLoraConfig for `method: adalora`; errors name the key (`lora: ...`).
+    # The config of the method (`lora.method`, `jlora.train.methods`); errors name the key.
     return lora_section(raw)
 
 

@@ -111,7 +111,7 @@ _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TaskDataConfig:
-    """One entry of ``data.tasks`` (multitask runs, `jlora.train.multitask`).
+    """One entry of ``data.tasks`` (multitask runs, `jlora.train.objectives.multitask`).
 
     Attributes:
       name: the task's name: its metric keys (``<name>/accuracy``), its PEFT directory
@@ -144,10 +144,6 @@ class TaskDataConfig:
             raise ConfigError(
                 f"data.tasks: task {self.name!r}: num_labels must be >= 2, got {self.num_labels}"
             )
-        if self.kind != "classification" and self.num_labels is not None:
-            raise ConfigError(
-                f"data.tasks: task {self.name!r}: num_labels is for kind 'classification'"
-            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -175,12 +171,12 @@ class DataConfig:
         one eval program per bucket; padding is masked out). null: trim to multiples of 8.
       packing: pack several training examples per row of ``max_len`` tokens, with segment ids
         so attention, positions (and for classification the pooling) never cross examples:
-        SFT data (`jlora.train.sft`) when the split is built; classification texts per
-        training batch (`jlora.train.packing`: the same examples and loss, less padding;
+        SFT data (`jlora.train.data.sft`) when the split is built; classification texts per
+        training batch (`jlora.train.data.packing`: the same examples and loss, less padding;
         ``length_buckets`` then apply to evaluation only, and ``group_by_length`` is best off).
 
       tasks: several tasks in one run (`TaskDataConfig` each; instead of ``path``): a
-        multitask run (`jlora.train.multitask`).
+        multitask run (`jlora.train.objectives.multitask`).
       mixing: how training batches mix the tasks: ``size`` (task t's share of the examples
         proportional to its training set size n_t) or ``temperature`` (p_t ∝ n_t^(1/T),
         ``temperature`` T; T = 1 is ``size``, larger T flattens towards uniform). Default
@@ -216,9 +212,8 @@ class DataConfig:
     adapters: Literal["per_task", "shared"] | None = None
 
     def __post_init__(self) -> None:
-        self._check_tasks()
-        if self.source == "jsonl" and not self.path and self.tasks is None:
-            raise ConfigError("data.path is required when data.source is 'jsonl'")
+        # What the objective of the run reads (data.path, data.tasks ...) is checked by it
+        # (`jlora.train.objectives`), once the whole config is known.
         for f in ("max_len", "batch_size", "eval_batch_size"):
             _positive(f"data.{f}", getattr(self, f))
         b = self.length_buckets
@@ -227,32 +222,6 @@ class DataConfig:
                 f"data.length_buckets must be a non-empty list of increasing positive lengths, "
                 f"got {list(b)}"
             )
-
-    def _check_tasks(self) -> None:
-        if self.tasks is None:
-            for k in ("mixing", "temperature", "adapters"):
-                if getattr(self, k) is not None:
-                    raise ConfigError(f"data.{k} is for multitask runs: it needs data.tasks")
-            return
-        if not self.tasks:
-            raise ConfigError("data.tasks is empty: list at least one task")
-        names = [t.name for t in self.tasks]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ConfigError(f"data.tasks: task names must be unique, {dup} repeat")
-        if self.path is not None:
-            raise ConfigError("set data.path or data.tasks (each task has its path), not both")
-        if self.source != "jsonl":
-            raise ConfigError(f"data.tasks needs data.source 'jsonl', got {self.source!r}")
-        for k in ("packing", "group_by_length"):
-            if getattr(self, k):
-                raise ConfigError(f"data.{k} is not supported with data.tasks")
-        if self.temperature is not None:
-            _positive("data.temperature", self.temperature)
-            if self.mixing != "temperature":
-                raise ConfigError("data.temperature needs data.mixing 'temperature'")
-        elif self.mixing == "temperature":
-            raise ConfigError("data.mixing 'temperature' needs data.temperature (> 0)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -320,15 +289,15 @@ class TrainConfig:
       divergence_factor: the state after a step is checkpointed only when the next step,
         computed from it, has finite loss and gradients and a loss at most this times the
         running loss (the larger of the step's loss and the mean of the last 16); else the run
-        stops as diverging (`jlora.train.guard`). null: only finiteness is required. A NaN / inf
+        stops as diverging (`jlora.train.engine.guard`). null: only finiteness is required. A NaN / inf
         loss, gradient, adapter or optimizer-state value stops the run at any step.
       eval_generate: SFT data: greedy-decode the completions of the first this many eval
         examples (true: all) before and after training, and report their ``exact_match`` and
-        ``token_accuracy`` (`jlora.train.sft_eval`); false / 0: off.
+        ``token_accuracy`` (`jlora.train.io.generate`); false / 0: off.
       sleep_per_step: seconds to sleep after each step. A testing aid (it slows a tiny run down
         so that a test can kill it mid-way); leave at 0.
       compile_cache_dir: the persistent XLA compilation cache that ``jlora train`` uses, so a
-        second run of a config compiles nothing (`jlora.train.compiles`); ``auto``:
+        second run of a config compiles nothing (`jlora.train.engine.compiles`); ``auto``:
         ``$XDG_CACHE_HOME/jlora/xla`` or ``~/.cache/jlora/xla`` (or JAX's own cache directory
         when one is set, e.g. by ``JAX_COMPILATION_CACHE_DIR``); null: no cache.
     """
@@ -397,7 +366,7 @@ class MeshConfig:
 
     The default ``data: -1, fsdp: 1, tensor: 1`` is plain data parallelism over all devices
     (none on one device). ``fsdp > 1`` shards every weight and the adapters over ``fsdp``;
-    ``tensor > 1`` splits the projections Megatron-style (`jlora.train.scale`,
+    ``tensor > 1`` splits the projections Megatron-style (`jlora.train.engine.scale`,
     `jlora.sharding`).
     """
 

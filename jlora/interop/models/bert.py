@@ -9,7 +9,7 @@ sentence-transformers' ``1_Pooling`` does for all-MiniLM-L6-v2; its pipeline the
 which is left to the caller). BERT's tanh ``pooler`` on ``[CLS]`` is not implemented. The optional
 ``classifier`` head (``num_labels``) is applied to this mean-pooled embedding (after dropout).
 
-Packed rows (several short texts per row, `jlora.train.packing`): ``segment_ids`` (b, s) give each
+Packed rows (several short texts per row, `jlora.train.data.packing`): ``segment_ids`` (b, s) give each
 token its text's slot in the row, 1..``num_segments`` (0 = padding); attention stays within a
 text, positions restart at each text, and ``pooled`` / ``logits`` have one entry per slot,
 (b, num_segments, ...): each text gets exactly what it would get alone in its own row.

@@ -1,12 +1,15 @@
-"""The phases of a `jlora train` run around its training loop (`jlora.train.loop`).
+"""The phases of a `jlora train` run around its training loop (`jlora.train.engine.loop`).
 
 `set_up` builds a `Run` (model, adapters, optimizer, mesh, checkpointer, run directory): it
-locks the run directory (`jlora.train.lock`) and makes every check -- the config, old checkpoints
-or outputs without ``--resume``, the checkpoint to resume from (`jlora.train.resume`) -- before
-anything in the run directory changes; `evaluate_before` evaluates the step-0 model and fits the
-linear probe; `restore` puts the resumed state in place; `finish` evaluates after training,
-exports the adapters, plots the curves and writes the summary. `jlora.train.trainer.train` runs
-them in this order and releases the lock at the end.
+locks the run directory (`jlora.train.engine.lock`) and makes every check -- the config, old
+checkpoints or outputs without ``--resume``, the checkpoint to resume from
+(`jlora.train.engine.resume`) -- before anything in the run directory changes;
+`evaluate_before` evaluates the step-0 model (with the objective's evaluation extras) and fits
+the objective's frozen-model baseline; `restore` puts the resumed state in place; `finish`
+evaluates after training, exports the adapters, plots the curves and writes the summary.
+`jlora.train.engine.trainer.train` runs them in this order and releases the lock at the end.
+What differs between objectives and methods is asked of them (`jlora.train.objectives`,
+`jlora.train.methods`); nothing here names one.
 """
 
 from __future__ import annotations
@@ -20,23 +23,18 @@ from typing import Any
 import yaml
 
 import jlora
-import jlora.train.scale as scale
-from jlora.interop import peft
+import jlora.train.engine.scale as scale
 from jlora.interop.checkpoint import AdapterCheckpointer
-from jlora.train.adalora import AdaLoraTrainState, export_tree, init_opt_state, plot_ranks
-from jlora.train.adalora import report as adalora_report
 from jlora.train.config import RunConfig, to_dict
-from jlora.train.evaluation import eval_all, format_results, split_name
-from jlora.train.lock import RunLock
-from jlora.train.metrics import plot_curves, read_metrics
-from jlora.train.multitask_run import export_peft, is_multitask, task_probe, task_summary
-from jlora.train.probe import linear_probe
-from jlora.train.report import format_summary, load_json, save_json
-from jlora.train.resume import Resumed, check_run_dir, find_resume_point, set_aside
-from jlora.train.setup import Prepared, prepare
-from jlora.train.sft_eval import eval_generate
-from jlora.train.steps import make_eval_step, make_optimizer, make_schedule
-from jlora.train.task import base_name
+from jlora.train.engine.evaluation import eval_all, format_results, split_name
+from jlora.train.engine.lock import RunLock
+from jlora.train.engine.resume import Resumed, check_run_dir, find_resume_point, set_aside
+from jlora.train.engine.setup import Prepared, prepare
+from jlora.train.engine.steps import make_eval_step, make_optimizer, make_schedule
+from jlora.train.io.export import write_peft
+from jlora.train.io.metrics import plot_curves, read_metrics
+from jlora.train.io.report import format_summary, load_json, save_json
+from jlora.train.methods import Method, method_for
 
 __all__ = ["Outcome", "Run", "evaluate_before", "finish", "restore", "set_up"]
 
@@ -55,6 +53,7 @@ class Run:
     resumed: Resumed | None  # the checkpoint to resume from (`restore` puts it in place)
     schedule: Callable
     tx: Any  # the optax optimizer of the adapters
+    method: Method  # what the LoRA variant adds to the step (`jlora.train.methods`)
     eval_step: Callable
     summ: jlora.Summary
     frozen: Any
@@ -64,7 +63,7 @@ class Run:
     cpu_start: float
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     start: int = 0  # the first step to train (after `restore`)
-    compiles: Any = None  # a `jlora.train.compiles.CompileCounter` (set by `train`)
+    compiles: Any = None  # a `jlora.train.engine.compiles.CompileCounter` (set by `train`)
 
 
 @dataclasses.dataclass
@@ -104,6 +103,8 @@ def set_up(cfg: RunConfig, *, resume: bool, echo: Callable[[str], None]) -> Run:
             f"{p.checkpoint_dir} (kept, not deleted)"
         )
     scale.barrier("jlora-set-up")  # the steps are set aside before any process opens them
+    if run.resumed is None:  # a fresh start: the method may set the adapters from data first
+        run.adapters = run.method.initialize(p, run.frozen, run.adapters)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     run.ckpt = _checkpointer(p) if cfg.checkpoint.enabled else None
     echo(f"[jlora] {cfg.name}: {run.summ}")
@@ -123,7 +124,8 @@ def _checked_run(
         frozen, adapters = jlora.split(p.tree)
         schedule = make_schedule(cfg.optim, p.total_steps)
         tx = make_optimizer(cfg.optim, schedule, adapters)
-        opt_state = init_opt_state(tx, adapters, cfg.lora)  # AdaLoRA: with the allocator's
+        method = method_for(cfg.lora)
+        opt_state = method.init_state(tx, adapters)  # the method's (AdaLoRA: with its allocator)
         frozen = scale.place_state(frozen, mesh)
         resumed = None
         if resume and existing:
@@ -143,7 +145,8 @@ def _checked_run(
         resumed=resumed,
         schedule=schedule,
         tx=tx,
-        eval_step=scale.jit_eval_step(make_eval_step(p.task), mesh),
+        method=method,
+        eval_step=scale.jit_eval_step(make_eval_step(p.objective), mesh),
         summ=jlora.summary(p.tree),
         frozen=frozen,
         adapters=adapters,
@@ -167,48 +170,40 @@ def _checkpointer(p: Prepared) -> AdapterCheckpointer:
 
 
 def evaluate_before(run: Run) -> tuple[dict | None, dict | None]:
-    """``(before, probe)``: the step-0 evaluation and the linear probe (as configured).
+    """``(before, probe)``: the step-0 evaluation and the objective's baseline (as configured).
 
     The step-0 model is the frozen base (B = 0), so its pooled embeddings are the frozen
-    encoder's features for the linear probe. Results already in the run directory (a resumed
-    run) are read, not recomputed.
+    encoder's features for the baseline (the linear probe). Results already in the run
+    directory (a resumed run) are read, not recomputed.
     """
     p, out, cfg = run.p, run.out, run.p.cfg
     before = load_json(out / "before.json")
     probe = load_json(out / "probe.json")
-    need_probe = cfg.train.linear_probe and probe is None
+    need_probe = p.objective.wants_baseline(cfg) and probe is None
     if not ((cfg.train.eval_before and before is None) or need_probe):
         return before, probe
     t = time.perf_counter()
     names = ("eval", "test", "train") if need_probe else ("eval", "test")
     before, feats = eval_all(p, run.eval_step, run.adapters, run.frozen, names, features=need_probe)
-    _add_generation(run, before)
+    _add_extras(run, before)
     save_json(out / "before.json", before)
     run.timings["before_eval_s"] = time.perf_counter() - t
     run.echo(
         f"[jlora] before training: {format_results(before)} ({run.timings['before_eval_s']:.1f}s)"
     )
     if need_probe:
-        probe = _probe(run, feats)
+        probe = _baseline(run, feats)
     return before, probe
 
 
-def _probe(run: Run, feats: dict[str, Any]) -> dict:
+def _baseline(run: Run, feats: dict[str, Any]) -> dict:
     p = run.p
     t = time.perf_counter()
-    labels = {k: p.splits[k].labels for k in feats}
-    if is_multitask(p):  # one probe per task, on its own examples and classes
-        probe = task_probe(p, feats, split_name)
-    else:
-        res = linear_probe(feats, labels, p.task.model.config.num_labels, valid="eval")
-        probe = {
-            "l2": res["l2"],
-            **{split_name(p, k): {"accuracy": v} for k, v in res["accuracy"].items()},
-        }
+    probe = p.objective.baseline(p, feats, split_name)
     save_json(run.out / "probe.json", probe)
     run.timings["probe_s"] = time.perf_counter() - t
     run.echo(
-        f"[jlora] linear probe (frozen encoder): {format_results(probe)} "
+        f"[jlora] {p.objective.baseline_title}: {format_results(probe)} "
         f"({run.timings['probe_s']:.1f}s)"
     )
     return probe
@@ -239,15 +234,16 @@ def finish(run: Run, done: Outcome, before: dict | None, probe: dict | None) -> 
     peft_dir = _export_peft(run, tree) if scale.is_main_process() else None
     png = _plot(run, before) if run.p.cfg.output.plot and scale.is_main_process() else None
     summary = _summary(run, done, before, probe, after)
-    if isinstance(run.opt_state, AdaLoraTrainState):  # final ranks, budget, adalora_ranks.png
-        summary["adalora"] = _adalora_report(run, tree)
-    if is_multitask(run.p):  # per task: before / probe / after, PEFT directory
-        dirs = {n: str(peft_dir / n) for n in run.p.task.names} if peft_dir else None
-        summary["multitask"] = task_summary(run.p, before, probe, after, dirs)
+    plot = run.p.cfg.output.plot and scale.is_main_process()
+    state = lambda: scale.gather(run.opt_state)  # noqa: E731 (a collective, when called)
+    report = run.method.report(tree, state, run.out, plot=plot, title=run.p.cfg.name, echo=run.echo)
+    if report:  # e.g. AdaLoRA: final ranks, budget, adalora_ranks.png
+        summary[run.method.name] = report
+    summary.update(run.p.objective.summary(run.p, before, probe, after, peft_dir))
     summary["peft_dir"] = str(peft_dir) if peft_dir else None
     summary["loss_png"] = str(png) if png else None
     save_json(run.out / "summary.json", summary)
-    run.echo(format_summary(summary))
+    run.echo(format_summary(summary, run.p.objective.report_rows(summary)))
     return summary
 
 
@@ -261,36 +257,26 @@ def _evaluate_after(run: Run, done: Outcome) -> dict:
         }
     todo = ("test",) if after else ("eval", "test")
     after.update(eval_all(p, run.eval_step, run.adapters, run.frozen, todo)[0])
-    _add_generation(run, after)
+    _add_extras(run, after)
     save_json(run.out / "after.json", after)
     run.timings["after_eval_s"] = time.perf_counter() - t
     return after
 
 
-def _add_generation(run: Run, results: dict) -> None:
-    """``train.eval_generate``: exact match / token accuracy of greedy completions on the eval
-    split, added to its results (`jlora.train.sft_eval`)."""
-    gen = eval_generate(run.p, run.adapters, run.frozen)
-    if gen is not None:
-        results.setdefault(split_name(run.p, "eval"), {}).update(gen)
+def _add_extras(run: Run, results: dict) -> None:
+    """The objective's evaluation extras (e.g. ``train.eval_generate``: exact match / token
+    accuracy of greedy completions), added to the eval split's results."""
+    extra = run.p.objective.eval_extras(run.p, run.adapters, run.frozen)
+    if extra is not None:
+        results.setdefault(split_name(run.p, "eval"), {}).update(extra)
 
 
 def _export_peft(run: Run, tree: Any) -> Path | None:
     cfg = run.p.cfg
     if not cfg.output.peft:
         return None
-    task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
     try:
-        if is_multitask(run.p):  # peft/<task>/: each task's adapter and head
-            export_peft(cfg, run.p.task, run.out / "peft", tree)
-            return run.out / "peft"
-        peft.save(
-            run.out / "peft",
-            export_tree(tree),  # AdaLoRA: cut to the kept triplets (PEFT's rank_pattern)
-            cfg.lora,
-            base_model_name_or_path=base_name(cfg),
-            task_type=task_type,
-        )
+        write_peft(run.p.objective, cfg, run.out / "peft", run.method.export_tree(tree), cfg.lora)
     except ValueError as e:
         run.echo(f"[jlora] PEFT export skipped: {e}")
         return None
@@ -300,29 +286,15 @@ def _export_peft(run: Run, tree: Any) -> Path | None:
 def _plot(run: Run, before: dict | None) -> Path:
     cfg = run.p.cfg
     png = run.out / "loss.png"
-    metric = "accuracy" if cfg.model.task == "classification" else "perplexity"
     records = read_metrics(run.out / "metrics.jsonl")
     start_point = (before or {}).get(split_name(run.p, "eval"))
     if start_point:
         records = [{"step": 0, "split": "eval", **start_point}, *records]
-    tasks = run.p.task.names if is_multitask(run.p) else ()
-    plot_curves(records, png, title=cfg.name, metric=metric, tasks=tasks)
-    return png
-
-
-def _adalora_report(run: Run, tree: Any) -> dict:
-    cfg = run.p.cfg
-    rep = adalora_report(tree, scale.gather(run.opt_state), cfg.lora)
-    png = run.out / "adalora_ranks.png"
-    if cfg.output.plot and scale.is_main_process():
-        plot_ranks(rep["ranks"], png, init_r=cfg.lora.init_r, title=cfg.name)
-        rep["ranks_png"] = str(png)
-    run.echo(
-        f"[jlora] AdaLoRA: {rep['budget_final']} of {rep['budget_initial']} triplets kept "
-        f"(target {rep['budget_target']}); {rep['final_trainable_params']:,} trainable params "
-        "in the exported adapters"
+    objective = run.p.objective
+    plot_curves(
+        records, png, title=cfg.name, metric=objective.plot_metric, tasks=objective.task_names
     )
-    return rep
+    return png
 
 
 def _summary(run: Run, done: Outcome, before, probe, after) -> dict:

@@ -1,12 +1,15 @@
 """The training loop of a `jlora train` run: steps, logging, evaluation, checkpoints, stopping.
 
 `TrainingLoop` runs the optimizer steps ``run.start, ..., total_steps - 1`` of a `Run` set up by
-`jlora.train.phases.set_up`. The dropout key of step ``s`` is derived from ``(seed, s)`` and the
-data order from the seeded `jlora.train.data.Batcher`, so a resumed loop replays the steps of an
-uninterrupted one exactly. Every step, and every checkpoint before it is written, is checked by
-the health rule of `jlora.train.guard` (finite loss, gradients, adapters and optimizer state; a
-loss after the update within ``train.divergence_factor`` of the running loss): a step that breaks
-it raises `NonFiniteLossError` before anything computed from it is logged or checkpointed.
+`jlora.train.engine.phases.set_up`. The batch of step ``s`` is the objective's
+(`jlora.train.objectives.Objective.train_batch`: from the seeded training order, a pure
+function of ``(seed, s)``) and its dropout key is derived from ``(seed, s)``, so a resumed loop
+replays the steps of an uninterrupted one exactly. The train log line holds the means of the
+objective's ``train_metrics`` since the last line and what the method adds (`Method.log`).
+Every step, and every checkpoint before it is written, is checked by the health rule of
+`jlora.train.engine.guard` (finite loss, gradients, adapters and optimizer state; a loss after
+the update within ``train.divergence_factor`` of the running loss): a step that breaks it
+raises `NonFiniteLossError` before anything computed from it is logged or checkpointed.
 """
 
 from __future__ import annotations
@@ -18,16 +21,13 @@ from typing import Any
 import numpy as np
 
 import jlora
-import jlora.train.data as D
-import jlora.train.scale as scale
+import jlora.train.engine.scale as scale
 from jlora.train.config import RunConfig
-from jlora.train.evaluation import evaluate, format_results
-from jlora.train.guard import DivergenceError, NonFiniteLossError, StepGuard
-from jlora.train.metrics import MetricsLog
-from jlora.train.packing import pack_train_batch, packing_of
-from jlora.train.phases import Outcome, Run
-from jlora.train.steps import make_train_step, step_key
-from jlora.variants.adalora import AdaLoraConfig
+from jlora.train.engine.evaluation import evaluate, format_results
+from jlora.train.engine.guard import DivergenceError, NonFiniteLossError, StepGuard
+from jlora.train.engine.phases import Outcome, Run
+from jlora.train.engine.steps import make_train_step, step_key
+from jlora.train.io.metrics import MetricsLog
 
 __all__ = ["DivergenceError", "NonFiniteLossError", "TrainingLoop"]
 
@@ -71,20 +71,19 @@ class TrainingLoop:
         evals = [r for r in self.log.records if r["split"] == "eval"]
         t = cfg.train
         self.stopper = _Stopper(t.early_stopping_metric, t.early_stopping_patience, evals)
-        ada = cfg.lora if isinstance(cfg.lora, AdaLoraConfig) else None
-        self.step_fn = scale.jit_train_step(make_train_step(p.task, run.tx, ada), run.mesh)
+        step = make_train_step(p.objective, run.tx, run.method)
+        self.step_fn = scale.jit_train_step(step, run.mesh)
         self.eval_every = t.eval_every or p.steps_per_epoch
         self.last_eval: dict[str, Any] | None = evals[-1] if evals else None
         self.last_saved: int | None = run.start if resume and run.existing else None
         self.stopped_early = False
         self.steps_done = run.start
         self.bar = _progress(cfg, p.total_steps, run.start) if scale.is_main_process() else None
-        self.window: list[tuple[float, float]] = []  # (loss, accuracy) since the last log line
-        self.budget: float | None = None  # AdaLoRA: the scheduled budget of the latest step
+        self.window: list[dict[str, float]] = []  # the objective's metrics since the last log line
+        self.latest: dict[str, float] = {}  # the latest step's metrics (for the method's log)
         self.guard = StepGuard(t.divergence_factor, where=p.checkpoint_dir, lr=cfg.optim.lr)
         self.ahead: tuple[int, Any] | None = None  # the next step, computed by `_checkpoint`
         self.tokens, self.t_train = 0, 0.0
-        self.pack = packing_of(cfg, p.splits["train"])
 
     def run_steps(self) -> Outcome:
         """Train to ``total_steps`` (or an early stop); closes the log and the checkpointer."""
@@ -113,18 +112,7 @@ class TrainingLoop:
         the current state (a pure function of it: computing it ahead changes nothing)."""
         run, p, cfg = self.run, self.p, self.cfg
         t = time.perf_counter()
-        if self.pack is not None:  # classification texts packed into rows
-            host = pack_train_batch(
-                p.splits["train"], p.batcher, step, cfg.train.grad_accum, **self.pack
-            )
-        else:
-            host = D.train_batch(
-                p.splits["train"],
-                p.batcher,
-                step,
-                cfg.train.grad_accum,
-                buckets=cfg.data.length_buckets,
-            )
+        host = p.objective.train_batch(p, step, run)
         batch = scale.place_batch(host, run.mesh)
         adapters, opt_state, m = self.step_fn(
             run.adapters, run.opt_state, run.frozen, batch, step_key(cfg.train.seed, step)
@@ -145,8 +133,8 @@ class TrainingLoop:
         self.t_train += secs
         done = step + 1
         self.tokens += int(m["tokens"])
-        self.window.append((loss, float(m["accuracy"])))
-        self.budget = m.get("budget")
+        self.window.append({k: m[k] for k in p.objective.train_metrics})
+        self.latest = m
         tok_s = self.tokens / max(self.t_train, 1e-9)
         lr = float(run.schedule(step))
         self._log_train(done, lr, gnorm, tok_s)
@@ -177,18 +165,18 @@ class TrainingLoop:
     def _log_train(self, done: int, lr: float, gnorm: float, tok_s: float) -> None:
         if not (done % self.cfg.train.log_every == 0 or done == self.p.total_steps):
             return
-        window = self.window
+        means = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]}
         self.log.write(
             done,
             "train",
             {
-                "loss": float(np.mean([w[0] for w in window])),
+                "loss": means.pop("loss"),
                 "lr": lr,
                 "grad_norm": gnorm,
-                "accuracy": float(np.mean([w[1] for w in window])),
+                **means,
                 "tokens_per_s": tok_s,
                 "epoch": done / self.p.steps_per_epoch,
-                **({} if self.budget is None else {"adalora_budget": int(self.budget)}),
+                **self.run.method.log(self.latest),
             },
         )
         self.window = []

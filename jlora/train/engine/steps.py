@@ -4,13 +4,14 @@
 ``(adapters, opt_state, metrics)``: a pure function of its arguments (no globals, no host
 state), so it can be jitted with shardings for a mesh. ``batch`` leaves are shaped
 ``(grad_accum, micro_batch, ...)``; micro-batches are accumulated by ``lax.scan`` and the
-optimizer steps once, on the gradient of the mean loss over the whole batch (token-weighted for
-causal LM).
+optimizer steps once, on the gradient of the mean loss over the whole batch: the objective's
+summed loss over the sum of its `weights` (per example, or per trained token for a causal LM).
+Every scalar term the objective returns is summed over the micro-batches, and its
+`jlora.train.objectives.Objective.step_metrics` are the step's metrics.
 
-For AdaLoRA (an `jlora.variants.adalora.AdaLoraConfig`), ``opt_state`` is a
-`jlora.train.adalora.AdaLoraTrainState`: the loss gains ``orth_reg_weight`` × PEFT's orthogonal
-regularizer, and after the optimizer update the rank allocator runs on the updated adapters with
-the step's accumulated gradient and the carried step number (all in the one jitted step).
+The run's `jlora.train.methods.Method` adds its gradient once per step (``regularize``) and
+makes the update (``update``: optax by default); ``opt_state`` is what its ``init_state``
+made (AdaLoRA: the optax state with its rank allocator's, all in the one jitted step).
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from jlora.train.adalora import AdaLoraTrainState
+from jlora.train.methods import Method
+from jlora.train.objectives import Objective
 from jlora.train.sections import OptimConfig
-from jlora.train.task import Task
-from jlora.variants import adalora_alloc
-from jlora.variants.adalora import AdaLoraConfig
 
 __all__ = ["make_eval_step", "make_optimizer", "make_schedule", "make_train_step", "step_key"]
 
@@ -103,61 +102,46 @@ def make_optimizer(
 
 
 def make_train_step(
-    task: Task, tx: optax.GradientTransformation, adalora: AdaLoraConfig | None = None
+    objective: Objective, tx: optax.GradientTransformation, method: Method | None = None
 ) -> Callable[..., Any]:
-    """The train step (see the module docstring); metrics hold ``loss`` (the task's),
-    ``grad_norm``, ``accuracy``, ``tokens`` (non-padding tokens seen) and ``finite`` (every
-    value of the updated adapters and optimizer state is finite; `jlora.train.guard`); with
-    ``adalora`` also ``orth_loss`` (the weighted regularizer) and ``budget`` (the scheduled
-    number of kept triplets)."""
+    """The train step (see the module docstring); metrics hold the objective's
+    ``train_metrics`` (``loss`` first), ``grad_norm``, ``tokens`` (non-padding tokens seen),
+    ``finite`` (every value of the updated adapters and optimizer state is finite;
+    `jlora.train.engine.guard`) and what ``method`` reports (AdaLoRA: ``orth_loss``,
+    ``budget``). ``method`` None is the identity `jlora.train.methods.Method`."""
+    method = method if method is not None else Method(None)
 
     def train_step(adapters: Any, opt_state: Any, frozen: Any, batch: dict, key: jax.Array):
-        total = jnp.sum(task.weights(batch))
+        total = jnp.sum(objective.weights(batch))
         n_micro = batch["input_ids"].shape[0]
 
         def micro(grads, xs):
             mb, k = xs
 
             def loss_fn(ad):
-                t = task.terms(jlora.combine(frozen, ad), mb, key=k)
+                t = objective.terms(jlora.combine(frozen, ad), mb, key=k)
                 return t["loss"] / total, t
 
             (_, t), g = jax.value_and_grad(loss_fn, has_aux=True)(adapters)
-            return jax.tree.map(jnp.add, grads, g), (t["loss"], t["correct"])
+            return jax.tree.map(jnp.add, grads, g), {n: v for n, v in t.items() if not v.ndim}
 
         grads0 = jax.tree.map(jnp.zeros_like, adapters)
         keys = jax.random.split(key, n_micro)
         if n_micro == 1:  # no loop: a smaller program, faster to compile
             first = jax.tree.map(lambda x: x[0], (batch, keys))
-            grads, (losses, correct) = micro(grads0, first)
+            grads, terms = micro(grads0, first)
         else:
-            grads, (losses, correct) = jax.lax.scan(micro, grads0, (batch, keys))
-        extra = {}
-        if adalora is not None:
-            # The regularizer depends on the adapters alone: once per step, as PEFT adds it to
-            # the loss of each micro-batch (scaled by 1 / accumulation steps).
-            orth, g_orth = jax.value_and_grad(adalora_alloc.orth_loss)(adapters, adalora)
-            grads = jax.tree.map(jnp.add, grads, g_orth)
-            inner = opt_state.opt
-        else:
-            inner = opt_state
-        updates, inner = tx.update(grads, inner, adapters)
-        adapters = optax.apply_updates(adapters, updates)
-        if adalora is not None:
-            adapters, alloc, budget = adalora_alloc.update_and_allocate(
-                adapters, grads, opt_state.alloc, opt_state.step, adalora
-            )
-            opt_state = AdaLoraTrainState(inner, alloc, opt_state.step + 1)
-            extra = {"orth_loss": orth, "budget": budget}
-        else:
-            opt_state = inner
+            grads, terms = jax.lax.scan(micro, grads0, (batch, keys))
+        sums = {k: jnp.sum(v) for k, v in terms.items()}
+        grads, extra = method.regularize(adapters, grads)
+        adapters, opt_state, more = method.update(tx, grads, opt_state, adapters)
         metrics = {
-            "loss": jnp.sum(losses) / total,
-            "accuracy": jnp.sum(correct) / total,
+            **objective.step_metrics(sums, total),
             "grad_norm": optax.global_norm(grads),
             "tokens": jnp.sum(batch["attention_mask"]),
             "finite": _all_finite((adapters, opt_state)),
             **extra,
+            **more,
         }
         return adapters, opt_state, metrics
 
@@ -170,10 +154,10 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
 
 
-def make_eval_step(task: Task) -> Callable[..., Any]:
+def make_eval_step(objective: Objective) -> Callable[..., Any]:
     """``eval_step(adapters, frozen, batch)`` → summed loss terms (and ``pooled``) of a batch."""
 
     def eval_step(adapters: Any, frozen: Any, batch: dict) -> dict:
-        return task.terms(jlora.combine(frozen, adapters), batch)
+        return objective.terms(jlora.combine(frozen, adapters), batch)
 
     return eval_step

@@ -111,10 +111,9 @@ def pack_micro_batches(
 
 
 def packing_of(cfg: Any, split: Any) -> dict[str, int] | None:
-    """``{"row_len", "slots"}`` of a run whose training texts are packed (``data.packing`` on a
-    ``classification`` run: rows of ``data.max_len`` tokens), else None (SFT data is packed
-    when its split is built)."""
-    if not (cfg.data.packing and cfg.model.task == "classification"):
+    """``{"row_len", "slots"}`` of a run whose training texts are packed per batch
+    (``data.packing``: rows of ``data.max_len`` tokens), else None."""
+    if not cfg.data.packing:
         return None
     row_len = max(int(cfg.data.max_len), int(split.input_ids.shape[-1]))
     lengths = split.attention_mask.sum(-1)

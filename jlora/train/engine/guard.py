@@ -53,7 +53,7 @@ class StepGuard:
       >>> g.before_checkpoint(1, 25.0, 0.5, last_saved=None)
       Traceback (most recent call last):
       ...
-      jlora.train.guard.DivergenceError: diverging loss at step 2: 25, more than train.divergence_factor 10 x the running loss 2; the state after step 1 is not checkpointed; stopping. no checkpoint was written in runs/x/checkpoints. Lower optim.lr (now 0.001) and resume with --resume, or start over.
+      jlora.train.engine.guard.DivergenceError: diverging loss at step 2: 25, more than train.divergence_factor 10 x the running loss 2; the state after step 1 is not checkpointed; stopping. no checkpoint was written in runs/x/checkpoints. Lower optim.lr (now 0.001) and resume with --resume, or start over.
     """
 
     def __init__(self, factor: float | None, *, where: Any, lr: float):

@@ -12,7 +12,7 @@ The trainer calls exactly these functions (`jlora.sharding` / `jlora.parallel` d
   ``mesh.tensor > 1``, both when both, else replicated (plain data parallelism).
 * `place_batch`: host batches ``(grad_accum, micro_batch, ...)`` split over ``data`` x ``fsdp``
   on the micro-batch axis.
-* `jit_train_step` / `jit_eval_step`: the pure steps of `jlora.train.steps` under ``jax.jit``,
+* `jit_train_step` / `jit_eval_step`: the pure steps of `jlora.train.engine.steps` under ``jax.jit``,
   outputs keeping the inputs' shardings (metrics replicated, so every process can read them).
 * `is_main_process`, `process_outputs`, `gather`: only process 0 logs and exports; `barrier`.
 """

@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 
 import jlora.train.data as D
-from jlora.train.multitask import MultitaskTask, task_metrics
-from jlora.train.setup import Prepared
+from jlora.train.engine.setup import Prepared
 
 __all__ = ["eval_all", "evaluate", "format_results", "split_name"]
 
@@ -23,55 +22,11 @@ def evaluate(
     *,
     features: bool = False,
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Metrics of ``adapters`` on ``split`` (and the pooled embeddings when ``features``).
-
-    A multitask split (``split.task_ids``, `jlora.train.multitask`) is evaluated task by task:
-    ``<task>/loss``, ``<task>/accuracy`` and their sum / mean (`task_metrics`).
-    """
-    if split.task_ids is not None and isinstance(p.task, MultitaskTask):
-        return _evaluate_tasks(p, eval_step, adapters, frozen, split, features=features)
-    return _evaluate_plain(p, eval_step, adapters, frozen, split, features=features)
-
-
-def _evaluate_plain(
-    p: Prepared, eval_step: Callable, adapters: Any, frozen: Any, split: D.Split, *, features: bool
-) -> tuple[dict[str, float], np.ndarray | None]:
-    sums = {"loss": 0.0, "weight": 0.0, "correct": 0.0}
-    pooled = []
-    d = p.cfg.data
-    for batch in D.eval_batches(split, d.eval_batch_size, buckets=d.length_buckets):
-        index = batch.pop("index")
-        out = eval_step(adapters, frozen, batch)
-        for k in sums:
-            sums[k] += float(out[k])
-        if features:
-            n = int(batch["weight"].sum())
-            pooled.append((index[:n], np.asarray(out["pooled"])[:n]))
-    if not features:
-        return p.task.metrics(sums), None
-    feats = np.zeros((len(split), pooled[0][1].shape[-1]), np.float32)
-    for index, x in pooled:
-        feats[index] = x
-    return p.task.metrics(sums), feats
-
-
-def _evaluate_tasks(
-    p: Prepared, eval_step: Callable, adapters: Any, frozen: Any, split: D.Split, *, features: bool
-) -> tuple[dict[str, float], np.ndarray | None]:
-    per_task, feats = {}, None
-    for i, spec in enumerate(p.task.specs):
-        rows = np.flatnonzero(split.task_ids == i)
-        if not len(rows):
-            continue
-        m, f = _evaluate_plain(
-            p, eval_step, adapters, frozen, split.subset(rows), features=features
-        )
-        per_task[spec.name] = m
-        if f is not None:
-            if feats is None:
-                feats = np.zeros((len(split), f.shape[-1]), np.float32)
-            feats[rows] = f
-    return task_metrics(per_task), feats
+    """Metrics of ``adapters`` on ``split`` (and the pooled embeddings when ``features``), as
+    the run's objective computes them (`jlora.train.objectives.Objective.evaluate`)."""
+    return p.objective.evaluate(
+        lambda batch: eval_step(adapters, frozen, batch), split, p.cfg, features=features
+    )
 
 
 def eval_all(

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from jlora.train.data import Split
+from jlora.train.data.splits import Split
+from jlora.train.data.tokenize import padded_length
 
 __all__ = [
     "Example",
@@ -302,15 +303,13 @@ def load_sft_splits(
     tokenizer_path: str,
     *,
     max_len: int,
+    length: int | None,
     eos_id: int | None,
     pad_id: int,
-    packing: bool,
 ) -> tuple[dict[str, Split], dict[str, list[Example]]]:
     """``(splits, examples)``: the SFT files ``files`` (split key -> path) tokenized to one
-    length (the longest example, capped at ``max_len``, a multiple of 8; or ``max_len`` itself
-    when packing), the ``"train"`` split packed when ``packing``."""
-    from jlora.train.data import padded_length
-
+    length: ``length``, or when None the longest example (capped at ``max_len``) rounded up to
+    a multiple of 8."""
     template_dir = Path(tokenizer_path).parent
     special = {}
     for name in ("bos_token", "eos_token"):
@@ -327,10 +326,8 @@ def load_sft_splits(
     for k, exs in examples.items():
         _, lengths[k] = encode_examples(tokenizer, exs, 1, pad_id=pad_id, eos_id=eos_id)
     every = [n for ns in lengths.values() for n in ns]
-    length = max_len if packing else padded_length(every, max_len)
+    length = length or padded_length(every, max_len)
     splits = {}
     for k, exs in examples.items():
         splits[k], _ = encode_examples(tokenizer, exs, length, pad_id=pad_id, eos_id=eos_id)
-    if packing:
-        splits["train"] = pack(splits["train"], pad_id=pad_id)
     return splits, examples

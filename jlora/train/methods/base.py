@@ -1,0 +1,181 @@
+"""The `Method` protocol: what a LoRA variant adds to training, with an identity default.
+
+A method is chosen by the ``lora`` section's ``method`` (another name for ``variant``): the
+method registered under that name, else `Method` itself, which adds nothing (LoRA, DoRA,
+LoRA-FA ... train as plain adapters). What a method may declare, each with a default that
+does nothing:
+
+* **config**: its own ``lora`` keys (`keys`; `lora_section` refuses them in other runs, naming
+  the method), how the section parses (`parse`) and what it fills in once the run's step count
+  is known (`resolve`);
+* **state**: the optimizer state the train step carries (`init_state`: ``tx.init`` by default;
+  AdaLoRA wraps it with its allocator's state, checkpointed with it);
+* **the step** (inside the jitted step): a gradient it adds once per step (`regularize`) and the
+  update itself (`update`: optax by default; AdaLoRA reallocates ranks after it), each with the
+  metrics it reports;
+* **before training**: `initialize`, which may set the adapters from data (the prepared run's
+  batches) before the first step;
+* **outputs**: the train log's entries (`log`), the tree to export (`export_tree`) and its part
+  of ``summary.json`` (`report`).
+
+Example:
+  >>> cfg = lora_section({"rank": 4, "targets": ["q"]})
+  >>> type(method_for(cfg)).__name__, type(cfg).__name__
+  ('Method', 'LoraConfig')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import jax
+import optax
+
+from jlora.core.config import LoraConfig
+from jlora.train.sections import ConfigError
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "init_opt_state",
+    "lora_section",
+    "method_class",
+    "method_for",
+    "register_method",
+]
+
+#: The registered methods by name (`register_method`); others get `Method`.
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: register a `Method` subclass for ``lora.method`` / ``variant`` ``name``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def method_class(variant: str | None) -> type[Method]:
+    """The method registered under ``variant``, else `Method`."""
+    return METHODS.get(variant or "", Method)
+
+
+def method_for(config: LoraConfig) -> Method:
+    """The method of a (resolved) ``lora`` config."""
+    return method_class(config.variant)(config)
+
+
+def lora_section(raw: Mapping[str, Any]) -> LoraConfig:
+    """The ``lora`` section of a run config (its keys already checked) as a config object.
+
+    ``method`` is another name for ``variant``; the method of that name parses the rest
+    (`Method.parse`). Another method's own keys are refused, naming it.
+
+    Raises:
+      ConfigError: ``method`` and ``variant`` disagree, or another method's key is set.
+      TypeError, ValueError: a value the config class refuses (prefixed ``lora:``).
+    """
+    raw = dict(raw)
+    if "method" in raw:
+        method = raw.pop("method")
+        if not isinstance(method, str):
+            raise TypeError(f"lora.method: expected str, got {type(method).__name__} {method!r}")
+        if raw.get("variant", method) != method:
+            raise ConfigError(
+                f"lora.method ({method!r}) and lora.variant ({raw['variant']!r}) disagree: "
+                "method is another name for variant; give one of them"
+            )
+        raw["variant"] = method
+    cls = method_class(raw.get("variant"))
+    for other in METHODS.values():
+        if other is not cls and (extra := [k for k in raw if k in other.keys]):
+            raise ConfigError(
+                f"lora.{extra[0]} is an {other.title} field: set lora.method: {other.name} "
+                f"(or remove {', '.join(extra)})"
+            )
+    return cls.parse(raw)
+
+
+def init_opt_state(tx: optax.GradientTransformation, adapters: Any, config: LoraConfig) -> Any:
+    """The optimizer state a run of ``lora`` config ``config`` starts from
+    (`Method.init_state` of its method)."""
+    return method_for(config).init_state(tx, adapters)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """The identity method (module docstring); a variant's method overrides what it adds.
+
+    Attributes:
+      config: the run's resolved ``lora`` config.
+    """
+
+    config: LoraConfig
+
+    name: ClassVar[str] = "lora"
+    #: the name in messages ("an AdaLoRA field")
+    title: ClassVar[str] = "LoRA"
+    #: the ``lora`` keys only this method takes
+    keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> LoraConfig:
+        """The config object of a ``lora`` section (``method`` already read as ``variant``)."""
+        try:
+            return LoraConfig(**raw)
+        except (TypeError, ValueError) as e:
+            msg = str(e)
+            raise type(e)(f"lora: {msg}" if "lora." not in msg else msg) from e
+
+    @classmethod
+    def resolve(cls, config: LoraConfig, total_steps: int) -> LoraConfig:
+        """``config`` with what depends on the run's optimizer steps filled in."""
+        return config
+
+    def init_state(self, tx: optax.GradientTransformation, adapters: Any) -> Any:
+        """The optimizer state the train step carries."""
+        return tx.init(adapters)
+
+    def regularize(self, adapters: Any, grads: Any) -> tuple[Any, dict[str, jax.Array]]:
+        """``(grads, metrics)``: the step's accumulated gradient with what the method adds once
+        per step (inside the jitted step)."""
+        return grads, {}
+
+    def update(
+        self, tx: optax.GradientTransformation, grads: Any, state: Any, adapters: Any
+    ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        """``(adapters, state, metrics)`` after the optimizer update (inside the jitted step)."""
+        updates, state = tx.update(grads, state, adapters)
+        return optax.apply_updates(adapters, updates), state, {}
+
+    def initialize(self, p: Any, frozen: Any, adapters: Any) -> Any:
+        """The adapters to start training from (a fresh run, before step 0)."""
+        return adapters
+
+    def log(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """Entries of the train log line from the latest step's metrics."""
+        return {}
+
+    def export_tree(self, tree: Any) -> Any:
+        """The tree to export (PEFT, merge) from the trained one."""
+        return tree
+
+    def report(
+        self, tree: Any, state: Any, out: Any, *, plot: bool, title: str, echo: Callable
+    ) -> dict:
+        """This method's entry of ``summary.json`` (``{}``: none), under its ``name``.
+
+        Args:
+          tree: the trained tree (frozen and trainable halves combined).
+          state: a function of no argument giving the final optimizer state, whole on this
+            process (on several processes a collective: every process calls `report`).
+          out: the run directory, where it may write plots (titled ``title``) when ``plot``.
+          echo: where progress messages go.
+        """
+        return {}

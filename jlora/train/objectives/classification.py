@@ -1,0 +1,179 @@
+"""``model.task: classification``: cross-entropy of a classifier head on a BERT encoder.
+
+The head is the model's ``classifier`` on the mean-pooled embedding (trained fully: list it in
+``lora.trainable``). Data: ``{"text", "label"}`` JSON lines and ``labels.json`` (a label is an
+index or a class name); ``data.packing`` packs each training batch's texts into rows
+(`jlora.train.data.packing`: the same examples and loss, less padding). Metrics: loss and
+accuracy. Evaluation extra: the frozen-encoder linear probe (``train.linear_probe``,
+`jlora.train.objectives.probe`), the same head trained alone on the step-0 embeddings. Losses
+are computed in float32 whatever the compute dtype.
+
+Example:
+  >>> from jlora.train import load_config
+  >>> from jlora.train.objectives import objective_class
+  >>> cfg = load_config("configs/minilm-lora.yaml")
+  >>> objective_class(cfg) is Classification, Classification.num_labels(cfg)
+  (True, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jlora
+import jlora.train.data as D
+from jlora.train.data.packing import pack_train_batch, packing_of
+from jlora.train.data.tokenize import load_text_splits
+from jlora.train.objectives.base import (
+    Data,
+    Objective,
+    register_objective,
+    weighted_sums,
+)
+from jlora.train.objectives.probe import linear_probe
+from jlora.train.sections import ConfigError
+
+__all__ = ["Classification"]
+
+
+@register_objective("classification")
+@dataclasses.dataclass(frozen=True)
+class Classification(Objective):
+    """Classification by the model's classifier head (module docstring).
+
+    Attributes:
+      columns: ``(offset, count)``: the classifier columns that are this task's classes (a
+        task of a multitask run, whose head shares one kernel with the others); None: all.
+    """
+
+    columns: tuple[int, int] | None = None
+
+    peft_task_type = "SEQ_CLS"
+    plot_metric = "accuracy"
+    baseline_title = "linear probe (frozen encoder)"
+
+    @classmethod
+    def claims(cls, cfg: Any) -> bool:
+        return cfg.model.task == "classification"
+
+    @classmethod
+    def check_options(cls, cfg: Any) -> None:
+        m = cfg.model
+        if cfg.data.source == "synthetic":
+            raise ConfigError("data.source 'synthetic' needs model.task 'causal_lm'")
+        if m.random is not None and str(m.random.get("model_type", "")).lower() != "bert":
+            raise ConfigError("model.task 'classification' needs a BERT model (model_type 'bert')")
+
+    @classmethod
+    def check_model(cls, cfg: Any, model_type: str) -> None:
+        if model_type != "bert":
+            raise ConfigError(
+                f"model.task 'classification' needs a BERT model, got model_type {model_type!r}"
+            )
+
+    @classmethod
+    def num_labels(cls, cfg: Any) -> int:
+        """``model.num_labels``, else the number of classes in ``<data.path>/labels.json``."""
+        if cfg.model.num_labels is not None:
+            return cfg.model.num_labels
+        labels = D.load_labels(cfg.data.path) if cfg.data.source == "jsonl" else None
+        if labels is None:
+            raise ConfigError(
+                f"model.num_labels is not set and {cfg.data.path}/labels.json does not exist"
+            )
+        return len(labels)
+
+    def check_tree(self, tree: Any) -> None:
+        is_node = lambda x: isinstance(x, jlora.LoraWeight | jlora.Trainable)  # noqa: E731
+        if not any(isinstance(x, jlora.Trainable) for x in jax.tree.leaves(tree, is_leaf=is_node)):
+            raise ConfigError(
+                "model.task 'classification' adds a new classifier head: list it in "
+                "lora.trainable (e.g. trainable: [classifier]) so that it is trained"
+            )
+
+    # -- data -------------------------------------------------------------------------------
+
+    def load_data(self, cfg: Any, vocab: int) -> Data:
+        splits, labels = load_text_splits(cfg, vocab, label_key=cfg.data.label_key)
+        k = self.num_labels(cfg)
+        stems = {"train": cfg.data.train_split, "eval": cfg.data.eval_split}
+        stems["test"] = cfg.data.test_split
+        for name, s in splits.items():
+            if len(s.labels) and s.labels.max() >= k:
+                raise ConfigError(
+                    f"{stems[name]} split has label {s.labels.max()} >= num_labels {k}"
+                )
+        return Data(splits, labels)
+
+    def train_batch(self, p: Any, step: int, state: Any = None) -> dict[str, np.ndarray]:
+        """The step's batch; with ``data.packing`` its texts packed into rows."""
+        pack = packing_of(p.cfg, p.splits["train"])
+        if pack is None:
+            return super().train_batch(p, step, state)
+        return pack_train_batch(p.splits["train"], p.batcher, step, p.cfg.train.grad_accum, **pack)
+
+    # -- the loss ---------------------------------------------------------------------------
+
+    def forward(self, params: Any, batch: dict, *, key: jax.Array | None = None):
+        """``(logits, pooled)`` of the whole classifier; ``key`` enables dropout."""
+        fn = jlora.lora(self.model.apply)
+        lora_key = model_key = None
+        if key is not None:
+            lora_key, model_key = jax.random.split(key)
+        kwargs: dict[str, Any] = {"attention_mask": batch["attention_mask"]}
+        if "segment_ids" in batch:  # packed rows (`jlora.train.data.packing`): logits per slot
+            kwargs.update(segment_ids=batch["segment_ids"], num_segments=batch["labels"].shape[-1])
+        if model_key is not None and self.model_dropout:
+            kwargs.update(deterministic=False, rngs={"dropout": model_key})
+        out = fn({"params": params}, batch["input_ids"], dropout_key=lora_key, **kwargs)
+        return out.logits.astype(jnp.float32), out.pooled.astype(jnp.float32)
+
+    def unit_terms(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """Per-example cross-entropy and correctness on this task's columns of ``logits``."""
+        if self.columns is not None:
+            offset, count = self.columns
+            logits = logits[..., offset : offset + count]
+        y = batch["labels"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return ce, (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+
+    def weights(self, batch: dict) -> jax.Array:
+        """Per-example loss weights: ``weight`` (padding rows and slots 0), else 1."""
+        w = batch.get("weight")
+        return jnp.ones(batch["input_ids"].shape[:-1]) if w is None else w
+
+    def terms(self, params: Any, batch: dict, *, key: jax.Array | None = None) -> dict:
+        """Summed loss, weight and correct predictions of a batch, and ``pooled``."""
+        logits, pooled = self.forward(params, batch, key=key)
+        ce, correct = self.unit_terms(logits, batch)
+        return {**weighted_sums(ce, correct, self.weights(batch)), "pooled": pooled}
+
+    # -- evaluation and outputs -------------------------------------------------------------
+
+    def wants_baseline(self, cfg: Any) -> bool:
+        return cfg.train.linear_probe
+
+    def baseline(self, p: Any, features: dict[str, np.ndarray], split_name: Any) -> dict:
+        """The linear probe: the head alone on the frozen encoder's features (L2 picked on the
+        eval split)."""
+        labels = {k: p.splits[k].labels for k in features}
+        res = linear_probe(features, labels, self.model.config.num_labels, valid="eval")
+        return {
+            "l2": res["l2"],
+            **{split_name(p, k): {"accuracy": v} for k, v in res["accuracy"].items()},
+        }
+
+    def report_rows(self, summary: dict) -> list[tuple[str, str, str, str]]:
+        return [
+            ("accuracy before", "before", "accuracy", "(untrained head)"),
+            ("accuracy linear probe", "linear_probe", "accuracy", "(frozen encoder, trained head)"),
+            ("accuracy after", "after", "accuracy", "(LoRA fine-tuned)"),
+            ("loss before", "before", "loss", ""),
+            ("loss after", "after", "loss", ""),
+        ]
