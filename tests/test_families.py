@@ -288,7 +288,7 @@ def test_classification_matches_transformers(family, saved):
     hf, d = _classifier(family, saved)
     model, params = from_pretrained(d, num_labels=3)
     assert set(params["params"]) == {"model", "score"} and "bias" not in params["params"]["score"]
-    got = jax.jit(model.apply)(params, _CLS_IDS, _CLS_MASK)
+    got = jax.jit(model.apply)(params, _CLS_IDS, _CLS_MASK).logits
     diff = _max_diff(got, _hf_logits(hf, _CLS_IDS, _CLS_MASK))
     print(f"{family} sequence classification: max |logits diff| {diff:.1e}")
     assert got.shape == (3, 3) and diff <= TOL
@@ -319,7 +319,7 @@ def test_seq_cls_adapter_both_ways(family, saved, tmp_path):
     model, params = from_pretrained(d, num_labels=3)
     tree, config = jpeft.load(tmp_path / "peft", params)
     assert config.trainable == ("^params/score/",)
-    got = jax.jit(jlora.lora(model.apply))(tree, _CLS_IDS, _CLS_MASK)
+    got = jax.jit(jlora.lora(model.apply))(tree, _CLS_IDS, _CLS_MASK).logits
     want = _hf_logits(pm, _CLS_IDS, _CLS_MASK)
     moved = _max_diff(want, _hf_logits(hf, _CLS_IDS, _CLS_MASK))
     d1 = _max_diff(got, want)

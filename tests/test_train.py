@@ -282,8 +282,13 @@ def test_classification_needs_a_trained_head(tmp_path):
     )
     with pytest.raises(C.ConfigError, match=r"list it in lora.trainable"):
         base_tree(cfg, shapes_only=True)
-    with pytest.raises(C.ConfigError, match="needs a BERT model"):
-        C.from_dict(raw(model={"task": "classification"}, data={"source": "jsonl", "path": "x"}))
+    # a decoder classifies too (its score head on the last token: tests/test_families_train.py)
+    decoder = raw(
+        model={"task": "classification", "num_labels": 3},
+        data={"source": "jsonl", "path": str(tmp_path)},
+    )
+    with pytest.raises(C.ConfigError, match=r"\[score\] for a decoder"):
+        base_tree(C.from_dict(decoder), shapes_only=True)
 
 
 def test_mesh_must_fit_the_devices():

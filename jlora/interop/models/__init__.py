@@ -19,7 +19,10 @@
 from jlora.interop.models.attention import BACKENDS as ATTENTION_BACKENDS
 from jlora.interop.models.attention import AttentionMask, attention
 from jlora.interop.models.bert import BertConfig, BertModel, BertOutput, mean_pool
-from jlora.interop.models.classification import LlamaForSequenceClassification
+from jlora.interop.models.classification import (
+    LlamaForSequenceClassification,
+    SequenceClassifierOutput,
+)
 from jlora.interop.models.generation import GenerateOutput, filter_logits, generate
 from jlora.interop.models.hub import (
     build_model,
@@ -50,6 +53,7 @@ __all__ = [
     "LlamaModel",
     "MoeConfig",
     "REMAT_POLICIES",
+    "SequenceClassifierOutput",
     "SparseMoeBlock",
     "TENSOR_PARALLEL_RULES",
     "attention",

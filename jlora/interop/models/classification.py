@@ -16,7 +16,7 @@ token.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,21 @@ from flax import linen as nn
 from jlora.interop.models.llama import LlamaModel
 from jlora.interop.models.llama_config import LlamaConfig
 
-__all__ = ["LlamaForSequenceClassification", "last_token_index", "segment_last_index"]
+__all__ = [
+    "LlamaForSequenceClassification",
+    "SequenceClassifierOutput",
+    "last_token_index",
+    "segment_last_index",
+]
+
+
+class SequenceClassifierOutput(NamedTuple):
+    """``logits`` (b, num_labels) -- (b, num_segments, num_labels) for packed rows -- and
+    ``pooled``, the hidden state each row is classified from (the features a linear probe
+    reads), as `jlora.models.BertOutput` has them."""
+
+    logits: jax.Array
+    pooled: jax.Array
 
 
 def last_token_index(
@@ -34,9 +48,11 @@ def last_token_index(
     """The position ``(batch,)`` whose hidden state classifies each row.
 
     With a ``pad_token_id``, transformers' rule: the rightmost token that is not the pad id
-    (whatever the padding side; 0 when a row is all padding). Without one (where transformers
-    takes the last position and refuses batches > 1), the rightmost position where
-    ``attention_mask`` is set, else the last position.
+    (whatever the padding side; 0 when a row is all padding), and, with an ``attention_mask``,
+    not padding either -- the same position wherever the padding holds the pad id, and the
+    last real token where it holds something else (transformers would take a padding
+    position). Without a pad id (where transformers takes the last position and refuses
+    batches > 1), the rightmost position ``attention_mask`` keeps, else the last position.
 
     Example:
       >>> ids = jnp.array([[5, 6, 7, 0, 0], [0, 0, 5, 6, 7]])
@@ -44,15 +60,16 @@ def last_token_index(
       [2, 4]
       >>> last_token_index(ids, jnp.array([[1, 1, 1, 1, 0], [1] * 5]), None).tolist()
       [3, 4]
+      >>> last_token_index(jnp.array([[5, 6, 9, 9]]), jnp.array([[1, 1, 0, 0]]), 0).tolist()
+      [1]
     """
     b, s = input_ids.shape
     idx = jnp.arange(s, dtype=jnp.int32)
-    if pad_token_id is not None:
-        keep = input_ids != pad_token_id
-    elif attention_mask is not None:
-        keep = attention_mask > 0
-    else:
+    if pad_token_id is None and attention_mask is None:
         return jnp.full((b,), s - 1, jnp.int32)
+    keep = jnp.ones((b, s), bool) if attention_mask is None else attention_mask > 0
+    if pad_token_id is not None:
+        keep = keep & (input_ids != pad_token_id)
     return jnp.argmax(idx * keep.astype(jnp.int32), axis=-1).astype(jnp.int32)
 
 
@@ -70,12 +87,14 @@ def segment_last_index(segment_ids: jax.Array, num_segments: int) -> jax.Array:
 
 
 class LlamaForSequenceClassification(nn.Module):
-    """A decoder with a ``score`` head: logits ``(batch, num_labels)`` from the last token.
+    """A decoder with a ``score`` head on the last token: a `SequenceClassifierOutput`.
 
     ``config.num_labels`` sets the classes. Call with ``input_ids`` (b, s); optional
     ``attention_mask`` (b, s), ``position_ids``; keyword-only ``segment_ids`` and the static
-    ``num_segments`` for packed rows (see the module docstring). ``gradient_checkpointing``,
-    ``remat`` and ``scan_layers`` are those of `jlora.models.LlamaForCausalLM`.
+    ``num_segments`` for packed rows (see the module docstring). ``deterministic`` is accepted
+    for the interface the classification objective shares with BERT; these decoders have no
+    dropout, so it changes nothing. ``gradient_checkpointing``, ``remat`` and ``scan_layers``
+    are those of `jlora.models.LlamaForCausalLM`.
 
     Example:
       >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -86,8 +105,9 @@ class LlamaForSequenceClassification(nn.Module):
       >>> params = model.init(jax.random.key(0), ids)
       >>> params["params"]["score"]["kernel"].shape, "bias" in params["params"]["score"]
       ((16, 3), False)
-      >>> jax.jit(model.apply)(params, ids, ids != 0).shape
-      (2, 3)
+      >>> out = jax.jit(model.apply)(params, ids, ids != 0)
+      >>> out.logits.shape, out.pooled.shape
+      ((2, 3), (2, 16))
     """
 
     config: LlamaConfig
@@ -120,7 +140,8 @@ class LlamaForSequenceClassification(nn.Module):
         *,
         segment_ids: jax.Array | None = None,
         num_segments: int | None = None,
-    ) -> jax.Array:
+        deterministic: bool = True,
+    ) -> SequenceClassifierOutput:
         if (segment_ids is None) != (num_segments is None):
             raise ValueError("segment_ids and num_segments go together (packed rows)")
         h = self.model(input_ids, attention_mask, position_ids, segment_ids=segment_ids)
@@ -135,4 +156,4 @@ class LlamaForSequenceClassification(nn.Module):
             )
             at = segment_last_index(seg, num_segments)
             picked = jnp.take_along_axis(h, at[..., None], axis=1)
-        return self.score(picked)
+        return SequenceClassifierOutput(self.score(picked), picked)

@@ -26,12 +26,13 @@ Gemma 3). What a family's decoder cannot do is refused with a ValueError naming 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from jlora.interop.models.moe import MOE_TYPES, moe_config_from_hf
 
-__all__ = ["DECODER_FAMILIES", "read_decoder"]
+__all__ = ["DECODER_FAMILIES", "read_decoder", "sequence_classification_architecture"]
 
 Reader = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -260,3 +261,20 @@ def read_decoder(config: Mapping[str, Any]) -> dict[str, Any]:
     if out["layer_types"] is not None:
         out["layer_types"] = tuple(out["layer_types"])
     return out
+
+
+def sequence_classification_architecture(config: Mapping[str, Any]) -> str:
+    """The transformers class of a ``config.json``'s model with a classification head (what a
+    merged classifier's ``architectures`` names).
+
+    Example:
+      >>> sequence_classification_architecture({"architectures": ["Qwen3ForCausalLM"]})
+      'Qwen3ForSequenceClassification'
+      >>> sequence_classification_architecture({"model_type": "gemma3_text",
+      ...                                       "architectures": ["Gemma3ForCausalLM"]})
+      'Gemma3TextForSequenceClassification'
+    """
+    if config.get("model_type") == "gemma3_text":  # Gemma3ForSequenceClassification: multimodal
+        return "Gemma3TextForSequenceClassification"
+    arch = (config.get("architectures") or ["BertModel"])[0]
+    return (re.split(r"For|Model", arch)[0] or "Bert") + "ForSequenceClassification"

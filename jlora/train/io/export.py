@@ -24,6 +24,7 @@ import safetensors.numpy
 import jlora
 from jlora.interop.checkpoint import AdapterCheckpointer, CorruptCheckpointError
 from jlora.interop.models import to_hf_state_dict
+from jlora.interop.models.families import sequence_classification_architecture
 from jlora.train.config import RunConfig
 from jlora.train.data import load_labels
 from jlora.train.engine.model import base_name, resolve_model_path
@@ -155,7 +156,7 @@ def _hf_config(cfg: RunConfig, num_labels: int | None) -> dict:
         names = names or [f"LABEL_{i}" for i in range(num_labels)]
         hf["id2label"] = {str(i): n for i, n in enumerate(names)}
         hf["label2id"] = {n: i for i, n in enumerate(names)}
-        hf["architectures"] = ["BertForSequenceClassification"]
+        hf["architectures"] = [sequence_classification_architecture(hf)]
     return hf
 
 
@@ -197,8 +198,8 @@ def _save_merged(cfg: RunConfig, tree: Any, directory: Path, fmt: str) -> Path:
         safetensors.numpy.save_file(flat, str(file), metadata={"format": "flax"})
         return file
     safetensors.numpy.save_file(to_hf_state_dict(merged), str(file), metadata={"format": "pt"})
-    has_head = "classifier" in merged
-    k = merged["classifier"]["kernel"].shape[-1] if has_head else None
+    head = next((h for h in ("classifier", "score") if h in merged), None)  # BERT, decoder
+    k = merged[head]["kernel"].shape[-1] if head else None
     with open(directory / "config.json", "w", encoding="utf-8") as f:
         json.dump(_hf_config(cfg, k), f, indent=2)
     return file

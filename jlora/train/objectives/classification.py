@@ -1,7 +1,11 @@
-"""``model.task: classification``: cross-entropy of a classifier head on a BERT encoder.
+"""``model.task: classification``: cross-entropy of a classification head on a BERT encoder
+or a decoder.
 
-The head is the model's ``classifier`` on the mean-pooled embedding (trained fully: list it in
-``lora.trainable``). Data: ``{"text", "label"}`` JSON lines and ``labels.json`` (a label is an
+The head is BERT's ``classifier`` on the mean-pooled embedding, or a decoder's ``score`` on its
+last token (`jlora.models.LlamaForSequenceClassification`, as transformers'
+``*ForSequenceClassification``: any family `jlora.models.from_pretrained` reads); train it
+fully by listing it in ``lora.trainable``. Either exports as a PEFT ``SEQ_CLS`` adapter with the
+head in ``modules_to_save``. Data: ``{"text", "label"}`` JSON lines and ``labels.json`` (a label is an
 index or a class name); ``data.packing`` packs each training batch's texts into rows
 (`jlora.train.data.packing`: the same examples and loss, less padding). Metrics: loss and
 accuracy. Evaluation extra: the frozen-encoder linear probe (``train.linear_probe``,
@@ -64,18 +68,8 @@ class Classification(Objective):
 
     @classmethod
     def check_options(cls, cfg: Any) -> None:
-        m = cfg.model
         if cfg.data.source == "synthetic":
             raise ConfigError("data.source 'synthetic' needs model.task 'causal_lm'")
-        if m.random is not None and str(m.random.get("model_type", "")).lower() != "bert":
-            raise ConfigError("model.task 'classification' needs a BERT model (model_type 'bert')")
-
-    @classmethod
-    def check_model(cls, cfg: Any, model_type: str) -> None:
-        if model_type != "bert":
-            raise ConfigError(
-                f"model.task 'classification' needs a BERT model, got model_type {model_type!r}"
-            )
 
     @classmethod
     def num_labels(cls, cfg: Any) -> int:
@@ -93,8 +87,9 @@ class Classification(Objective):
         is_node = lambda x: isinstance(x, jlora.LoraWeight | jlora.Trainable)  # noqa: E731
         if not any(isinstance(x, jlora.Trainable) for x in jax.tree.leaves(tree, is_leaf=is_node)):
             raise ConfigError(
-                "model.task 'classification' adds a new classifier head: list it in "
-                "lora.trainable (e.g. trainable: [classifier]) so that it is trained"
+                "model.task 'classification' adds a new classification head: list it in "
+                "lora.trainable (trainable: [classifier] for BERT, [score] for a decoder) so "
+                "that it is trained"
             )
 
     # -- data -------------------------------------------------------------------------------

@@ -145,6 +145,12 @@ class Multitask(Objective):
 
     @classmethod
     def check_model(cls, cfg: Any, model_type: str) -> None:
+        if cfg.model.task == "classification" and model_type != "bert":
+            raise ConfigError(
+                "multitask classification splits BERT's classifier columns between the tasks; "
+                f"a decoder's score head (model_type {model_type!r}) is not split: train one "
+                "decoder classification task per run"
+            )
         cls.member_class(cfg).check_model(cfg, model_type)
 
     @classmethod
