@@ -860,6 +860,58 @@ def test_an_imported_peft_checkpoint_resumes_with_a_fresh_optimizer(
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
 
 
+def _first_trip(losses, factor=10.0, window=16):
+    """Reference of the gradual-divergence rule: the first 1-based step whose mean loss over the
+    last ``window`` steps is above ``factor`` x the lowest earlier such mean and the first loss."""
+    means = [float(np.mean(losses[max(0, k - window) : k])) for k in range(1, len(losses) + 1)]
+    for k in range(2, len(losses) + 1):
+        if means[k - 1] > factor * min(means[: k - 1]) and means[k - 1] > losses[0]:
+            return k, means[k - 1], min(means[: k - 1])
+    return None
+
+
+def test_the_guard_stops_a_gradual_divergence_by_the_best_running_loss():
+    from jlora.train.engine.guard import DivergenceError, StepGuard
+
+    losses = 4.7 * 1.5 ** np.arange(30)  # 1.5x a step: never 10x the step before
+    k, mean, best = _first_trip(losses)
+    g = StepGuard(10.0, where="runs/x/checkpoints", lr=1e6)
+    with pytest.raises(DivergenceError) as e:
+        for s, loss in enumerate(losses):
+            g.after_step(s, float(loss), 1.0, True, last_saved=None)
+    assert str(e.value) == (
+        f"diverging loss: the mean loss of the {k} steps up to step {k}, {mean:.4g}, is more "
+        f"than train.divergence_factor 10 x the best such mean so far, {best:.4g} (up to step "
+        "1), and above the first step's loss 4.7; stopping. no checkpoint was written in "
+        "runs/x/checkpoints. Lower optim.lr (now 1e+06) and resume with --resume, or start over."
+    )
+    g = StepGuard(10.0, where="ck", lr=1.0)  # before a checkpoint: the next step's loss counts
+    for s, loss in enumerate(losses[: k - 1]):
+        g.after_step(s, float(loss), 1.0, True, last_saved=None)
+    with pytest.raises(DivergenceError, match=rf"up to step {k}, .* the state after step {k - 1} "
+                       r"is not checkpointed; stopping"):  # fmt: skip
+        g.before_checkpoint(k - 1, float(losses[k - 1]), 1.0, last_saved=None)
+    # batch noise around a near-zero loss: 10x its best mean, but far below the first loss
+    rng = np.random.default_rng(0)
+    healthy = np.concatenate([np.geomspace(0.7, 1e-4, 40), rng.uniform(1e-4, 5e-3, 200)])
+    assert _first_trip(healthy) is None
+    g = StepGuard(10.0, where="ck", lr=1.0)
+    for s, loss in enumerate(healthy):
+        g.after_step(s, float(loss), 1.0, True, last_saved=None)
+
+
+@pytest.mark.slow
+def test_the_issues_gradual_divergence_stops_the_run(env, tmp_path):
+    """lr 1e6 on llama-tiny: the loss grew from 4.7 to 2.5e6 over 128 steps and the run ended
+    with exit 0."""
+    r = _train(env, tmp_path / "run", "optim.lr=1e6", "train.max_steps=40")
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("jlora: error: diverging loss: the mean loss of the ") and (
+        "x the best such mean so far" in line
+    )
+
+
 HUGE = ["optim.lr=1e30", "checkpoint.every_steps=1", "train.max_steps=6", "train.eval_before=false"]
 
 

@@ -288,8 +288,9 @@ class TrainConfig:
       early_stopping_metric: ``loss`` or ``accuracy`` (classification).
       divergence_factor: the state after a step is checkpointed only when the next step,
         computed from it, has finite loss and gradients and a loss at most this times the
-        running loss (the larger of the step's loss and the mean of the last 16); else the run
-        stops as diverging (`jlora.train.engine.guard`). null: only finiteness is required. A NaN / inf
+        running loss (the larger of the step's loss and the mean of the last 16), and the mean
+        of the last 16 losses is at most this times the best such mean so far (or not above
+        the first step's loss); else the run stops as diverging (`jlora.train.engine.guard`). null: only finiteness is required. A NaN / inf
         loss, gradient, adapter or optimizer-state value stops the run at any step.
       eval_generate: SFT data: greedy-decode the completions of the first this many eval
         examples (true: all) before and after training, and report their ``exact_match`` and
