@@ -249,7 +249,7 @@ def test_generation_metrics_equal_a_full_forward_greedy_reference(tmp_path):
     assert got == {"exact_match": exact / 3, "token_accuracy": hits / total}
 
 
-def test_train_reports_generation_exact_match_before_and_after(tmp_path):
+def test_train_reports_generation_exact_match_before_and_after(tmp_path, capsys):
     from jlora.cli import main
 
     out = tmp_path / "run"
@@ -260,16 +260,26 @@ def test_train_reports_generation_exact_match_before_and_after(tmp_path):
         "data.test_split=null",
         "data.packing=true",
         f"output.dir={out}",
-        "output.progress=false",
+        "output.progress=true",
         "output.plot=false",
         "output.peft=false",
         "checkpoint.enabled=false",
     ]
     assert main(["train", "configs/llama-sft-tiny.yaml", "--set", *over]) == 0
     summary = json.loads((out / "summary.json").read_text())
+    printed, bars = capsys.readouterr()
     for when in ("before", "after"):
         m = summary[when]["validation"]
         assert 0.0 <= m["exact_match"] <= 1.0 and 0.0 <= m["token_accuracy"] <= 1.0
+        # the final table shows both, before and after (it showed neither)
+        for key, label in (("exact_match", "exact match"), ("token_accuracy", "token accuracy")):
+            row = f"{label} {when}".ljust(28) + f"{100 * m[key]:.2f}%".rjust(12)
+            assert row + "   (greedy completions)" in printed.splitlines(), printed
+    # a progress bar for every evaluation pass and for the generation, not only training
+    for desc in ("evaluating validation:", "generating:", "evaluating validation at step 2:"):
+        assert f"llama-sft-tiny: {desc}" in bars and "/128 [" in bars, bars
+    assert "0/8 [" in bars
+    assert 0.0 < summary["time_to_first_step_s"] < summary["wall_time_s"]
 
 
 def test_complete_applies_the_tokenizer_dirs_chat_template(tmp_path):

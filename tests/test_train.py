@@ -528,18 +528,24 @@ def test_logreg_matches_scipy():
     assert ours == pytest.approx(ref, abs=1e-5)
 
 
-def test_linear_probe_picks_l2_on_validation():
+def test_linear_probe_picks_l2_on_validation(capsys):
+    from jlora.train.io.progress import Bar
+
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 3))
     y = (x[:, 0] + x[:, 1] > 0).astype(int)
-    out = linear_probe(
-        {"train": x[:200], "eval": x[200:250], "test": x[250:]},
-        {"train": y[:200], "eval": y[200:250], "test": y[250:]},
-        2,
-        valid="eval",
-        l2_grid=(0.0, 10.0),
-    )
+    with Bar(total=2, desc="r: linear probe", unit="fit", enabled=True) as bar:
+        out = linear_probe(
+            {"train": x[:200], "eval": x[200:250], "test": x[250:]},
+            {"train": y[:200], "eval": y[200:250], "test": y[250:]},
+            2,
+            valid="eval",
+            l2_grid=(0.0, 10.0),
+            bar=bar,
+        )
     assert out["l2"] == 0.0 and out["accuracy"]["test"] > 0.9
+    err = capsys.readouterr().err
+    assert bar.n == 2 and "r: linear probe:" in err and "0/2 [" in err  # one step per fit
 
 
 def test_metrics_log_truncates_on_resume_and_plots(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 
 import jlora.train.data as D
 from jlora.train.engine.setup import Prepared
+from jlora.train.io.progress import progress
 
 __all__ = ["eval_all", "evaluate", "format_results", "split_name"]
 
@@ -21,12 +22,19 @@ def evaluate(
     split: D.Split,
     *,
     features: bool = False,
+    desc: str = "evaluation",
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """Metrics of ``adapters`` on ``split`` (and the pooled embeddings when ``features``), as
-    the run's objective computes them (`jlora.train.objectives.Objective.evaluate`)."""
-    return p.objective.evaluate(
-        lambda batch: eval_step(adapters, frozen, batch), split, p.cfg, features=features
-    )
+    the run's objective computes them (`jlora.train.objectives.Objective.evaluate`), with a
+    progress bar over its examples (`jlora.train.io.progress`) named ``desc``."""
+    with progress(p.cfg, total=len(split), desc=desc, unit="ex") as bar:
+
+        def eval_fn(batch: dict) -> Any:
+            out = eval_step(adapters, frozen, batch)
+            bar.update(len(next(iter(batch.values()))))  # padded rows: clamped to the total
+            return out
+
+        return p.objective.evaluate(eval_fn, split, p.cfg, features=features)
 
 
 def eval_all(
@@ -46,7 +54,9 @@ def eval_all(
     for name in names:
         if name not in p.splits:
             continue
-        m, f = evaluate(p, eval_step, adapters, frozen, p.splits[name], features=features)
+        desc = f"{'features of' if name == 'train' else 'evaluating'} {split_name(p, name)}"
+        split = p.splits[name]
+        m, f = evaluate(p, eval_step, adapters, frozen, split, features=features, desc=desc)
         if name != "train":
             results[split_name(p, name)] = m
         if f is not None:

@@ -23,7 +23,7 @@ import numpy as np
 import jlora
 import jlora.train.engine.scale as scale
 from jlora.train.config import RunConfig
-from jlora.train.engine.evaluation import evaluate, format_results
+from jlora.train.engine.evaluation import evaluate, format_results, split_name
 from jlora.train.engine.guard import DivergenceError, NonFiniteLossError, StepGuard
 from jlora.train.engine.phases import Outcome, Run
 from jlora.train.engine.steps import make_train_step, step_key
@@ -84,6 +84,7 @@ class TrainingLoop:
         self.guard = StepGuard(t.divergence_factor, where=p.checkpoint_dir, lr=cfg.optim.lr)
         self.ahead: tuple[int, Any] | None = None  # the next step, computed by `_checkpoint`
         self.tokens, self.t_train = 0, 0.0
+        self.first_step_s: float | None = None  # from the run's start to its first step's end
 
     def run_steps(self) -> Outcome:
         """Train to ``total_steps`` (or an early stop); closes the log and the checkpointer."""
@@ -105,6 +106,7 @@ class TrainingLoop:
             last_saved=self.last_saved,
             tokens=self.tokens,
             t_train=self.t_train,
+            first_step_s=self.first_step_s,
         )
 
     def _train_step(self, step: int) -> tuple[Any, Any, dict[str, float], float]:
@@ -128,6 +130,8 @@ class TrainingLoop:
             ahead[1] if ahead is not None and ahead[0] == step else self._train_step(step)
         )
         loss, gnorm = m["loss"], m["grad_norm"]
+        if self.first_step_s is None:  # the wait a user sees before training starts
+            self.first_step_s = time.perf_counter() - run.t_start
         self.guard.after_step(step, loss, gnorm, bool(m["finite"]), last_saved=self.last_saved)
         run.adapters, run.opt_state = adapters, opt_state
         self.t_train += secs
@@ -186,9 +190,11 @@ class TrainingLoop:
         if not (done % self.eval_every == 0 or done == self.p.total_steps):
             return False
         run = self.run
+        name = split_name(self.p, "eval")
         metrics, _ = evaluate(
-            self.p, run.eval_step, run.adapters, run.frozen, self.p.splits["eval"]
-        )
+            self.p, run.eval_step, run.adapters, run.frozen, self.p.splits["eval"],
+            desc=f"evaluating {name} at step {done}",
+        )  # fmt: skip
         self.last_eval = {"step": done, "split": "eval", **metrics}
         self.log.write(done, "eval", metrics)
         if self.bar is not None:

@@ -76,6 +76,7 @@ class Outcome:
     last_saved: int | None
     tokens: int
     t_train: float
+    first_step_s: float | None = None  # seconds from the start of the run to its first step's end
 
 
 def set_up(cfg: RunConfig, *, resume: bool, echo: Callable[[str], None]) -> Run:
@@ -320,6 +321,8 @@ def _summary(run: Run, done: Outcome, before, probe, after) -> dict:
         "train_time_s": t_train,
         "tokens_per_s": done.tokens / t_train if t_train else None,
         "wall_time_s": time.perf_counter() - run.t_start,
+        # set-up, evaluation before, baseline and the first step (its compilation included)
+        "time_to_first_step_s": done.first_step_s,
         "cpu_time_s": time.process_time() - run.cpu_start,
         "timings_s": run.timings,
         "checkpoint_dir": str(p.checkpoint_dir) if run.ckpt is not None else None,

@@ -21,6 +21,7 @@ from jlora.interop.models import generate
 from jlora.train.data.sft import load_chat_template, render_chat
 from jlora.train.data.tokenize import load_tokenizer
 from jlora.train.engine.model import param_shapes, resolve_model_path
+from jlora.train.io.progress import Bar
 
 __all__ = ["complete", "generation_metrics", "score"]
 
@@ -55,6 +56,7 @@ def generation_metrics(
     eos_id: int | None,
     pad_id: int = 0,
     batch_size: int = 64,
+    bar: Bar | None = None,
 ) -> dict[str, float]:
     """Exact match and token accuracy of greedy completions of ``examples`` (see the module).
 
@@ -66,6 +68,7 @@ def generation_metrics(
       eos_id: the EOS id ending completions (None: only the length limit).
       pad_id: the id of left padding.
       batch_size: prompts decoded per `generate` call.
+      bar: a progress bar (`jlora.train.io.progress.Bar`) advanced by the prompts decoded.
     """
     tokenizer.no_padding()
     tokenizer.no_truncation()
@@ -91,6 +94,8 @@ def generation_metrics(
             pad_token_id=pad_id if eos_id is not None else None,
         )
         completions += [_cut(row, eos_id) for row in np.asarray(out)[:, width:]]
+        if bar is not None:
+            bar.update(batch_size)
     return score(completions[: len(refs)], refs)
 
 

@@ -36,7 +36,7 @@ def _cell(results: dict | None, split: str, key: str) -> str:
     v = ((results or {}).get(split) or {}).get(key)
     if v is None or not isinstance(v, int | float) or not math.isfinite(v):
         return "-"
-    return f"{100 * v:.2f}%" if key.endswith("accuracy") else f"{v:.4f}"
+    return f"{100 * v:.2f}%" if key.endswith(("accuracy", "exact_match")) else f"{v:.4f}"
 
 
 def _compiles(s: dict[str, Any]) -> str:
@@ -90,6 +90,6 @@ def format_summary(s: dict[str, Any], rows: Sequence[Row]) -> str:
         res = s.get(where)
         if res is None:
             continue
-        cells = "".join(f"{_cell(res, k, key):>12s}" for k in splits)
+        cells = "".join(f" {_cell(res, k, key):>11s}" for k in splits)  # a space even if wide
         lines.append(f"{label:28s}{cells}   {note}".rstrip())
     return "\n".join(lines)

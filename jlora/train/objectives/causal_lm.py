@@ -38,6 +38,7 @@ from jlora.train.data.tokenize import (
     tokenizer_of,
 )
 from jlora.train.io.generate import generation_metrics
+from jlora.train.io.progress import progress
 from jlora.train.objectives.base import (
     Data,
     Objective,
@@ -175,6 +176,22 @@ class CausalLM(Objective):
         out["perplexity"] = float(jnp.exp(jnp.minimum(out["loss"], 80.0)))
         return out
 
+    def report_rows(self, summary: dict) -> list[tuple[str, str, str, str]]:
+        """The base rows, then exact match and token accuracy of the greedy completions before
+        and after training (``train.eval_generate``), when the run measured them."""
+        rows = super().report_rows(summary)
+        measured = [r for r in (summary.get("before"), summary.get("after")) if r]
+        if any("exact_match" in m for r in measured for m in r.values() if isinstance(m, dict)):
+            for key, label in (
+                ("exact_match", "exact match"),
+                ("token_accuracy", "token accuracy"),
+            ):
+                rows += [
+                    (f"{label} before", "before", key, "(greedy completions)"),
+                    (f"{label} after", "after", key, "(greedy completions)"),
+                ]
+        return rows
+
     # -- evaluation -------------------------------------------------------------------------
 
     def eval_extras(self, p: Any, adapters: Any, frozen: Any) -> dict[str, float] | None:
@@ -186,12 +203,14 @@ class CausalLM(Objective):
         examples = p.examples["eval"] if n is True else p.examples["eval"][: int(n)]
         tokenizer = load_tokenizer(p.cfg)
         pad = tokenizer.token_to_id("[PAD]")
-        return generation_metrics(
-            self,
-            jlora.combine(frozen, adapters),
-            tokenizer,
-            examples,
-            eos_id=self.eos,
-            pad_id=0 if pad is None else pad,
-            batch_size=min(p.cfg.data.eval_batch_size, len(examples)),
-        )
+        with progress(p.cfg, total=len(examples), desc="generating", unit="ex") as bar:
+            return generation_metrics(
+                self,
+                jlora.combine(frozen, adapters),
+                tokenizer,
+                examples,
+                eos_id=self.eos,
+                pad_id=0 if pad is None else pad,
+                batch_size=min(p.cfg.data.eval_batch_size, len(examples)),
+                bar=bar,
+            )

@@ -34,13 +34,14 @@ import jlora
 import jlora.train.data as D
 from jlora.train.data.packing import pack_train_batch, packing_of
 from jlora.train.data.tokenize import load_text_splits
+from jlora.train.io.progress import progress
 from jlora.train.objectives.base import (
     Data,
     Objective,
     register_objective,
     weighted_sums,
 )
-from jlora.train.objectives.probe import linear_probe
+from jlora.train.objectives.probe import L2_GRID, linear_probe
 from jlora.train.sections import ConfigError
 
 __all__ = ["Classification"]
@@ -158,7 +159,10 @@ class Classification(Objective):
         """The linear probe: the head alone on the frozen encoder's features (L2 picked on the
         eval split)."""
         labels = {k: p.splits[k].labels for k in features}
-        res = linear_probe(features, labels, self.model.config.num_labels, valid="eval")
+        with progress(p.cfg, total=len(L2_GRID), desc="linear probe", unit="fit") as bar:
+            res = linear_probe(
+                features, labels, self.model.config.num_labels, valid="eval", bar=bar
+            )
         return {
             "l2": res["l2"],
             **{split_name(p, k): {"accuracy": v} for k, v in res["accuracy"].items()},

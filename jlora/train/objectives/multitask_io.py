@@ -23,7 +23,8 @@ import numpy as np
 
 import jlora
 import jlora.train.data as D
-from jlora.train.objectives.probe import linear_probe
+from jlora.train.io.progress import progress
+from jlora.train.objectives.probe import L2_GRID, linear_probe
 from jlora.train.sections import ConfigError, TaskDataConfig
 
 __all__ = [
@@ -145,6 +146,8 @@ def task_baselines(
     concatenated splits): ``{"l2": {task: l2}, <split>: {"accuracy", "<task>/accuracy"}}``,
     ``accuracy`` being the mean over the tasks."""
     l2, acc = {}, {k: {} for k in feats if k != "train"}
+    total = len(task.specs) * len(L2_GRID)
+    bar = progress(p.cfg, total=total, desc="linear probes", unit="fit")
     for i, spec in enumerate(task.specs):
         rows = {k: p.splits[k].task_ids == i for k in feats}
         res = linear_probe(
@@ -152,10 +155,12 @@ def task_baselines(
             {k: p.splits[k].labels[rows[k]] for k in feats},
             spec.num_labels,
             valid="eval",
+            bar=bar,
         )
         l2[spec.name] = res["l2"]
         for k in acc:
             acc[k][spec.name] = res["accuracy"][k]
+    bar.close()
     out: dict[str, Any] = {"l2": l2}
     for k, per in acc.items():
         out[split_name(p, k)] = {

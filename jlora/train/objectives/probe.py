@@ -73,8 +73,11 @@ def linear_probe(
     train: str = "train",
     valid: str = "validation",
     l2_grid: Sequence[float] = L2_GRID,
+    bar: Any = None,
 ) -> dict[str, Any]:
     """Fit the probe on ``features[train]``, choose L2 on ``features[valid]``, score every split.
+
+    ``bar`` (a `jlora.train.io.progress.Bar`, optional) advances by one per L2 value fitted.
 
     Returns:
       ``{"l2": best, "accuracy": {split: acc, ...}}``.
@@ -93,5 +96,7 @@ def linear_probe(
         acc = _accuracy(p, features[valid], labels[valid])
         if best is None or acc > best[0]:
             best = (acc, l2, p)
+        if bar is not None:
+            bar.update(1)
     _, l2, p = best
     return {"l2": l2, "accuracy": {k: _accuracy(p, features[k], labels[k]) for k in features}}
