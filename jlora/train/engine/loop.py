@@ -81,7 +81,8 @@ class TrainingLoop:
         self.bar = _progress(cfg, p.total_steps, run.start) if scale.is_main_process() else None
         self.window: list[dict[str, float]] = []  # the objective's metrics since the last log line
         self.latest: dict[str, float] = {}  # the latest step's metrics (for the method's log)
-        self.guard = StepGuard(t.divergence_factor, where=p.checkpoint_dir, lr=cfg.optim.lr)
+        factor = t.divergence_factor if p.objective.divergence_check else None
+        self.guard = StepGuard(factor, where=p.checkpoint_dir, lr=cfg.optim.lr)
         self.ahead: tuple[int, Any] | None = None  # the next step, computed by `_checkpoint`
         self.tokens, self.t_train = 0, 0.0
         self.first_step_s: float | None = None  # from the run's start to its first step's end
@@ -111,15 +112,20 @@ class TrainingLoop:
 
     def _train_step(self, step: int) -> tuple[Any, Any, dict[str, float], float]:
         """``(adapters, opt_state, metrics, seconds)`` of optimizer step ``step`` (0-based) from
-        the current state (a pure function of it: computing it ahead changes nothing)."""
+        the current state (a pure function of it: computing it ahead changes nothing). Metrics:
+        the jitted step's, ``update_s`` (its seconds) and those of making the batch
+        (`jlora.train.objectives.Objective.make_batch`)."""
         run, p, cfg = self.run, self.p, self.cfg
         t = time.perf_counter()
-        host = p.objective.train_batch(p, step, run)
+        host, made = p.objective.make_batch(p, step, run)
         batch = scale.place_batch(host, run.mesh)
+        t_update = time.perf_counter()
         adapters, opt_state, m = self.step_fn(
             run.adapters, run.opt_state, run.frozen, batch, step_key(cfg.train.seed, step)
         )
-        m = {k: float(v) for k, v in m.items()}
+        m = {k: float(v) for k, v in m.items()}  # waits for the step
+        m["update_s"] = time.perf_counter() - t_update
+        m.update(made)
         return adapters, opt_state, m, time.perf_counter() - t
 
     def step(self, step: int) -> bool:

@@ -124,7 +124,9 @@ def _checked_run(
         check_run_dir(out, p.checkpoint_dir, existing, resume=resume)
         frozen, adapters = jlora.split(p.tree)
         schedule = make_schedule(cfg.optim, p.total_steps)
-        tx = make_optimizer(cfg.optim, schedule, adapters)
+        tx = make_optimizer(
+            cfg.optim, schedule, adapters, updates_per_step=p.objective.updates_per_batch
+        )
         method = method_for(cfg.lora)
         opt_state = method.init_state(tx, adapters)  # the method's (AdaLoRA: with its allocator)
         frozen = scale.place_state(frozen, mesh)

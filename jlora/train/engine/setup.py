@@ -118,8 +118,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     # Whole optimizer steps per epoch; the micro-batch counter of `Batcher` runs across epochs,
     # so an epoch whose micro-batches do not divide evenly spills into the next permutation.
     total = int(cfg.train.max_steps or cfg.train.epochs * per_epoch)
-    # What the method fills in once the steps are known (AdaLoRA's lora.total_step).
-    cfg = dataclasses.replace(cfg, lora=method_class(cfg.lora.variant).resolve(cfg.lora, total))
+    # What the method fills in once the optimizer updates are known (AdaLoRA's lora.total_step).
+    updates = total * objective.updates_per_batch
+    cfg = dataclasses.replace(cfg, lora=method_class(cfg.lora.variant).resolve(cfg.lora, updates))
     return Prepared(
         cfg=cfg,
         objective=objective,

@@ -77,9 +77,13 @@ def _core(o: OptimConfig, lr: optax.ScalarOrSchedule) -> optax.GradientTransform
 
 
 def make_optimizer(
-    o: OptimConfig, schedule: optax.Schedule, adapters: Any
+    o: OptimConfig, schedule: optax.Schedule, adapters: Any, *, updates_per_step: int = 1
 ) -> optax.GradientTransformation:
     """Gradient clipping, then ``o.name`` on the trainable leaves only (`jlora.optimizer`).
+
+    ``schedule`` counts train steps; with ``updates_per_step`` optimizer updates per step
+    (`jlora.train.objectives.Objective.updates_per_batch`) the learning rate of update ``u`` is
+    ``schedule(u // updates_per_step)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -91,6 +95,9 @@ def make_optimizer(
       >>> sum(x.size for x in jax.tree.leaves(tx.init(adapters)))  # mu, nu of a, b + 2 counts
       66
     """
+    if updates_per_step > 1:
+        per_step = schedule
+        schedule = lambda count: per_step(count // updates_per_step)  # noqa: E731
     b_tx = None
     if o.lora_plus_ratio:
         ratio = o.lora_plus_ratio
@@ -108,10 +115,16 @@ def make_train_step(
     ``train_metrics`` (``loss`` first), ``grad_norm``, ``tokens`` (non-padding tokens seen),
     ``finite`` (every value of the updated adapters and optimizer state is finite;
     `jlora.train.engine.guard`) and what ``method`` reports (AdaLoRA: ``orth_loss``,
-    ``budget``). ``method`` None is the identity `jlora.train.methods.Method`."""
-    method = method if method is not None else Method(None)
+    ``budget``). ``method`` None is the identity `jlora.train.methods.Method`.
 
-    def train_step(adapters: Any, opt_state: Any, frozen: Any, batch: dict, key: jax.Array):
+    An objective whose `jlora.train.objectives.Objective.updates_per_batch` is ``μ > 1`` (an RL
+    objective reusing a rollout batch) gets ``μ`` optimizer updates on the step's batch, each on
+    the gradient at the adapters the previous one left (a ``lax.scan``); the metrics are their
+    means."""
+    method = method if method is not None else Method(None)
+    updates = objective.updates_per_batch
+
+    def update(adapters: Any, opt_state: Any, frozen: Any, batch: dict, key: jax.Array):
         total = jnp.sum(objective.weights(batch))
         n_micro = batch["input_ids"].shape[0]
 
@@ -138,11 +151,25 @@ def make_train_step(
         metrics = {
             **objective.step_metrics(sums, total),
             "grad_norm": optax.global_norm(grads),
-            "tokens": jnp.sum(batch["attention_mask"]),
-            "finite": _all_finite((adapters, opt_state)),
             **extra,
             **more,
         }
+        return adapters, opt_state, metrics
+
+    def train_step(adapters: Any, opt_state: Any, frozen: Any, batch: dict, key: jax.Array):
+        if updates == 1:
+            adapters, opt_state, metrics = update(adapters, opt_state, frozen, batch, key)
+        else:
+
+            def body(carry, k):
+                a, o, m = update(*carry, frozen, batch, k)
+                return (a, o), m
+
+            keys = jax.random.split(key, updates)
+            (adapters, opt_state), ms = jax.lax.scan(body, (adapters, opt_state), keys)
+            metrics = jax.tree.map(lambda v: jnp.mean(v, axis=0), ms)
+        metrics["tokens"] = jnp.sum(batch["attention_mask"])
+        metrics["finite"] = _all_finite((adapters, opt_state))
         return adapters, opt_state, metrics
 
     return train_step

@@ -10,10 +10,13 @@ An objective says everything about a run that depends on *what* is trained, so t
 * **the tree**: the initial adapters (`init_tree`) and what they must hold (`check_tree`);
 * **data**: its splits (`load_data` → `Data`), the training order (`make_batcher`), the batch
   of an optimizer step (`train_batch`: read from the splits, or made, as a rollout is, from the
-  current adapters it is given) and the evaluation batches (`eval_batches`);
+  current adapters it is given; `make_batch` adds the host-side metrics of making it, e.g. a
+  rollout's rewards and time), how many optimizer updates a batch gets (`updates_per_batch`)
+  and the evaluation batches (`eval_batches`);
 * **the loss** (pure and jittable): `terms` (the summed ``loss``, ``weight`` and metric terms of
   a batch), `weights` (what one step's mean divides by), `step_metrics` (the train step's
-  metrics, `train_metrics` their names) and `metrics` (evaluation metrics from summed terms);
+  metrics, `train_metrics` their names), `metrics` (evaluation metrics from summed terms) and
+  whether the health rule's divergence test applies to its loss (`divergence_check`);
 * **evaluation extras**: `eval_extras` (e.g. generation metrics, added to the eval split's
   results before and after training) and a frozen-model `baseline` (e.g. the linear probe);
 * **outputs**: its PEFT task type, the trees to export (`export_trees`, one per task for a
@@ -116,6 +119,9 @@ class Objective:
     plot_metric: ClassVar[str] = "accuracy"
     #: what the `baseline` is, for the progress line
     baseline_title: ClassVar[str] = "baseline"
+    #: whether ``train.divergence_factor`` applies (`jlora.train.engine.guard`): a loss that is
+    #: a positive quantity (a cross-entropy); not a policy-gradient surrogate, near 0 or negative
+    divergence_check: ClassVar[bool] = True
 
     # -- config (class methods: nothing is built yet) -------------------------------------
 
@@ -197,6 +203,19 @@ class Objective:
             cfg.train.grad_accum,
             buckets=cfg.data.length_buckets,
         )
+
+    def make_batch(
+        self, p: Any, step: int, state: Any = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """``(batch, metrics)``: `train_batch`, and host-side metrics of making it, logged with
+        the step's (those named in `train_metrics`). The engine calls this one."""
+        return self.train_batch(p, step, state), {}
+
+    @property
+    def updates_per_batch(self) -> int:
+        """The optimizer updates each train batch gets (an RL objective may reuse a rollout
+        batch μ times, `jlora.train.engine.steps.make_train_step`); 1 by default."""
+        return 1
 
     def eval_batches(self, split: D.Split, cfg: Any) -> Iterator[dict[str, np.ndarray]]:
         """Batches covering ``split`` once (`jlora.train.data.eval_batches`)."""
