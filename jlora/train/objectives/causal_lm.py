@@ -80,7 +80,7 @@ class CausalLM(Objective):
     def check_model(cls, cfg: Any, model_type: str) -> None:
         if model_type == "bert":
             raise ConfigError(
-                "model.task 'causal_lm' needs a decoder (llama/mistral/qwen2), got 'bert'"
+                "model.task 'causal_lm' needs a decoder (llama, qwen3, gemma2, phi3, ...), got 'bert'"
             )
 
     # -- data -------------------------------------------------------------------------------
