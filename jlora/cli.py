@@ -28,8 +28,9 @@ EXAMPLES = """examples:
   jlora train configs/llama-tiny.yaml
   jlora train configs/minilm-lora.yaml --set optim.lr=1e-3 train.epochs=2
   jlora train configs/llama-tiny.yaml --resume
+  jlora train configs/minilm-lora.yaml --overwrite    # the old run moves to runs/minilm-lora.old
   jlora info configs/minilm-lora.yaml
-  jlora export-peft configs/minilm-lora.yaml --out runs/minilm-lora/peft-step200 --step 200
+  jlora export-peft configs/minilm-lora.yaml --out runs/minilm-lora/peft-step150 --step 150
   jlora import-peft configs/minilm-lora.yaml --peft path/to/peft_dir --out runs/imported
   jlora merge configs/minilm-lora.yaml --out runs/minilm-lora/merged
   jlora generate configs/llama-sft-tiny.yaml --adapter runs/llama-sft-tiny --prompt "sort : 3 1 2 =>"
@@ -90,7 +91,15 @@ def _add_train(sub: Any) -> None:
         "summary.json, the Orbax checkpoints and a PEFT export under output.dir.",
     )
     _config_args(p)
-    p.add_argument(
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output.dir that holds a run: the old run is moved aside to "
+        "<output.dir>.old (.old.1, ... when taken; a checkpoint.dir outside it too), never "
+        "deleted",
+    )
+    again.add_argument(
         "--resume",
         action="store_true",
         help="continue from the newest checkpoint step in the checkpoint directory that verifies "
@@ -341,7 +350,7 @@ def _command(args: argparse.Namespace) -> int:
             from jlora.train.engine.compiles import enable_compile_cache
 
             enable_compile_cache(cfg.train.compile_cache_dir)  # before anything compiles
-            train(cfg, resume=args.resume)
+            train(cfg, resume=args.resume, overwrite=args.overwrite)
         elif args.command == "info":
             _info(cfg)
         elif args.command == "generate":

@@ -436,6 +436,20 @@ def test_generate_errors_are_one_line_exit_2(capsys, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_help_examples_read_a_checkpoint_step_the_main_job_keeps():
+    import re
+
+    from jlora.cli import EXAMPLES
+
+    readme = (ROOT / "README.md").read_text()
+    total = int(re.search(r"2 epochs, (\d+) steps, batch 32 packed", readme).group(1))
+    ck = load_config(ROOT / "configs" / "minilm-lora.yaml").checkpoint
+    saved = sorted({*range(ck.every_steps, total + 1, ck.every_steps), total})
+    kept = saved[-ck.max_to_keep :]  # what the shipped run leaves in runs/minilm-lora
+    (line,) = [ln for ln in EXAMPLES.splitlines() if "minilm-lora.yaml" in ln and "--step" in ln]
+    assert int(re.search(r"--step (\d+)", line).group(1)) in kept, (line, kept)
+
+
 def test_generate_usage_and_runtime_errors_are_one_line(capsys, monkeypatch):
     def one_line(r, code: int, message: str) -> None:
         assert r.returncode == code, r.stderr

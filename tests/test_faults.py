@@ -769,8 +769,32 @@ def test_an_old_run_without_resume_is_refused_and_unchanged(capsys, tiny_run, tm
     before = _listing(out)
     _one_line_error(capsys, "train", TINY, "--set", f"output.dir={out}", *SHORT,
                     expect=f"output.dir {out} already holds a run (metrics.jsonl, before.json, "
-                    "after.json, summary.json): pass --resume")  # fmt: skip
+                    "after.json, summary.json): pass --resume to continue it (from its latest "
+                    "checkpoint, or from the start if it has none), --overwrite to move it aside "
+                    "and start over, or choose another output.dir")  # fmt: skip
     assert _listing(out) == before
+
+
+@pytest.mark.slow
+def test_overwrite_moves_the_old_run_aside_and_starts_over(capsys, tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = _listing(out)
+    args = ["train", TINY, "--set", f"output.dir={out}", *SHORT, "train.max_steps=1",
+            "train.eval_before=false"]  # fmt: skip
+    line = _one_line_error(capsys, *args, expect="already has steps [4, 8]: pass --resume")
+    assert "--overwrite to move the old run aside and start over" in line
+    assert _listing(out) == before
+    rc, printed, err = _call(capsys, *args, "--overwrite")
+    assert rc == 0, err
+    assert f"[jlora] --overwrite: moved {out} aside to {out}.old (nothing deleted)" in printed
+    old = tmp_path / "run.old"
+    assert _listing(old) == before  # the whole old run, byte for byte, lock file excepted
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1  # a fresh run
+    with AdapterCheckpointer(out / "checkpoints") as ckpt:
+        assert list(ckpt.all_steps()) == [1]
+    rc, _, err = _call(capsys, *args, "--overwrite", "--resume")
+    assert rc == 2 and "not allowed with argument" in err
 
 
 def test_export_and_merge_skip_a_damaged_step_or_name_it(capsys, tiny_run, tmp_path):

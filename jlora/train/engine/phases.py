@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import yaml
 
 import jlora
@@ -27,14 +28,21 @@ import jlora.train.engine.scale as scale
 from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.train.config import RunConfig, to_dict
 from jlora.train.engine.evaluation import eval_all, format_results, split_name
-from jlora.train.engine.lock import RunLock
-from jlora.train.engine.resume import Resumed, check_run_dir, find_resume_point, set_aside
+from jlora.train.engine.lock import LOCK_NAME, RunLock
+from jlora.train.engine.resume import (
+    Resumed,
+    check_run_dir,
+    find_resume_point,
+    move_aside,
+    set_aside,
+)
 from jlora.train.engine.setup import Prepared, prepare
 from jlora.train.engine.steps import make_eval_step, make_optimizer, make_schedule
 from jlora.train.io.export import write_peft
 from jlora.train.io.metrics import plot_curves, read_metrics
 from jlora.train.io.report import format_summary, load_json, save_json
 from jlora.train.methods import Method, method_for
+from jlora.train.sections import ConfigError
 
 __all__ = ["Outcome", "Run", "evaluate_before", "finish", "restore", "set_up"]
 
@@ -79,15 +87,20 @@ class Outcome:
     first_step_s: float | None = None  # seconds from the start of the run to its first step's end
 
 
-def set_up(cfg: RunConfig, *, resume: bool, echo: Callable[[str], None]) -> Run:
+def set_up(
+    cfg: RunConfig, *, resume: bool, echo: Callable[[str], None], overwrite: bool = False
+) -> Run:
     """Prepare ``cfg``, lock the run directory, check it (and the checkpoint to resume from),
-    then write ``config.yaml``; nothing in the run directory changes before the checks pass."""
+    then write ``config.yaml``; nothing in the run directory changes before the checks pass.
+    With ``overwrite``, an old run there is first moved aside (`_overwrite`)."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     scale.init_distributed(cfg.distributed)
     mesh = scale.make_mesh(cfg.mesh)
     p = prepare(cfg)
     out, echo = scale.process_outputs(p.out_dir, echo)  # multi-host: process 0 logs, exports
     lock = RunLock.acquire(out)  # every process locks its own directory
+    if overwrite:
+        lock = _overwrite(p, out, lock, echo)
     try:
         run = _checked_run(p, out, echo, mesh, lock, resume=resume)
     except BaseException:
@@ -110,6 +123,33 @@ def set_up(cfg: RunConfig, *, resume: bool, echo: Callable[[str], None]) -> Run:
     run.ckpt = _checkpointer(p) if cfg.checkpoint.enabled else None
     echo(f"[jlora] {cfg.name}: {run.summ}")
     return run
+
+
+def _overwrite(p: Prepared, out: Path, lock: RunLock, echo: Callable[[str], None]) -> RunLock:
+    """Move the run in ``out`` (and its checkpoints) aside, ``<out>.old`` (`move_aside`: never
+    deleted), holding ``out``'s lock (a live run there is refused first); the lock of the new,
+    empty ``out``."""
+    try:
+        if jax.process_count() > 1:
+            raise ConfigError(
+                "--overwrite moves a run directory aside in a single-process run only; move "
+                f"{out} (and its checkpoint.dir) aside by hand"
+            )
+        steps = []
+        if p.cfg.checkpoint.enabled and p.checkpoint_dir.is_dir():
+            with AdapterCheckpointer(p.checkpoint_dir) as reader:
+                steps = list(reader.all_steps())
+        moves = move_aside(out, p.checkpoint_dir, steps)
+    except BaseException:
+        lock.release(remove_dir=True)
+        raise
+    for src, dst in moves:
+        echo(f"[jlora] --overwrite: moved {src} aside to {dst} (nothing deleted)")
+    if moves and moves[0][0] == out:  # the lock file went with the directory
+        lock.release()
+        (moves[0][1] / LOCK_NAME).unlink(missing_ok=True)
+        lock = RunLock.acquire(out)
+    return lock
 
 
 def _checked_run(

@@ -1,7 +1,8 @@
 """Resuming a run: the checks made before anything in the run directory changes, and the step.
 
 `check_run_dir` refuses a run directory that already holds checkpoints or outputs without
-``--resume``. `find_resume_point` restores the newest checkpoint step that verifies (each newer,
+``--resume`` (or ``--overwrite``, which first moves the old run aside with `move_aside`:
+renamed, never deleted). `find_resume_point` restores the newest checkpoint step that verifies (each newer,
 damaged step is reported in one line and skipped); a checkpoint of another base, rank or targets
 is refused whole. A checkpoint without optimizer state (written by ``jlora import-peft``) resumes
 with a fresh optimizer state, and says so. Only once these checks pass does `set_aside` rename
@@ -21,7 +22,15 @@ import jlora
 from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.train.sections import ConfigError
 
-__all__ = ["OUTPUTS", "Resumed", "check_run_dir", "find_resume_point", "set_aside"]
+__all__ = [
+    "OUTPUTS",
+    "Resumed",
+    "check_run_dir",
+    "find_resume_point",
+    "holds_run",
+    "move_aside",
+    "set_aside",
+]
 
 #: The files of a run's outputs: a directory holding any of them holds a run.
 OUTPUTS = ("metrics.jsonl", "before.json", "probe.json", "after.json", "summary.json")
@@ -47,22 +56,64 @@ def check_run_dir(out: Path, ckpt_dir: Path, steps: Sequence[int], *, resume: bo
       >>> check_run_dir(d, d / "checkpoints", [], resume=False)  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      jlora.train.sections.ConfigError: output.dir ... already holds a run (summary.json): pass --resume to continue it (from its latest checkpoint, or from the start if it has none), or choose another output.dir
+      jlora.train.sections.ConfigError: output.dir ... already holds a run (summary.json): pass --resume to continue it (from its latest checkpoint, or from the start if it has none), --overwrite to move it aside and start over, or choose another output.dir
     """
     if resume:
         return
     if steps:
         raise ConfigError(
             f"checkpoint dir {ckpt_dir} already has steps {list(steps)}: pass --resume "
-            "to continue, or choose another output.dir / checkpoint.dir"
+            "to continue, --overwrite to move the old run aside and start over, or choose "
+            "another output.dir / checkpoint.dir"
         )
-    found = [name for name in OUTPUTS if (out / name).exists()]
+    found = holds_run(out)
     if found:
         raise ConfigError(
             f"output.dir {out} already holds a run ({', '.join(found)}): pass --resume to "
-            "continue it (from its latest checkpoint, or from the start if it has none), or "
-            "choose another output.dir"
+            "continue it (from its latest checkpoint, or from the start if it has none), "
+            "--overwrite to move it aside and start over, or choose another output.dir"
         )
+
+
+def holds_run(out: Path) -> list[str]:
+    """The run outputs (`OUTPUTS`) that ``out`` holds."""
+    return [name for name in OUTPUTS if (Path(out) / name).exists()]
+
+
+def move_aside(out: Path, ckpt_dir: Path, steps: Sequence[int]) -> list[tuple[Path, Path]]:
+    """``--overwrite``: rename the run directory ``out`` when it holds a run's outputs or
+    checkpoints to ``<out>.old`` (``.old.1``, ``.old.2`` ... when taken), and a checkpoint
+    directory outside it that has ``steps`` to ``<checkpoint dir>.old``; nothing is deleted.
+    Returns the ``(from, to)`` renames made (none when there was no run).
+
+    Example:
+      >>> import tempfile
+      >>> d = Path(tempfile.mkdtemp()) / "run"
+      >>> d.mkdir(); _ = (d / "summary.json").write_text("{}")
+      >>> [(a.name, b.name) for a, b in move_aside(d, d / "checkpoints", [])]
+      [('run', 'run.old')]
+      >>> d.mkdir(); _ = (d / "summary.json").write_text("{}")
+      >>> [b.name for _, b in move_aside(d, d / "checkpoints", [])], d.exists()
+      (['run.old.1'], False)
+    """
+    out, ckpt_dir = Path(out), Path(ckpt_dir)
+    inside = ckpt_dir.resolve().is_relative_to(out.resolve())
+    moves = []
+    if holds_run(out) or (steps and inside):
+        moves.append((out, _free_name(out)))
+    if steps and not inside:
+        moves.append((ckpt_dir, _free_name(ckpt_dir)))
+    for src, dst in moves:
+        os.replace(src, dst)
+    return moves
+
+
+def _free_name(path: Path) -> Path:
+    dst, i = path.with_name(f"{path.name}.old"), 0
+    while dst.exists():
+        i += 1
+        dst = path.with_name(f"{path.name}.old.{i}")
+    return dst
 
 
 def find_resume_point(

@@ -36,12 +36,21 @@ from jlora.train.engine.phases import evaluate_before, finish, restore, set_up
 __all__ = ["DivergenceError", "NonFiniteLossError", "evaluate", "train"]
 
 
-def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] = print) -> dict:
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    echo: Callable[[str], None] = print,
+    overwrite: bool = False,
+) -> dict:
     """Run the config: fine-tune, checkpoint, evaluate and write the outputs (module docstring).
 
     Args:
       cfg: a validated run config.
       resume: continue from the latest checkpoint in the checkpoint directory (if any).
+      overwrite: start over in a run directory that holds a run: the old run is moved aside
+        to ``<output.dir>.old`` (``.old.1``, ...; a checkpoint.dir outside it too), never
+        deleted.
       echo: where progress messages go.
 
     Returns:
@@ -57,7 +66,9 @@ def train(cfg: RunConfig, *, resume: bool = False, echo: Callable[[str], None] =
     """
     counter = CompileCounter().start()  # the programs this run compiles (summary.json)
     try:
-        run = set_up(cfg, resume=resume, echo=echo)
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+        run = set_up(cfg, resume=resume, echo=echo, overwrite=overwrite)
         run.compiles = counter
         try:
             before, probe = evaluate_before(run)
