@@ -101,6 +101,14 @@ def test_reads_transformers_4_configs():
     )  # fmt: skip
     assert qwen3.layer_types == ("full_attention",) * 2 and qwen3.sliding_window is None
     assert qwen3.qk_norm and not qwen3.attention_bias and not qwen3.o_proj_bias
+    moe = {**_BASE, "num_hidden_layers": 4, "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 8, "sliding_window": 32768}  # fmt: skip
+    qwen2_moe = LlamaConfig.from_hf({**moe, "model_type": "qwen2_moe"})  # Qwen1.5-MoE's
+    assert qwen2_moe.sliding_window is None and set(qwen2_moe.layer_types) == {"full_attention"}
+    sliding = LlamaConfig.from_hf(
+        {**moe, "model_type": "qwen2_moe", "use_sliding_window": True, "max_window_layers": 2}
+    )  # transformers' Qwen2-MoE rule: odd layers (1-based) below max_window_layers
+    assert sliding.layer_types == ("sliding_attention",) + ("full_attention",) * 3
 
 
 @pytest.mark.parametrize(

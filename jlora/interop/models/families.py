@@ -130,12 +130,22 @@ def _qwen(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def _moe(c: dict[str, Any]) -> dict[str, Any]:
-    """Mixtral, Qwen2-MoE, Qwen3-MoE: as Llama, Qwen's MoE without o bias and Qwen3's with q/k
-    norms."""
+    """Mixtral, Qwen2-MoE, Qwen3-MoE: as Llama, Qwen2-MoE without o bias, Qwen3-MoE with q/k
+    norms; Qwen's MoE slide only with ``use_sliding_window`` (Qwen2-MoE on its odd layers below
+    ``max_window_layers`` unless ``layer_types`` says otherwise, Qwen3-MoE on every layer)."""
+    mt = c["model_type"]
+    if mt in ("qwen2_moe", "qwen3_moe") and not c.get("use_sliding_window"):
+        c = {**c, "sliding_window": None}  # as transformers: no window unless asked for
+    elif mt == "qwen2_moe" and c.get("layer_types") is None and c.get("sliding_window"):
+        last = c.get("max_window_layers", c["num_hidden_layers"])
+        c = {**c, "layer_types": [
+            "sliding_attention" if (i + 1) % 2 and i < last else "full_attention"
+            for i in range(c["num_hidden_layers"])
+        ]}  # fmt: skip
     out = _llama(c)
-    if c["model_type"] == "qwen2_moe":
+    if mt == "qwen2_moe":
         out.update(attention_bias=bool(c.get("attention_bias", True)), o_proj_bias=False)
-    return dict(out, qk_norm=c["model_type"] == "qwen3_moe")
+    return dict(out, qk_norm=mt == "qwen3_moe")
 
 
 def _causal_only(c: dict[str, Any]) -> None:
