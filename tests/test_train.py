@@ -398,6 +398,45 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path, line, message):
         D.load_jsonl(p, labels=["neg", "pos"])
 
 
+def test_load_jsonl_names_a_non_utf8_line_and_a_label_beyond_num_labels(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"text": "fine", "label": 1}\n{"text": "caf\xe9", "label": 0}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: not UTF-8 text \(invalid continuation "):
+        D.load_jsonl(p)  # was a UnicodeDecodeError naming no file
+    p.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 3}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: label 3 is class 3, beyond the model's 2 "):
+        D.load_jsonl(p, num_labels=2)
+
+
+def test_data_problems_are_listed_at_once_before_the_model_loads(tmp_path, monkeypatch):
+    from jlora.train.engine import setup
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(setup, "base_tree", no_model)
+    gone = tmp_path / "gone"
+    with pytest.raises(C.ConfigError) as e:  # the missing folder first (was: labels.json)
+        setup.prepare(C.load_config("configs/minilm-lora.yaml", [f"data.path={gone}"]))
+    assert str(e.value) == (
+        f"1 problem with the data: data.path {gone} does not exist (a folder of train.jsonl, "
+        "validation.jsonl, test.jsonl)"
+    )
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
+    tok = tmp_path / "tok.json"
+    over = [f"data.path={tmp_path / 'half'}", f"data.tokenizer={tok}"]
+    with pytest.raises(C.ConfigError) as e:  # every problem, not the first
+        setup.prepare(C.load_config("configs/minilm-lora.yaml", over))
+    half = tmp_path / "half"
+    assert str(e.value) == (
+        f"4 problems with the data: data.path: {half}/validation.jsonl does not exist; "
+        f"data.path: {half}/test.jsonl does not exist; data.tokenizer '{tok}': no such file; "
+        f"{half}/labels.json does not exist and model.num_labels is not set: write the class "
+        "names there (a JSON list), or set model.num_labels"
+    )
+
+
 def test_load_labels(tmp_path):
     assert D.load_labels(tmp_path) is None
     (tmp_path / "labels.json").write_text('{"a": 1}')

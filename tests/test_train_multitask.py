@@ -19,7 +19,7 @@ import jlora
 import jlora.train.data as D
 from jlora.train import config as C
 from jlora.train import train
-from jlora.train.engine.setup import prepare
+from jlora.train.engine.setup import base_tree, prepare
 from jlora.train.engine.steps import make_optimizer, make_schedule, make_train_step
 from jlora.train.io.export import from_checkpoint
 from jlora.train.objectives import CausalLM, Classification
@@ -124,6 +124,12 @@ TASKS = [{"name": "a", "path": "x"}, {"name": "b", "path": "y"}]
             r"data.tasks\[1\] \('lm'\) is a 'causal_lm' task, but model.task is 'classification'",
         ),
         ({"tasks": TASKS}, {"num_labels": 3}, "model.num_labels does not apply to a multitask run"),
+        (  # the value and the choices (it said: expected list of mapping or null)
+            {"tasks": [{"name": "a", "path": "x", "kind": "regression"}]},
+            {},
+            r"^data.tasks\[0\].kind: expected one of 'classification', 'causal_lm', got str "
+            r"'regression'$",
+        ),
     ],
 )  # fmt: skip
 def test_config_errors(data, model, match):
@@ -148,6 +154,22 @@ def test_a_task_without_labels_json_needs_num_labels(world, tmp_path):
     raw["data"]["tasks"].append({"name": "c", "path": str(tmp_path / "c")})
     with pytest.raises(C.ConfigError, match=r"data.tasks\[2\] \('c'\): num_labels is not set"):
         prepare(C.from_dict(raw))
+
+
+def test_a_label_beyond_a_tasks_num_labels_names_the_task_file_and_line(world, tmp_path):
+    raw = _raw(world, tmp_path)
+    raw["data"]["tasks"][1]["num_labels"] = 2  # b has labels 0..2
+    path = f"{world['b']}/train.jsonl"
+    with open(path) as f:
+        line = next(i for i, r in enumerate(f, 1) if json.loads(r)["label"] == 2)
+    cfg = C.from_dict(raw)
+    objective, _, _ = base_tree(cfg, shapes_only=True)  # no weights: the data alone
+    with pytest.raises(
+        C.ConfigError,
+        match=rf"^data.tasks\[1\] \('b'\): {path}:{line}: label 2 is class 2, beyond the "
+        r"model's 2 classes \(num_labels 2: classes 0..1\)$",
+    ):
+        objective.load_data(cfg, BERT["vocab_size"])
 
 
 # Mixing ----------------------------------------------------------------------------------------

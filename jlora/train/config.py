@@ -149,6 +149,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise
             except (TypeError, ValueError) as e:
                 errors.append(e)
+        deeper = [e for e in errors if str(e).startswith((f"{key}[", f"{key}."))]
+        if len(errors) == 1 and deeper:  # inside the one possible type: the entry at fault
+            raise deeper[0]
         kind = TypeError if any(isinstance(e, TypeError) for e in errors) else ValueError
         raise kind(f"{key}: expected {_type_name(tp)}, got {_got(value)}")
     if origin is Literal:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLUMNS", "Split", "load_jsonl", "load_labels", "synthetic_lm"]
+__all__ = ["COLUMNS", "Split", "load_jsonl", "load_labels", "synthetic_lm", "text_lines"]
 
 #: The name a `Split` field has as a batch column (``task_ids`` -> ``task_id``; others as is).
 COLUMNS = {"task_ids": "task_id"}
@@ -85,20 +85,51 @@ def load_labels(directory: str | Path) -> list[str] | None:
     return names
 
 
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file with their 1-based numbers.
+
+    Raises:
+      ValueError: a line is not UTF-8 (naming the file, the line and the byte).
+
+    Example:
+      >>> import tempfile, os
+      >>> p = os.path.join(tempfile.mkdtemp(), "x.jsonl")
+      >>> _ = open(p, "wb").write(b'{"text": "ok"}\\n\\n{"text": "caf\\xe9"}\\n')
+      >>> next(text_lines(p))
+      (1, '{"text": "ok"}\\n')
+      >>> list(text_lines(p))  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ValueError: ...x.jsonl:3: not UTF-8 text (invalid continuation byte at byte 13 of the line): save the file as UTF-8
+    """
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line): "
+                    "save the file as UTF-8"
+                ) from e
+            if line.strip():
+                yield n, line
+
+
 def load_jsonl(
     path: str | Path,
     *,
     text_key: str = "text",
     label_key: str | None = "label",
     labels: Sequence[str] | None = None,
+    num_labels: int | None = None,
 ) -> tuple[list[str], np.ndarray | None]:
     """Texts and integer labels of a JSON-lines file.
 
-    A label may be an integer index or a class name from ``labels``.
+    A label may be an integer index or a class name from ``labels``; with ``num_labels`` it
+    must be below it (the model's head has that many classes).
 
     Raises:
-      ValueError: a line is not a JSON object, lacks a key, or has an unknown label (the message
-        names the file and line).
+      ValueError: a line is not UTF-8 or not a JSON object, lacks a key, or has an unknown
+        label or one beyond ``num_labels`` (the message names the file and line).
 
     Example:
       >>> import tempfile, os
@@ -109,34 +140,29 @@ def load_jsonl(
     """
     texts, ys = [], []
     index = {name: i for i, name in enumerate(labels or ())}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
-            if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-                raise ValueError(f"{path}:{n}: expected an object with a string {text_key!r}")
-            texts.append(row[text_key])
-            if label_key is None:
-                continue
-            if label_key not in row:
-                raise ValueError(f"{path}:{n}: missing {label_key!r}")
-            y = row[label_key]
-            if isinstance(y, str) and y in index:
-                y = index[y]
-            if (
-                isinstance(y, bool)
-                or not isinstance(y, int)
-                or y < 0
-                or (labels and y >= len(labels))
-            ):
-                raise ValueError(
-                    f"{path}:{n}: label {row[label_key]!r} is not a class index or name"
-                )
-            ys.append(y)
+    for n, line in text_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+        if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+            raise ValueError(f"{path}:{n}: expected an object with a string {text_key!r}")
+        texts.append(row[text_key])
+        if label_key is None:
+            continue
+        if label_key not in row:
+            raise ValueError(f"{path}:{n}: missing {label_key!r}")
+        y = row[label_key]
+        if isinstance(y, str) and y in index:
+            y = index[y]
+        if isinstance(y, bool) or not isinstance(y, int) or y < 0 or (labels and y >= len(labels)):
+            raise ValueError(f"{path}:{n}: label {row[label_key]!r} is not a class index or name")
+        if num_labels is not None and y >= num_labels:
+            raise ValueError(
+                f"{path}:{n}: label {row[label_key]!r} is class {y}, beyond the model's "
+                f"{num_labels} classes (num_labels {num_labels}: classes 0..{num_labels - 1})"
+            )
+        ys.append(y)
     if not texts:
         raise ValueError(f"{path}: no examples")
     return texts, (np.asarray(ys, np.int32) if label_key is not None else None)

@@ -28,6 +28,7 @@ __all__ = [
     "load_text_splits",
     "load_tokenizer",
     "padded_length",
+    "file_problems",
     "split_files",
     "tokenize",
     "tokenizer_of",
@@ -117,6 +118,34 @@ def vocab_size(params: Any) -> int:
     raise ConfigError("cannot find the token embedding to size synthetic data")
 
 
+def file_problems(cfg: Any) -> list[str]:
+    """Every problem with the files a ``jsonl`` run reads, in reading order: a missing
+    ``data.path`` first (its files then go unsaid), each missing split file, a missing
+    ``data.tokenizer``. Checked before any weight is loaded (`jlora.train.engine.setup`).
+
+    Example:
+      >>> from jlora.train import load_config
+      >>> file_problems(load_config("configs/minilm-lora.yaml", ["data.path=/nowhere"]))
+      ['data.path /nowhere does not exist (a folder of train.jsonl, validation.jsonl, test.jsonl)']
+    """
+    d, out = cfg.data, []
+    if d.source != "jsonl" or not d.path:
+        return out
+    stems = [s for s in (d.train_split, d.eval_split, d.test_split) if s]
+    if not Path(d.path).is_dir():
+        names = ", ".join(f"{s}.jsonl" for s in stems)
+        out.append(f"data.path {d.path} does not exist (a folder of {names})")
+    else:
+        out += [
+            f"data.path: {Path(d.path) / f'{s}.jsonl'} does not exist"
+            for s in stems
+            if not (Path(d.path) / f"{s}.jsonl").is_file()
+        ]
+    if d.tokenizer is not None and not os.path.isfile(d.tokenizer):
+        out.append(f"data.tokenizer {d.tokenizer!r}: no such file")
+    return out
+
+
 def split_files(cfg: Any) -> dict[str, Path]:
     """``{"train", "eval"[, "test"]: <data.path>/<stem>.jsonl}`` of a run config.
 
@@ -140,17 +169,20 @@ def split_files(cfg: Any) -> dict[str, Path]:
 
 
 def load_text_splits(
-    cfg: Any, vocab: int, *, label_key: str | None
+    cfg: Any, vocab: int, *, label_key: str | None, num_labels: int | None = None
 ) -> tuple[dict[str, Split], list[str] | None]:
     """The ``{"text"[, "label"]}`` splits of a run, tokenized to one length (the longest text of
     all splits, capped at ``data.max_len``, a multiple of 8), and the class names of
-    ``labels.json`` (None when absent). ``label_key`` None reads texts only."""
+    ``labels.json`` (None when absent). ``label_key`` None reads texts only; a label of
+    ``num_labels`` or more is an error naming its file and line."""
     d = cfg.data
     labels = load_labels(d.path)
     files = split_files(cfg)
     texts, ys = {}, {}
     for k, path in files.items():
-        texts[k], ys[k] = load_jsonl(path, text_key=d.text_key, label_key=label_key, labels=labels)
+        texts[k], ys[k] = load_jsonl(
+            path, text_key=d.text_key, label_key=label_key, labels=labels, num_labels=num_labels
+        )
     tok, tok_path = tokenizer_of(cfg)
     pad = tok.token_to_id("[PAD]")
     pad = 0 if pad is None else pad

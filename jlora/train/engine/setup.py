@@ -105,7 +105,16 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Objective, 
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Load the base model, initialize the adapters and load the data of ``cfg``."""
+    """Load the base model, initialize the adapters and load the data of ``cfg``.
+
+    Every problem with the data files (the objective's `data_problems`: a missing folder
+    first) is one ConfigError listing them all, before any weight is loaded."""
+    problems = objective_class(cfg).data_problems(cfg)
+    if problems:
+        n = len(problems)
+        raise ConfigError(
+            f"{n} problem{'s' if n > 1 else ''} with the data: " + "; ".join(problems)
+        )
     objective, params, tree = base_tree(cfg)
     data = objective.load_data(cfg, vocab_size(params))
     batcher = objective.make_batcher(cfg, data.splits["train"])

@@ -49,6 +49,7 @@ from flax import linen as nn
 
 import jlora
 import jlora.train.data as D
+from jlora.train.data.tokenize import file_problems
 from jlora.train.sections import ConfigError
 
 __all__ = ["OBJECTIVES", "Data", "Objective", "objective_class", "register_objective"]
@@ -145,6 +146,12 @@ class Objective:
     @classmethod
     def check_options(cls, cfg: Any) -> None:
         """The other sections (``model``, ``train`` ...)."""
+
+    @classmethod
+    def data_problems(cls, cfg: Any) -> list[str]:
+        """Every problem with the data files the run will read (a missing folder first), all
+        listed before the model is loaded; default: `jlora.train.data.tokenize.file_problems`."""
+        return file_problems(cfg)
 
     @classmethod
     def check_unselected(cls, cfg: Any) -> None:

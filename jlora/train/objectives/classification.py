@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -84,6 +85,20 @@ class Classification(Objective):
             )
         return len(labels)
 
+    @classmethod
+    def data_problems(cls, cfg: Any) -> list[str]:
+        """The files', and a missing ``labels.json`` when ``model.num_labels`` is not set."""
+        out = super().data_problems(cfg)
+        d = cfg.data
+        folder = Path(d.path) if d.source == "jsonl" and d.path else None
+        labels = folder / "labels.json" if folder is not None else None
+        if cfg.model.num_labels is None and folder and folder.is_dir() and not labels.is_file():
+            out.append(
+                f"{labels} does not exist and model.num_labels is not set: write the class "
+                "names there (a JSON list), or set model.num_labels"
+            )
+        return out
+
     def check_tree(self, tree: Any) -> None:
         is_node = lambda x: isinstance(x, jlora.LoraWeight | jlora.Trainable)  # noqa: E731
         if not any(isinstance(x, jlora.Trainable) for x in jax.tree.leaves(tree, is_leaf=is_node)):
@@ -96,15 +111,8 @@ class Classification(Objective):
     # -- data -------------------------------------------------------------------------------
 
     def load_data(self, cfg: Any, vocab: int) -> Data:
-        splits, labels = load_text_splits(cfg, vocab, label_key=cfg.data.label_key)
-        k = self.num_labels(cfg)
-        stems = {"train": cfg.data.train_split, "eval": cfg.data.eval_split}
-        stems["test"] = cfg.data.test_split
-        for name, s in splits.items():
-            if len(s.labels) and s.labels.max() >= k:
-                raise ConfigError(
-                    f"{stems[name]} split has label {s.labels.max()} >= num_labels {k}"
-                )
+        k = self.num_labels(cfg)  # a label of k or more: an error naming its file and line
+        splits, labels = load_text_splits(cfg, vocab, label_key=cfg.data.label_key, num_labels=k)
         return Data(splits, labels)
 
     def train_batch(self, p: Any, step: int, state: Any = None) -> dict[str, np.ndarray]:

@@ -108,6 +108,16 @@ class Multitask(Objective):
             raise ConfigError("data.mixing 'temperature' needs data.temperature (> 0)")
 
     @classmethod
+    def data_problems(cls, cfg: Any) -> list[str]:
+        """Each task's (its member objective's), named by the task."""
+        out = []
+        for i, t in enumerate(cfg.data.tasks):
+            member = OBJECTIVES[t.kind]
+            for m in member.data_problems(_files_config(cfg, i)):
+                out.append(f"data.tasks[{i}] ({t.name!r}): " + m.replace("data.path", "path", 1))
+        return out
+
+    @classmethod
     def check_options(cls, cfg: Any) -> None:
         m = cfg.model
         for i, task in enumerate(cfg.data.tasks):
@@ -195,9 +205,12 @@ class Multitask(Objective):
 
     def load_data(self, cfg: Any, vocab: int) -> Data:
         """Each task's splits loaded by its member, concatenated (`merge_splits`)."""
-        per_task = [
-            m.load_data(task_run_config(cfg, i), vocab).splits for i, m in enumerate(self.members)
-        ]
+        per_task = []
+        for i, m in enumerate(self.members):
+            try:
+                per_task.append(m.load_data(task_run_config(cfg, i), vocab).splits)
+            except ValueError as e:  # name the task (the message names its file)
+                raise ConfigError(f"data.tasks[{i}] ({self.names[i]!r}): {e}") from e
         return Data(merge_splits(per_task))
 
     def make_batcher(self, cfg: Any, train: D.Split) -> D.MixingBatcher:
@@ -368,3 +381,15 @@ def task_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     for name, m in per_task.items():
         out.update({f"{name}/{k}": v for k, v in m.items()})
     return out
+
+
+def _files_config(cfg: Any, index: int) -> Any:
+    """Task ``index``'s single-task config as far as its files go (its path, keys and
+    ``num_labels`` as given; `task_run_config` also reads its ``labels.json``)."""
+    t = cfg.data.tasks[index]
+    data = dataclasses.replace(
+        cfg.data, tasks=None, mixing=None, temperature=None, adapters=None, path=t.path,
+        text_key=t.text_key, label_key=t.label_key,
+    )  # fmt: skip
+    model = dataclasses.replace(cfg.model, num_labels=t.num_labels)
+    return dataclasses.replace(cfg, data=data, model=model)
