@@ -19,6 +19,7 @@ from jlora.train.data.sft import (
     Example,
     encode_examples,
     load_sft_jsonl,
+    load_sft_splits,
     pack,
     render_chat,
 )
@@ -138,6 +139,70 @@ def test_malformed_sft_rows_name_file_and_line(tmp_path, row, message):
     _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, row])
     with pytest.raises(ValueError, match=r"d.jsonl:2: " + re.escape(message)):
         load_sft_jsonl(tmp_path / "d.jsonl", template_dir=tmp_path)
+
+
+CHAT = {"messages": [{"role": "user", "content": "3 1"}, {"role": "assistant", "content": "1 3"}]}
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (  # a syntax error: the template's file and line (it was a raw jinja traceback)
+            "{% for m in messages %}\n{{ m.content }",
+            r"tokenizer_config.json: the chat template has a syntax error at its line 2: "
+            r"unexpected '}'",
+        ),
+        (  # the template raises: the data file and line of the conversation too
+            "{{ raise_exception('no system role') }}",
+            r"c.jsonl:2: the chat template of .*tokenizer_config.json failed on this "
+            r"conversation: TemplateError: no system role",
+        ),
+    ],
+)
+def test_a_broken_chat_template_names_its_file(tmp_path, template, message):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    _write(tmp_path / "c.jsonl", [{"prompt": "a", "completion": "b"}, CHAT])
+    with pytest.raises(ValueError, match=message):
+        load_sft_jsonl(tmp_path / "c.jsonl", template_dir=tmp_path)
+
+
+def _files(tmp_path, rows) -> dict:
+    _write(tmp_path / "train.jsonl", rows)
+    (tmp_path / "tokenizer.json").write_text(Path(TOKENIZER).read_text())
+    return {"train": tmp_path / "train.jsonl"}
+
+
+def test_sft_files_that_cannot_be_read_name_file_and_line(tmp_path):
+    files = _files(tmp_path, [{"prompt": "sort : 3 1 =>", "completion": " 1 3"}])
+    kw = dict(max_len=32, length=None, eos_id=1, pad_id=0)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>",')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON \("):
+        load_sft_splits(files, _tok(), str(tmp_path / "tokenizer.json"), **kw)
+    (tmp_path / "tokenizer_config.json").unlink()
+    with open(files["train"], "ab") as f:
+        f.write(b'{"prompt": "caf\xe9", "completion": " x"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: not UTF-8 text \(invalid continuation"):
+        load_sft_splits(files, _tok(), str(tmp_path / "tokenizer.json"), **kw)
+
+
+def test_examples_cut_before_their_completion_are_counted_or_refused(tmp_path):
+    long = "sort : " + " ".join("3" * 12) + " =>"  # 15 prompt tokens
+    rows = [{"prompt": "sort : 3 1 =>", "completion": " 1 3"}, {"prompt": long, "completion": " 3"}]
+    files = _files(tmp_path, rows * 2)
+    tok_path = str(tmp_path / "tokenizer.json")
+    kw = dict(max_len=8, length=8, eos_id=1, pad_id=0)
+    longest = len(_tok().encode(long).ids) + len(_tok().encode(" 3").ids) + 1  # + EOS
+    with pytest.warns(UserWarning) as record:
+        splits, _ = load_sft_splits(files, _tok(), tok_path, **kw)
+    assert [str(w.message) for w in record] == [
+        f"{files['train']}: 2 of 4 examples keep no trained token within 8 tokens "
+        "(data.max_len) and train on nothing (lines 2, 4); raise data.max_len (the longest "
+        f"example has {longest} tokens) or shorten the prompts"
+    ]
+    assert splits["train"].loss_mask.any(1).tolist() == [True, False, True, False]
+    files = _files(tmp_path, rows[1:])  # every example: nothing to train on (was a 0/0 loss)
+    with pytest.raises(ValueError, match=r"train.jsonl: none of the 1 examples keeps a trained "):
+        load_sft_splits(files, _tok(), tok_path, **kw)
 
 
 def _examples(n: int, seed: int = 0) -> Split:

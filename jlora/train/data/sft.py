@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jlora.train.data.splits import Split
+from jlora.train.data.splits import Split, text_lines
 from jlora.train.data.tokenize import padded_length
 
 __all__ = [
@@ -43,6 +44,7 @@ class Example:
     (for generation-based evaluation: the text before the last trained chunk, and that chunk)."""
 
     chunks: tuple[tuple[str, bool], ...]
+    line: int = 0  # its line in its file (0: not from a file)
 
     @property
     def prompt(self) -> str:
@@ -56,14 +58,12 @@ class Example:
 
 def is_sft_file(path: str | Path) -> bool:
     """Whether the first row of a JSON-lines file has ``prompt`` or ``messages``."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(row, dict) and ("prompt" in row or "messages" in row)
+    for _, line in text_lines(path):  # a line that is not UTF-8: an error naming it
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(row, dict) and ("prompt" in row or "messages" in row)
     return False
 
 
@@ -96,6 +96,20 @@ def load_chat_template(directory: str | Path) -> str | None:
     return jinja.read_text(encoding="utf-8") if jinja.is_file() else None
 
 
+def chat_template_file(directory: str | Path) -> Path:
+    """The file `load_chat_template` reads the template from (for messages): the directory's
+    ``tokenizer_config.json`` when it has a ``chat_template``, else ``chat_template.jinja``."""
+    d = Path(directory)
+    cfg_path = d / "tokenizer_config.json"
+    try:
+        has = "chat_template" in json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        has = False
+    return (
+        cfg_path if has or not (d / "chat_template.jinja").is_file() else d / "chat_template.jinja"
+    )
+
+
 def render_chat(
     template: str,
     messages: Sequence[dict[str, str]],
@@ -125,14 +139,35 @@ def render_chat(
     )
 
 
-def _chat_chunks(template: str, messages: list[dict], special: dict) -> tuple:
+def _render(template: str, messages: list[dict], where: str, source: str, **kw: Any) -> str:
+    """`render_chat`, its errors named: a syntax error by the template's file and line, an
+    error the template raises (``raise_exception``, an unknown filter, a bad operation) by the
+    data file and line of the conversation too."""
+    from jinja2.exceptions import TemplateSyntaxError
+
+    try:
+        return render_chat(template, messages, **kw)
+    except TemplateSyntaxError as e:
+        raise ValueError(
+            f"{source}: the chat template has a syntax error at its line {e.lineno}: {e.message}"
+        ) from e
+    except Exception as e:  # a template can raise anything: name the row
+        raise ValueError(
+            f"{where}: the chat template of {source} failed on this conversation: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def _chat_chunks(template: str, messages: list[dict], special: dict, where: str = "",
+                 source: str = "the chat template") -> tuple:  # fmt: skip
     """Chunks of a conversation: the text each assistant turn adds is trained, the rest not."""
     chunks, done = [], ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        head = render_chat(template, messages[:i], add_generation_prompt=True, **special)
-        full = render_chat(template, messages[: i + 1], **special)
+        head = _render(template, messages[:i], where, source, add_generation_prompt=True,
+                       **special)  # fmt: skip
+        full = _render(template, messages[: i + 1], where, source, **special)
         if not (head.startswith(done) and full.startswith(head)):
             raise ValueError(
                 "the chat template does not render a conversation as a prefix of "
@@ -143,11 +178,13 @@ def _chat_chunks(template: str, messages: list[dict], special: dict) -> tuple:
     return tuple((t, trained) for t, trained in chunks if t)
 
 
-def _row_example(row: Any, where: str, template: str | None, template_file: str, special: dict):
+def _row_example(
+    row: Any, where: str, template: str | None, template_file: str, special: dict, line: int = 0
+):
     if isinstance(row, dict) and isinstance(row.get("prompt"), str):
         if not isinstance(row.get("completion"), str):
             raise ValueError(f"{where}: a 'prompt' row needs a string 'completion'")
-        return Example(((row["prompt"], False), (row["completion"], True)))
+        return Example(((row["prompt"], False), (row["completion"], True)), line)
     msgs = row.get("messages") if isinstance(row, dict) else None
     ok = isinstance(msgs, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -165,7 +202,7 @@ def _row_example(row: Any, where: str, template: str | None, template_file: str,
             f"{where}: chat data needs a chat template, but {template_file} has no "
             "'chat_template' (and there is no chat_template.jinja)"
         )
-    return Example(_chat_chunks(template, msgs, special))
+    return Example(_chat_chunks(template, msgs, special, where, template_file), line)
 
 
 def load_sft_jsonl(
@@ -190,17 +227,14 @@ def load_sft_jsonl(
       (('2+2=', False), ('4', True))
     """
     template = load_chat_template(template_dir)
-    template_file = str(Path(template_dir) / "tokenizer_config.json")
+    template_file = str(chat_template_file(template_dir))
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
-            out.append(_row_example(row, f"{path}:{n}", template, template_file, special or {}))
+    for n, line in text_lines(path):  # a line that is not UTF-8: an error naming it
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+        out.append(_row_example(row, f"{path}:{n}", template, template_file, special or {}, line=n))
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
@@ -311,14 +345,7 @@ def load_sft_splits(
     length: ``length``, or when None the longest example (capped at ``max_len``) rounded up to
     a multiple of 8."""
     template_dir = Path(tokenizer_path).parent
-    special = {}
-    for name in ("bos_token", "eos_token"):
-        cfg_file = template_dir / "tokenizer_config.json"
-        if cfg_file.is_file():
-            v = json.loads(cfg_file.read_text(encoding="utf-8")).get(name)
-            v = v.get("content") if isinstance(v, dict) else v
-            if isinstance(v, str):
-                special[name] = v
+    special = _special_tokens(template_dir / "tokenizer_config.json")
     examples = {
         k: load_sft_jsonl(p, template_dir=template_dir, special=special) for k, p in files.items()
     }
@@ -330,4 +357,48 @@ def load_sft_splits(
     splits = {}
     for k, exs in examples.items():
         splits[k], _ = encode_examples(tokenizer, exs, length, pad_id=pad_id, eos_id=eos_id)
+        _check_trained(files[k], exs, splits[k], length, max(every))
     return splits, examples
+
+
+def _special_tokens(cfg_file: Path) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` of a ``tokenizer_config.json`` (when there is one), for
+    chat templates; a file that is not a JSON object is an error naming it."""
+    if not cfg_file.is_file():
+        return {}
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+    special = {}
+    for name in ("bos_token", "eos_token"):
+        v = cfg.get(name)
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str):
+            special[name] = v
+    return special
+
+
+def _check_trained(
+    path: Path, examples: Sequence[Example], split: Split, length: int, longest: int
+) -> None:
+    """Examples cut at ``length`` tokens before any trained token train on nothing: a warning
+    counting them (with their lines), an error when no example of the file is left."""
+    empty = [ex.line for ex, row in zip(examples, split.loss_mask, strict=True) if not row.any()]
+    if not empty:
+        return
+    n = len(examples)
+    advice = f"raise data.max_len (the longest example has {longest} tokens) or shorten the prompts"
+    if len(empty) == n:
+        raise ValueError(
+            f"{path}: none of the {n} examples keeps a trained token within {length} tokens "
+            f"(data.max_len): their prompts fill it, so there is nothing to train on; {advice}"
+        )
+    lines = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+    warnings.warn(
+        f"{path}: {len(empty)} of {n} examples keep no trained token within {length} tokens "
+        f"(data.max_len) and train on nothing (lines {lines}); {advice}",
+        stacklevel=2,
+    )
