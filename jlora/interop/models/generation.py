@@ -288,7 +288,8 @@ def generate(
     """Continue left-padded prompts by up to ``max_new_tokens`` tokens each (KV-cache decoding).
 
     Args:
-      model: a `LlamaForCausalLM` (Llama, Mistral, Qwen2).
+      model: a `LlamaForCausalLM` (any decoder family: Llama, Mistral, Qwen2 / Qwen3, Gemma 2 /
+        Gemma 3, Phi-3, the MoE ones).
       tree: its variables ``{"params": ...}`` or the params themselves; any tree `jlora.lora`
         takes (LoRA / DoRA nodes, a quantized base, merged params, `AdapterSet.route`'s).
       input_ids: ``(batch, prompt_len)`` integer prompts, left-padded.
