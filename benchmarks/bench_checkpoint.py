@@ -62,8 +62,8 @@ def main() -> None:
             return dataclasses.replace(x, a=a, b=b)
         return x
 
-    tree = jax.tree.map(randomize, tree, is_leaf=jlora.weights.is_node)
-    loras = [x for x in jax.tree.leaves(tree, is_leaf=jlora.weights.is_node) if hasattr(x, "a")]
+    tree = jax.tree.map(randomize, tree, is_leaf=jlora.extend.is_node)
+    loras = [x for x in jax.tree.leaves(tree, is_leaf=jlora.extend.is_node) if hasattr(x, "a")]
     n_all = sum(x.size for x in jax.tree.leaves(params))
     n_lora = sum(args.rank * (x.shape[0] + x.shape[1]) for x in loras)  # Σ r(d+k)
     n_targets = sum(x.shape[0] * x.shape[1] for x in loras)  # Σ dk

@@ -67,7 +67,7 @@ def _adapter(params: dict, rank: int, seed: int) -> dict:
             return dataclasses.replace(x, a=a, b=jnp.asarray(rng.normal(0, 0.02, x.b.shape)))
         return x
 
-    return jax.tree.map(fill, tree, is_leaf=jlora.weights.is_node)
+    return jax.tree.map(fill, tree, is_leaf=jlora.extend.is_node)
 
 
 def _runs(model, params, args) -> dict[str, dict[int, object]]:

@@ -2,7 +2,7 @@
 
 Nothing of size 7B is ever allocated: parameters, adapters, optimizer state and the batch are
 `jax.ShapeDtypeStruct` s (``jax.eval_shape``) carrying their `NamedSharding` s, and the sharded
-train step (`jlora.parallel.sharded_train_step`) is only lowered and compiled on simulated CPU
+train step (`jlora.scale.parallel.sharded_train_step`) is only lowered and compiled on simulated CPU
 devices. Reported per device:
 
 * frozen / trainable (adapters + Adam state) bytes: exact, for the full model, from each array's

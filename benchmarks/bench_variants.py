@@ -37,7 +37,7 @@ _time = interleaved_medians
 
 def _kernel_bytes(tree) -> int:
     """Bytes of the frozen W of every LoraWeight (the quantized part)."""
-    leaves = jax.tree.leaves(tree, is_leaf=jlora.weights.is_node)
+    leaves = jax.tree.leaves(tree, is_leaf=jlora.extend.is_node)
     return sum(quant.nbytes(x.w) for x in leaves if isinstance(x, jlora.LoraWeight))
 
 
@@ -154,7 +154,7 @@ def main() -> None:
                 return v
             return dataclasses.replace(v, b=0.01 * jax.random.normal(bk, v.b.shape, v.b.dtype))
 
-        trees.append(jax.tree.map(rnd, t, is_leaf=jlora.weights.is_node))
+        trees.append(jax.tree.map(rnd, t, is_leaf=jlora.extend.is_node))
     aset = AdapterSet.from_tree(trees[0], "a0")
     for k in range(1, n):
         aset = aset.add(f"a{k}", trees[k])

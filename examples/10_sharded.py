@@ -3,7 +3,7 @@
 The 8 devices are simulated on the CPU (``XLA_FLAGS``, set before jax is imported). The
 ``fsdp+tensor`` preset makes ``up_proj`` column-parallel and ``down_proj`` row-parallel over
 ``tensor`` and splits the rest over ``fsdp``; each adapter follows its kernel (``a`` takes W's
-input-axis sharding, ``b`` its output-axis sharding). `jlora.parallel.sharded_train_step` is a
+input-axis sharding, ``b`` its output-axis sharding). `jlora.scale.parallel.sharded_train_step` is a
 ``jax.jit`` with those shardings; its result is compared with the same step on one device.
 
     python examples/10_sharded.py
@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 import jlora
-from jlora import parallel as jp
 from jlora import sharding as js
+from jlora.scale import parallel as jp
 
 
 def model(params, x):

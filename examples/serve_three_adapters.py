@@ -44,7 +44,7 @@ def random_adapter(params, seed: int, rank: int, targets: list[str]):
             return dataclasses.replace(x, a=a, b=b)
         return x
 
-    return jax.tree.map(fill, tree, is_leaf=jlora.weights.is_node)
+    return jax.tree.map(fill, tree, is_leaf=jlora.extend.is_node)
 
 
 def left_padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

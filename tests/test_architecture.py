@@ -4,11 +4,12 @@ Layers, lowest first: ``core`` (jlora/core) < ``variants`` (jlora/variants) < ``
 (jlora/interop); ``scale`` (jlora/scale) sits on core and variants, beside interop (neither
 imports the other); ``jlora.extend`` (the extension API) re-exports core and is core;
 ``train`` (jlora/train, jlora/cli.py) may use anything; ``top``
-(jlora/__init__.py, jlora/_aliases.py) is the public facade, and only train may ``import jlora``.
+(jlora/__init__.py) is the public facade, and only train may ``import jlora``.
 
 What counts as a dependency: every ``import`` / ``from ... import`` (module level or inside a
 function; absolute or relative; ``from jlora.x import y`` is an import of the module ``jlora.x.y``
-when that is a module, else of ``jlora.x``; old flat aliases resolved), every
+when that is a module, else of ``jlora.x``; a package's ``_aliases.ALIASES`` table of old flat
+paths is resolved if it has one -- jlora itself has none any more), every
 ``importlib.import_module`` / ``__import__`` of a literal name, and -- for the layers only -- a
 string constant that is exactly a jlora module's dotted name (a module imported by name later is
 still a dependency). Also checked: no import cycle (Tarjan's SCCs), no private name imported
@@ -488,7 +489,8 @@ def test_the_real_scan_sees_every_layer_and_known_imports():
     s = scan()
     assert {layer_of(m) for m in s.modules} == set(ALLOWED)
     edges = {(i.importer, i.target) for i in s.imports}
-    assert ("jlora", "jlora._aliases") in edges  # from jlora import <submodule>
+    assert ("jlora", "jlora.extend") in edges  # from jlora import <submodule>
+    assert "jlora._aliases" not in s.modules  # one path per module: no import aliases
     assert ("jlora", "jlora.variants.lora_fa") in edges
     assert ("jlora.core.interpreter", "jlora.core.rules") in edges  # import jlora.core.rules
     assert ("jlora.variants.lora_fa", "jlora.extend") in edges  # the public extension API

@@ -13,7 +13,8 @@ import pytest
 
 import jlora
 import jlora.interop.models
-from jlora import dora, quant
+from jlora import quant
+from jlora.variants import dora
 
 RNG = np.random.default_rng(0)
 
@@ -37,7 +38,7 @@ def _randomize(tree, seed=0, std=0.3):
         m = x.m * jnp.asarray(rng.uniform(0.5, 1.5, size=x.m.shape), x.m.dtype)
         return dataclasses.replace(x, b=b, m=m)
 
-    return jax.tree.map(one, tree, is_leaf=jlora.weights.is_node)
+    return jax.tree.map(one, tree, is_leaf=jlora.extend.is_node)
 
 
 def test_magnitude_init_is_the_column_norm_for_each_layout():

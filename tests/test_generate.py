@@ -332,10 +332,12 @@ def test_dora_and_qlora_trees_generate_as_their_merged_params(kind, np_ref):
     if kind == "dora":
         tree = jax.tree.map(
             lambda x: (
-                dataclasses.replace(x, m=x.m * 1.1) if isinstance(x, jlora.dora.DoraWeight) else x
+                dataclasses.replace(x, m=x.m * 1.1)
+                if isinstance(x, jlora.variants.dora.DoraWeight)
+                else x
             ),
-            jlora.dora.add_magnitudes(tree),
-            is_leaf=jlora.weights.is_node,
+            jlora.variants.dora.add_magnitudes(tree),
+            is_leaf=jlora.extend.is_node,
         )
     else:
         tree = jlora.quant.quantize(tree, method=kind.split("_")[1])
@@ -382,7 +384,7 @@ def test_mixed_batch_equals_each_request_alone(tied, dense, monkeypatch, np_ref)
     s = _adapter_set(params, tied, np_ref)
     requests = ["b", None, "a", "c"]
     routed = s.route(requests)
-    kinds = {type(x).__name__ for x in jax.tree.leaves(routed, is_leaf=jlora.weights.is_node)}
+    kinds = {type(x).__name__ for x in jax.tree.leaves(routed, is_leaf=jlora.extend.is_node)}
     assert "MultiLoraWeight" in kinds
     emb = routed["params"]["model"]["embed_tokens"]["embedding"]
     assert isinstance(emb, mixed.MultiLoraWeight) and emb.n_adapters == 3

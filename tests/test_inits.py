@@ -11,7 +11,8 @@ import pytest
 from absl.testing import parameterized
 
 import jlora
-from jlora import inits, quant
+from jlora import quant
+from jlora.variants import inits
 
 RNG = np.random.default_rng(0)
 

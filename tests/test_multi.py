@@ -39,7 +39,7 @@ def _adapter(params, seed, **kw):
         b = jnp.asarray(rng.normal(size=x.b.shape) * 0.2, jnp.float32)
         return dataclasses.replace(x, a=a, b=b)
 
-    return jax.tree.map(one, tree, is_leaf=jlora.weights.is_node)
+    return jax.tree.map(one, tree, is_leaf=jlora.extend.is_node)
 
 
 MLP = nn.Sequential([nn.Dense(32), nn.gelu, nn.Dense(8)])

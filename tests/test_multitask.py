@@ -47,7 +47,7 @@ def _apply(p, x):
 
 
 def _nodes(tree, kind):
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlora.weights.is_node)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlora.extend.is_node)[0]
     return {jlora.path_str(p): x for p, x in flat if isinstance(x, kind)}
 
 
@@ -62,7 +62,7 @@ def _randomize(tree, seed=1):
         b = jnp.asarray(rng.normal(size=x.b.shape) * 0.3, jnp.float32)
         return dataclasses.replace(x, a=a, b=b)
 
-    return jax.tree.map(one, tree, is_leaf=jlora.weights.is_node)
+    return jax.tree.map(one, tree, is_leaf=jlora.extend.is_node)
 
 
 def _plain(params, cfg, stacked, i, **kw):
@@ -80,7 +80,7 @@ def _plain(params, cfg, stacked, i, **kw):
         b = jnp.asarray(np.take(np.asarray(m.b), i, axis=nb))
         return dataclasses.replace(x, a=a, b=b)
 
-    return jax.tree_util.tree_map_with_path(one, plain, is_leaf=jlora.weights.is_node)
+    return jax.tree_util.tree_map_with_path(one, plain, is_leaf=jlora.extend.is_node)
 
 
 def _mse(out, y):

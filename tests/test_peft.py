@@ -94,7 +94,7 @@ def _randomize(tree, seed: int = 0, std: float = 0.1):
             return jlora.Trainable(x.value + normal(x.value.shape))
         return x
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=jlora.weights.is_node)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=jlora.extend.is_node)
 
 
 def _json(directory) -> dict:
@@ -141,10 +141,10 @@ def _assert_config_rebuilds(params, config, tree):
     """jlora.init(params, config) would select the same targets with the same ranks and scales."""
     loras = {
         jlora.path_str(p): x
-        for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlora.weights.is_node)[0]
+        for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlora.extend.is_node)[0]
         if isinstance(x, jlora.LoraWeight)
     }
-    assert set(jlora.targets.select_targets(params, config)) == set(loras)
+    assert set(jlora.core.targets.select_targets(params, config)) == set(loras)
     for s, lw in loras.items():
         assert (config.rank_for(s), config.scale_for(s)) == (lw.rank, lw.scale), s
 
@@ -205,8 +205,7 @@ def test_jlora_adapter_loads_in_peft_with_same_logits(case, llama, tmp_path):
     assert d <= TOL and _diff(want, _base_logits(path)) > 0.1
     # PEFT built exactly the adapted modules, with the same ranks and scales
     n_lora = sum(
-        isinstance(x, jlora.LoraWeight)
-        for x in jax.tree.leaves(tree, is_leaf=jlora.weights.is_node)
+        isinstance(x, jlora.LoraWeight) for x in jax.tree.leaves(tree, is_leaf=jlora.extend.is_node)
     )
     scalings = {
         n: m.scaling["default"]
@@ -275,7 +274,7 @@ def test_peft_bias_and_modules_to_save_load(llama_bias, tmp_path):
     assert d <= TOL
     assert config.bias == "lora_only" and config.trainable == ("^params/lm_head/",)
     fresh = jlora.init(params, config, key=jax.random.key(0))
-    kinds = lambda t: jax.tree.map(type, t, is_leaf=jlora.weights.is_node)  # noqa: E731
+    kinds = lambda t: jax.tree.map(type, t, is_leaf=jlora.extend.is_node)  # noqa: E731
     assert kinds(fresh) == kinds(tree)
 
 
@@ -658,7 +657,7 @@ def test_save_target_inside_a_module_to_save(tmp_path):
     assert not os.listdir(tmp_path)  # nothing written
 
 
-# DoRA (jlora.dora): PEFT's lora_magnitude_vector -------------------------------------------------
+# DoRA (jlora.variants.dora): PEFT's lora_magnitude_vector -------------------------------------------------
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["embed_tokens", "q_proj"]])

@@ -142,7 +142,7 @@ def _lora_tree(params, cfg, seed=1):
             return dataclasses.replace(x, b=0.1 * jax.random.normal(k, x.b.shape, x.b.dtype))
         return x
 
-    return jax.tree_util.tree_map_with_path(rnd, tree, is_leaf=jlora.weights.is_node)
+    return jax.tree_util.tree_map_with_path(rnd, tree, is_leaf=jlora.extend.is_node)
 
 
 def _f64(x):
@@ -287,7 +287,7 @@ class QuantTransformTest(chex.TestCase):
                 dataclasses.replace(v, w=v.w.dequantize()) if isinstance(v, jlora.LoraWeight) else v
             ),
             q,
-            is_leaf=jlora.weights.is_node,
+            is_leaf=jlora.extend.is_node,
         )
         f = jlora.lora(lambda p, x: jnp.sum(m.apply({"params": p}, x) ** 2))
         frozen, train = jlora.split(q)

@@ -1,4 +1,4 @@
-"""jlora.sharding / jlora.parallel: spec derivation, presets and errors in-process (one device);
+"""jlora.sharding / jlora.scale.parallel: spec derivation, presets and errors in-process (one device);
 sharded, pmap and multi-host training on simulated CPU devices in subprocesses
 (tests/_multidevice/*.py)."""
 

@@ -243,7 +243,7 @@ class LoraWeight(KernelNode):
 
     ``w``, ``a``, ``b`` are pytree children (so ``dataclasses.replace(lw, a=..., b=...)`` works);
     ``scale``, ``batch_axes``, ``in_axes`` and ``dropout`` are static, keyword-only metadata.
-    Variants subclass it (`jlora.dora.DoraWeight` adds a magnitude ``m``).
+    Variants subclass it (`jlora.variants.dora.DoraWeight` adds a magnitude ``m``).
 
     Example:
       >>> import dataclasses, jax.numpy as jnp

@@ -93,7 +93,7 @@ def make_tx(adapters):
 
 
 def reference(tree, batches):
-    """Single-device steps written out by hand (no jlora.parallel / jlora.sharding)."""
+    """Single-device steps written out by hand (no jlora.scale.parallel / jlora.sharding)."""
     dev = jax.local_devices()[0]
     tree = jax.device_put(tree, dev)
     frozen, adapters = jlora.split(tree)
