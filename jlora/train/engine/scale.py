@@ -1,6 +1,6 @@
 """Scale-out of the trainer: multi-host start-up, the device mesh, and data placement.
 
-The trainer calls exactly these functions (`jlora.sharding` / `jlora.parallel` do the work):
+The trainer calls exactly these functions (`jlora.sharding` / `jlora.scale.parallel` do the work):
 
 * `init_distributed`: ``jax.distributed.initialize`` when ``distributed.enabled`` (or the
   ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment variables)
