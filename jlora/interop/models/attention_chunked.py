@@ -261,6 +261,10 @@ def chunked_attention(
         None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32),
     )
     qg = _pad(q.reshape(b, s, nkv, nh // nkv, hd), 1, sp)
+    # Tie the masks' inputs to q: inside a differentiated lax.scan over layers the positions
+    # are loop constants, and JAX would hoist every block pair's mask out of the loop as
+    # precomputed residuals (O(seq²) memory); behind the barrier they depend on the layer.
+    meta, qg = lax.optimization_barrier((meta, qg))
     statics = (bool(causal), float(scale), softcap, sp // bq, tp // bk, t)
     out = _attend(statics, qg, _pad(k, 1, tp), _pad(v, 1, tp), meta)[:, :s]
     return out.reshape(b, s, nh, hd).astype(v.dtype)
