@@ -171,6 +171,7 @@ def main() -> None:
         "step_unshared_s": steps["unshared"],
         "step_shared_ratio": steps["lora"] / steps["unshared"],
         "step_torch_peft_s": steps.get("torch"),
+        "torch_device": torch_device(),
         "step_over_two_forwards": steps["lora"] / (2 * fwd["base"]),
         "fwd_base_s": fwd["base"],
         "fwd_lora_ratio": fwd["lora"] / fwd["base"],
@@ -212,6 +213,15 @@ def main() -> None:
             json.dump(res, f, indent=2)
 
 
+def torch_device() -> str | None:
+    """Where the PyTorch figure ran (None without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def _torch_step(cfg, lcfg, args, ids):
     """The same LoRA step in transformers + peft + torch, or None when they are not installed."""
     try:
@@ -231,11 +241,13 @@ def _torch_step(cfg, lcfg, args, ids):
         num_key_value_heads=cfg.num_key_value_heads,
         max_position_embeddings=cfg.max_position_embeddings,
     )
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU when torch sees one
+    print(f"(transformers + peft + torch on {device})")
     model = transformers.LlamaForCausalLM(hf)
     pcfg = peft.LoraConfig(r=lcfg.rank, lora_alpha=lcfg.alpha, target_modules=list(lcfg.targets))
-    model = peft.get_peft_model(model, pcfg)
+    model = peft.get_peft_model(model, pcfg).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    t_ids = torch.tensor(jax.device_get(ids).tolist())
+    t_ids = torch.tensor(jax.device_get(ids).tolist()).to(device)
     x, y = t_ids[:, :-1], t_ids[:, 1:]
 
     def step():
