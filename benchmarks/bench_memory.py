@@ -9,6 +9,16 @@ Two tables (``--table``) and a timing (``--step-time``):
   ``xla`` or ``chunked``, the plain or the chunked causal-LM loss, a bf16 or an NF4 base; the
   temp memory's growth per 1k tokens between the lengths. With ``scan_layers`` the whole
   depth compiles once, so these rows are the full model, not an extrapolation.
+  The hidden states between layers are constrained to the batch sharding
+  (``activation_sharding=jlora.sharding.data_sharding(mesh)``): without it XLA's partitioner
+  follows the FSDP weights and gathers some activations of the whole global batch (per-device
+  temp growing 1.9x faster with the length in a measured 8-device case).
+  On CPU the long table is compiled with XLA's loop-invariant code motion off
+  (``--xla_disable_hlo_passes=while-loop-invariant-code-motion``; ``--cpu-licm`` keeps it):
+  XLA:CPU has no bf16 matmul, converts each weight to float32, and that pass hoists the
+  conversion of the whole stacked bf16 base out of the layer loop -- a float32 copy of every
+  layer at once (~30 GiB for 8B) that no GPU or TPU makes; the flag leaves only the layer being
+  computed converted.
 * ``--step-time``: the train-step time of ``chunked`` over ``xla`` attention on a small model
   on this CPU at 512 and 2048 tokens (runs alternated, ratio of medians).
 
@@ -84,6 +94,11 @@ def _parse() -> argparse.Namespace:
         help="long-table rows: attention+loss[+nf4]",
     )
     ap.add_argument("--loss-chunk", type=int, default=1024, help="tokens per LM-head chunk")
+    ap.add_argument(
+        "--cpu-licm",
+        action="store_true",
+        help="long table on CPU: keep XLA's loop-invariant code motion (see the docstring)",
+    )
     ap.add_argument("--step-time", action="store_true", help="time chunked vs xla on this CPU")
     ap.add_argument("--step-seqs", type=int, nargs="+", default=[512, 2048])
     ap.add_argument(
@@ -106,6 +121,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 if ARGS.backend == "cpu":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if ARGS.table == "long" and not ARGS.cpu_licm:  # see the module docstring
+        os.environ["XLA_FLAGS"] += " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
@@ -304,6 +321,15 @@ LONG_MODELS = {  # the published config.json shapes (rope scaling leaves memory 
         rope_theta=500000.0,
         max_position_embeddings=131072,
     ),
+    "small": LlamaConfig(
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=131072,
+    ),
     "tiny": LlamaConfig(  # for smoke runs (benchmarks/accelerator.sh --smoke)
         vocab_size=512,
         hidden_size=64,
@@ -331,10 +357,15 @@ def long_case(name: str, seq: int, devices: int, row: str) -> dict:
     """Compiled memory of one train step (``row`` = ``attention+loss[+nf4]``)."""
     attention, loss, *quant = row.split("+")
     cfg = dataclasses.replace(LONG_MODELS[name], attention=attention)
-    model = LlamaForCausalLM(
-        cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True, remat="full"
-    )
     mesh = js.make_mesh(data=1, fsdp=devices, devices=jax.devices()[:devices])
+    model = LlamaForCausalLM(
+        cfg,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        scan_layers=True,
+        remat="full",
+        activation_sharding=js.data_sharding(mesh),  # hidden states split over the batch
+    )
     lora = jlora.LoraConfig(rank=ARGS.rank, alpha=2 * ARGS.rank, targets=TARGETS)
     example = jnp.zeros((1, 8), jnp.int32)
 

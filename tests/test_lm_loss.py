@@ -165,3 +165,16 @@ def test_remat_policy_names():
         policy("dots")
     with pytest.raises(ValueError, match=r"unknown remat policy 'sometimes'"):
         LlamaForCausalLM(_setup(False)[0].config, remat="sometimes").init(jax.random.key(0), IDS)
+
+
+def test_activation_sharding_leaves_the_logits_unchanged():
+    """``activation_sharding`` (FSDP runs: the hidden states split over the batch) is only a
+    sharding constraint: the same logits, on a one-device mesh here."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    model, (frozen, adapters) = _setup(False)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharded = model.clone(activation_sharding=NamedSharding(mesh, PartitionSpec("data")))
+    tree = jlora.combine(frozen, adapters)
+    want = jax.jit(jlora.lora(model.apply))(tree, IDS)
+    np.testing.assert_array_equal(jax.jit(jlora.lora(sharded.apply))(tree, IDS), want)

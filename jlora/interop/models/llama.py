@@ -225,11 +225,16 @@ class LlamaMLP(nn.Module):
         return nn.Dense(cfg.hidden_size, name="down_proj", **kw)(act(gate) * up)
 
 
+def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: Any = None
     param_dtype: Any = jnp.float32
     sliding_window: int | None = None
+    activation_sharding: Any = None
 
     @nn.compact
     def __call__(
@@ -244,6 +249,7 @@ class LlamaDecoderLayer(nn.Module):
         """Pre-norm attention then MLP, each added to the residual; with ``sandwich_norms``
         (Gemma) the attention output and the MLP output are normed too before the addition."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = _constrain(x, self.activation_sharding)
         h = _norm(cfg, "input_layernorm", **kw)(x)
         attn = LlamaAttention(cfg, sliding_window=self.sliding_window, name="self_attn", **kw)(
             h, positions, mask, cache, window, local
@@ -260,7 +266,7 @@ class LlamaDecoderLayer(nn.Module):
         y = mlp(h)
         if cfg.sandwich_norms:
             y = _norm(cfg, "post_feedforward_layernorm", **kw)(y)
-        x = x + y
+        x = _constrain(x + y, self.activation_sharding)
         return x if cache is None else (x, kv)
 
 
@@ -273,6 +279,7 @@ class LlamaModel(nn.Module):
     gradient_checkpointing: bool = False
     scan_layers: bool = False
     remat: str = "none"
+    activation_sharding: Any = None
 
     def setup(self) -> None:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -282,13 +289,16 @@ class LlamaModel(nn.Module):
         windows = [
             cfg.sliding_window if kind == "sliding_attention" else None for kind in cfg.layer_types
         ]
+        act = self.activation_sharding
         if self.scan_layers:  # one module, its params stacked along a leading layer axis
             # one static window when every layer has the same; else a traced one per layer
             shared = windows[0] if len(set(windows)) == 1 else None
-            self.layers = layer_cls(cfg, sliding_window=shared, name="layers", **kw)
+            self.layers = layer_cls(
+                cfg, sliding_window=shared, activation_sharding=act, name="layers", **kw
+            )
         else:
             self.layers = [
-                layer_cls(cfg, sliding_window=w, name=f"layers_{i}", **kw)
+                layer_cls(cfg, sliding_window=w, activation_sharding=act, name=f"layers_{i}", **kw)
                 for i, w in enumerate(windows)
             ]
         self.norm = RMSNorm(cfg.rms_norm_eps, unit_offset=cfg.rms_norm_unit_offset, **kw)
@@ -391,8 +401,11 @@ class LlamaForCausalLM(nn.Module):
     ``remat``, a policy of `jlora.interop.models.remat` for each decoder layer (``"full"``:
     recompute the layer in the backward pass, as ``gradient_checkpointing=True``;
     ``"dots_saveable"``, ...), and ``scan_layers`` (one ``nn.scan`` over the layers, params
-    stacked along a leading layer axis). ``hidden_states`` gives the final normed hidden
-    states, for the chunked LM head of `jlora.models.causal_lm_loss`.
+    stacked along a leading layer axis). ``activation_sharding``: a sharding the hidden states
+    between layers are constrained to (FSDP: ``jlora.sharding.data_sharding(mesh)``, the batch
+    split over ``data`` and ``fsdp``; XLA's partitioner otherwise may follow the sharded
+    weights and gather activations of the whole batch). ``hidden_states`` gives the final
+    normed hidden states, for the chunked LM head of `jlora.models.causal_lm_loss`.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -412,6 +425,7 @@ class LlamaForCausalLM(nn.Module):
     gradient_checkpointing: bool = False
     scan_layers: bool = False
     remat: str = "none"
+    activation_sharding: Any = None
 
     def setup(self) -> None:
         self.model = LlamaModel(
@@ -421,6 +435,7 @@ class LlamaForCausalLM(nn.Module):
             gradient_checkpointing=self.gradient_checkpointing,
             scan_layers=self.scan_layers,
             remat=self.remat,
+            activation_sharding=self.activation_sharding,
         )
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(
