@@ -29,6 +29,7 @@ from jlora.core.merge import merge, unmerge
 from jlora.core.optim import optimizer, trainable_mask
 from jlora.core.targets import path_str
 from jlora.core.tree import LoraWeight, Summary, Trainable, combine, init, split, summary
+from jlora.core.view import base
 from jlora.interop import checkpoint, models, peft
 from jlora.interop.parallel_rules import TENSOR_PARALLEL_RULES as _TENSOR_PARALLEL_RULES
 from jlora.scale import sharding
@@ -59,6 +60,7 @@ __all__ = [
     "Summary",
     "Trainable",
     "VeraConfig",
+    "base",
     "checkpoint",
     "combine",
     "eva_init",

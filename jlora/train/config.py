@@ -1,8 +1,9 @@
 """Run configs: YAML (``yaml.safe_load``) → frozen, keyword-only dataclasses, strictly checked.
 
 A config file has the sections ``model``, ``data``, ``lora`` (the fields of `jlora.LoraConfig`),
-``optim``, ``train``, ``checkpoint``, ``mesh``, ``distributed`` and ``output``, plus a top-level
-``name``. Every key is checked: an unknown key is an error naming its dotted path and listing the
+``optim``, ``train``, ``checkpoint``, ``mesh``, ``distributed``, ``output`` and ``objective``
+(the objective's name and options: ``objective: dpo`` or ``objective: {name: dpo, beta: 0.1}``;
+left out, ``model.task`` / ``data.tasks`` choose it), plus a top-level ``name``. Every key is checked: an unknown key is an error naming its dotted path and listing the
 valid keys of its section; a value of the wrong type is an error naming the key, the expected
 type and what was given. Errors are `ConfigError` (a `ValueError`) or `TypeError`.
 
@@ -25,7 +26,7 @@ import yaml
 
 from jlora.core.config import LoraConfig
 from jlora.train.methods import METHODS, lora_section
-from jlora.train.objectives import OBJECTIVES, objective_class
+from jlora.train.objectives import OBJECTIVES, ObjectiveConfig, objective_class
 from jlora.train.sections import (
     CheckpointConfig,
     DataConfig,
@@ -78,7 +79,7 @@ class RunConfig:
       >>> from_dict({"name": "demo", "trian": {}})
       Traceback (most recent call last):
       ...
-      jlora.train.sections.ConfigError: unknown key 'trian' (did you mean 'train'?); valid keys at the top level: name, model, data, lora, optim, train, checkpoint, mesh, distributed, output
+      jlora.train.sections.ConfigError: unknown key 'trian' (did you mean 'train'?); valid keys at the top level: name, model, data, lora, optim, train, checkpoint, mesh, distributed, output, objective
     """
 
     name: str = "run"
@@ -91,6 +92,7 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    objective: ObjectiveConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -202,6 +204,8 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
             raise _unknown(key, where, names)
         if k == "lora" and cls is RunConfig:
             kwargs[k] = _lora(v)
+        elif k == "objective" and cls is RunConfig:
+            kwargs[k] = _objective(v)
         else:
             kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
@@ -215,6 +219,25 @@ def _lora(raw: Any) -> LoraConfig:
             raise _unknown(f"lora.{k}", "lora", LORA_SECTION_KEYS)
     # The config of the method (`lora.method`, `jlora.train.methods`); errors name the key.
     return lora_section(raw)
+
+
+def _objective(raw: Any) -> ObjectiveConfig | None:
+    """The ``objective`` section: a registered name, or a mapping of its ``name`` and options
+    (checked against the objective's `jlora.train.objectives.Objective.options`)."""
+    if raw is None:
+        return None
+    raw = {"name": raw} if isinstance(raw, str) else raw
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"objective: expected a name or a mapping (section), got {_got(raw)}")
+    name = raw.get("name")
+    if name not in OBJECTIVES:
+        close = difflib.get_close_matches(str(name), list(OBJECTIVES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"objective.name: {name!r} is not an objective{hint}; registered: "
+            f"{', '.join(sorted(OBJECTIVES))}"
+        )
+    return _build(OBJECTIVES[name].options, {**raw, "name": name}, "objective")
 
 
 def from_dict(raw: Mapping[str, Any]) -> RunConfig:

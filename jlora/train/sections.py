@@ -62,6 +62,10 @@ class ModelConfig:
       gradient_checkpointing: rematerialize each decoder layer in the backward pass (Llama).
       scan_layers: run the decoder layers as one ``nn.scan`` (params with a leading layer axis,
         one compiled layer; each layer still gets its own adapter) (Llama family).
+      init_from: a ``jlora train`` run directory (its newest checkpoint) or a PEFT adapter
+        directory whose adapters are merged into the base weights before this run's adapters
+        are initialized (`jlora.train.engine.init_from`): the run's frozen base, and the
+        reference policy of a preference objective, is that model.
     """
 
     path: str | None = None
@@ -73,6 +77,7 @@ class ModelConfig:
     dropout: bool = True
     gradient_checkpointing: bool = False
     scan_layers: bool = False
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.random is None):
@@ -83,6 +88,8 @@ class ModelConfig:
             raise ConfigError("model.random needs a model_type (llama or bert)")
         if self.num_labels is not None and self.num_labels < 2:
             raise ConfigError(f"model.num_labels must be >= 2, got {self.num_labels}")
+        if self.init_from is not None and not self.init_from:
+            raise ConfigError("model.init_from must not be empty (or null: no earlier run)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -292,9 +299,10 @@ class TrainConfig:
         of the last 16 losses is at most this times the best such mean so far (or not above
         the first step's loss); else the run stops as diverging (`jlora.train.engine.guard`). null: only finiteness is required. A NaN / inf
         loss, gradient, adapter or optimizer-state value stops the run at any step.
-      eval_generate: SFT data: greedy-decode the completions of the first this many eval
-        examples (true: all) before and after training, and report their ``exact_match`` and
-        ``token_accuracy`` (`jlora.train.io.generate`); false / 0: off.
+      eval_generate: SFT or preference data: greedy-decode the completions of the first this
+        many eval prompts (true: all) before and after training, and report their
+        ``exact_match`` and ``token_accuracy`` against the reference (SFT) or chosen
+        (preference) completion (`jlora.train.io.generate`); false / 0: off.
       sleep_per_step: seconds to sleep after each step. A testing aid (it slows a tiny run down
         so that a test can kill it mid-way); leave at 0.
       compile_cache_dir: the persistent XLA compilation cache that ``jlora train`` uses, so a

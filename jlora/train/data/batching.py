@@ -165,7 +165,7 @@ def eval_batches(
     batch_size = min(batch_size, n)
     lengths = split.lengths()
     order = np.argsort(lengths, kind="stable")
-    full = split.input_ids.shape[1]
+    full = split.input_ids.shape[-1]
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         pad = batch_size - len(idx)

@@ -29,6 +29,8 @@ from jlora.train.data.tokenize import padded_length
 
 __all__ = [
     "Example",
+    "chat_chunks",
+    "chat_specials",
     "encode_examples",
     "is_sft_file",
     "load_chat_template",
@@ -158,9 +160,10 @@ def _render(template: str, messages: list[dict], where: str, source: str, **kw: 
         ) from e
 
 
-def _chat_chunks(template: str, messages: list[dict], special: dict, where: str = "",
-                 source: str = "the chat template") -> tuple:  # fmt: skip
-    """Chunks of a conversation: the text each assistant turn adds is trained, the rest not."""
+def chat_chunks(template: str, messages: list[dict], special: dict, where: str = "",
+                source: str = "the chat template") -> tuple:  # fmt: skip
+    """Chunks of a conversation: the text each assistant turn adds is trained, the rest not
+    (errors name ``where``, the data file and line, and ``source``, the template's file)."""
     chunks, done = [], ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -202,7 +205,7 @@ def _row_example(
             f"{where}: chat data needs a chat template, but {template_file} has no "
             "'chat_template' (and there is no chat_template.jinja)"
         )
-    return Example(_chat_chunks(template, msgs, special, where, template_file), line)
+    return Example(chat_chunks(template, msgs, special, where, template_file), line)
 
 
 def load_sft_jsonl(
@@ -359,6 +362,12 @@ def load_sft_splits(
         splits[k], _ = encode_examples(tokenizer, exs, length, pad_id=pad_id, eos_id=eos_id)
         _check_trained(files[k], exs, splits[k], length, max(every))
     return splits, examples
+
+
+def chat_specials(template_dir: str | Path) -> dict[str, str]:
+    """The special tokens a chat template may use (``bos_token``, ``eos_token``), from the
+    directory's ``tokenizer_config.json`` ({} when it has none)."""
+    return _special_tokens(Path(template_dir) / "tokenizer_config.json")
 
 
 def _special_tokens(cfg_file: Path) -> dict[str, str]:

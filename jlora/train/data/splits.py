@@ -28,9 +28,10 @@ class Split:
     SFT splits (`jlora.train.data.sft`) add a ``loss_mask`` (n, length): 1 on the tokens whose
     prediction is trained, and packed ones ``segment_ids`` (n, length): the example of a token.
     Splits of several tasks (`jlora.train.data.mixing.concat`) add ``task_ids`` (n,): the index
-    of each example's task; batches then have a ``task_id`` column (`COLUMNS`). An example may
-    span several rows of the model (a preference pair: ``(n, 2, length)``); every column keeps
-    the example axis first.
+    of each example's task; batches then have a ``task_id`` column (`COLUMNS`). ``aux`` holds
+    values an objective computes for each example before training (e.g. a preference pair's
+    reference log-probs). An example may span several rows of the model (a preference pair:
+    ``(n, 2, length)``); every column keeps the example axis first.
     """
 
     input_ids: np.ndarray
@@ -39,6 +40,7 @@ class Split:
     loss_mask: np.ndarray | None = None
     segment_ids: np.ndarray | None = None
     task_ids: np.ndarray | None = None
+    aux: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

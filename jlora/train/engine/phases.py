@@ -107,6 +107,19 @@ def set_up(
         lock.release(remove_dir=True)
         raise
     run.t_start, run.cpu_start = t_start, cpu_start
+    try:
+        _start(run, cfg, lock)
+    except BaseException:  # the run directory is not left locked
+        lock.release()
+        raise
+    echo(f"[jlora] {cfg.name}: {run.summ}")
+    return run
+
+
+def _start(run: Run, cfg: RunConfig, lock: RunLock) -> None:
+    """Once the checks passed: set the damaged steps aside, let the method and the objective
+    prepare (`Method.initialize`, `Objective.begin`), write ``config.yaml``."""
+    p, echo = run.p, run.echo
     if lock.stale is not None:
         echo(f"[jlora] {lock.describe_stale()}")
     damaged = run.resumed.damaged if run.resumed is not None else []
@@ -119,10 +132,9 @@ def set_up(
     scale.barrier("jlora-set-up")  # the steps are set aside before any process opens them
     if run.resumed is None:  # a fresh start: the method may set the adapters from data first
         run.adapters = run.method.initialize(p, run.frozen, run.adapters)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    p.objective.begin(p, run.frozen, run.adapters)  # what it computes once (fresh or resumed)
+    (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     run.ckpt = _checkpointer(p) if cfg.checkpoint.enabled else None
-    echo(f"[jlora] {cfg.name}: {run.summ}")
-    return run
 
 
 def _overwrite(p: Prepared, out: Path, lock: RunLock, echo: Callable[[str], None]) -> RunLock:

@@ -19,6 +19,7 @@ import jax
 import jlora.train.data as D
 from jlora.train.config import RunConfig
 from jlora.train.data.tokenize import load_tokenizer, vocab_size
+from jlora.train.engine.init_from import merged_base
 from jlora.train.engine.model import load_base, param_shapes
 from jlora.train.engine.steps import INIT_STREAM, MODEL_STREAM
 from jlora.train.methods import method_class
@@ -86,6 +87,8 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Objective, 
     else:
         key = jax.random.fold_in(seed_key, MODEL_STREAM)
         model, params = load_base(cfg.model, k, key=key, check=check)
+        if cfg.model.init_from is not None:  # an earlier run's adapters, merged into the base
+            params = merged_base(params, cfg.model.init_from)
     objective = cls.from_config(cfg, model)
     init_key = jax.random.fold_in(seed_key, INIT_STREAM)
     infer: dict[str, Any] = {}

@@ -161,10 +161,11 @@ def plot_curves(
     path: str | Path,
     *,
     title: str = "",
-    metric: str = "accuracy",
+    metric: str | Sequence[str] = "accuracy",
     tasks: Sequence[str] = (),
 ) -> None:
-    """Write a PNG of the train loss (raw and smoothed), the eval loss, and the eval ``metric``.
+    """Write a PNG of the train loss (raw and smoothed), the eval loss, and the eval ``metric``
+    (one panel per metric when several are given).
 
     Eval records at step 0 (the model before training) start the eval curves. With ``tasks``
     (a multitask run), each task's eval ``<task>/loss`` and ``<task>/<metric>`` get a curve.
@@ -182,14 +183,16 @@ def plot_curves(
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    _panel(ax, records, "loss", tasks)
-    ax.set_ylabel("cross-entropy")
-    ax.legend()
-    if _panel(ax2, records, metric, tasks):
-        ax2.legend()
-    if metric == "perplexity":
-        ax2.set_yscale("log")
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(5.5 * (1 + len(metrics)), 4))
+    _panel(axes[0], records, "loss", tasks)
+    axes[0].set_ylabel("loss")
+    axes[0].legend()
+    for ax, key in zip(axes[1:], metrics, strict=True):
+        if _panel(ax, records, key, tasks):
+            ax.legend()
+        if key == "perplexity":
+            ax.set_yscale("log")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

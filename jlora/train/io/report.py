@@ -36,7 +36,8 @@ def _cell(results: dict | None, split: str, key: str) -> str:
     v = ((results or {}).get(split) or {}).get(key)
     if v is None or not isinstance(v, int | float) or not math.isfinite(v):
         return "-"
-    return f"{100 * v:.2f}%" if key.endswith(("accuracy", "exact_match")) else f"{v:.4f}"
+    percent = key.endswith(("accuracy", "accuracies", "exact_match"))
+    return f"{100 * v:.2f}%" if percent else f"{v:.4f}"
 
 
 def _compiles(s: dict[str, Any]) -> str:

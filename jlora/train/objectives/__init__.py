@@ -1,33 +1,40 @@
 """What a run trains (`Objective`), registered by name; the engine never names one.
 
 Importing this package registers the built-in objectives: ``classification``, ``causal_lm``
-(plain text and SFT) and ``multitask`` (a combinator of the others, one per task). A new
+(plain text and SFT), ``multitask`` (a combinator of the others, one per task) and the
+preference objectives ``dpo``, ``simpo`` and ``orpo``. A new
 objective is a module that subclasses `Objective` and registers it with `register_objective`
 (see ``docs/ARCHITECTURE.md``).
 
 >>> from jlora.train.objectives import OBJECTIVES
 >>> sorted(OBJECTIVES)
-['causal_lm', 'classification', 'multitask']
+['causal_lm', 'classification', 'dpo', 'multitask', 'orpo', 'simpo']
 """
 
 from jlora.train.objectives.base import (
     OBJECTIVES,
     Data,
     Objective,
+    ObjectiveConfig,
     objective_class,
     register_objective,
 )
 from jlora.train.objectives.causal_lm import CausalLM
 from jlora.train.objectives.classification import Classification
 from jlora.train.objectives.multitask import Multitask
+from jlora.train.objectives.preference import DPO, ORPO, SimPO
 
 __all__ = [
     "OBJECTIVES",
+    "DPO",
+    "ORPO",
     "CausalLM",
     "Classification",
     "Data",
     "Multitask",
     "Objective",
+    "ObjectiveConfig",
+    "SimPO",
     "objective_class",
     "register_objective",
 ]

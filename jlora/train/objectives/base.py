@@ -3,16 +3,18 @@
 An objective says everything about a run that depends on *what* is trained, so that the engine
 (`jlora.train.engine`) never learns its name:
 
-* **config**: which runs it claims (`claims`, `priority`), the checks of its options
+* **config**: its ``objective`` section (`options`, an `ObjectiveConfig`), which runs it claims
+  when no section names one (`claims`, `priority`), the checks of its options
   (`check_config`), the keys of shared sections it owns (`check_unselected` refuses them in other
   runs), the classes of the model's head (`num_labels`) and the models it can train
   (`check_model`);
 * **the tree**: the initial adapters (`init_tree`) and what they must hold (`check_tree`);
-* **data**: its splits (`load_data` → `Data`), the training order (`make_batcher`), the batch
-  of an optimizer step (`train_batch`: read from the splits, or made, as a rollout is, from the
-  current adapters it is given; `make_batch` adds the host-side metrics of making it, e.g. a
-  rollout's rewards and time), how many optimizer updates a batch gets (`updates_per_batch`)
-  and the evaluation batches (`eval_batches`);
+* **data**: its splits (`load_data` → `Data`), the training order (`make_batcher`), what it
+  computes once before the run (`begin`), the batch of an optimizer step (`train_batch`: read
+  from the splits, or made, as a rollout is, from the current adapters it is given;
+  `make_batch` adds the host-side metrics of making it, e.g. a rollout's rewards and time), how
+  many optimizer updates a batch gets (`updates_per_batch`) and the evaluation batches
+  (`eval_batches`);
 * **the loss** (pure and jittable): `terms` (the summed ``loss``, ``weight`` and metric terms of
   a batch), `weights` (what one step's mean divides by), `step_metrics` (the train step's
   metrics, `train_metrics` their names), `metrics` (evaluation metrics from summed terms) and
@@ -24,16 +26,16 @@ An objective says everything about a run that depends on *what* is trained, so t
   (`report_rows`) and its curves (`plot_metric`, `task_names`).
 
 An objective instance is a frozen dataclass over the run's model: what the jitted step closes
-over. `register_objective` adds a subclass to `OBJECTIVES`; `objective_class` picks the one that
-claims a run config. The defaults here serve a single-task objective whose batches come from
-its splits.
+over. `register_objective` adds a subclass to `OBJECTIVES`. The defaults here serve a
+single-task objective whose batches come from its splits. `objective_class` picks the objective that a config's ``objective`` section names, else the
+one that claims the config (`claims`, highest `priority`).
 
 Example:
   >>> from jlora.train import load_config
   >>> objective_class(load_config("configs/llama-tiny.yaml")).name
   'causal_lm'
-  >>> sorted(OBJECTIVES)[:3]
-  ['causal_lm', 'classification', 'multitask']
+  >>> sorted(OBJECTIVES)[:2]
+  ['causal_lm', 'classification']
 """
 
 from __future__ import annotations
@@ -52,7 +54,14 @@ import jlora.train.data as D
 from jlora.train.data.tokenize import file_problems
 from jlora.train.sections import ConfigError
 
-__all__ = ["OBJECTIVES", "Data", "Objective", "objective_class", "register_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "Data",
+    "Objective",
+    "ObjectiveConfig",
+    "objective_class",
+    "register_objective",
+]
 
 #: The registered objectives by name (`register_objective`).
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -70,15 +79,31 @@ def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]
 
 
 def objective_class(cfg: Any) -> type[Objective]:
-    """The objective of a run config: of those that claim it, the one of highest priority.
+    """The objective of a run config: the one its ``objective`` section names, else, of those
+    that claim it, the one of highest priority.
 
     Raises:
       ConfigError: no registered objective claims the config.
     """
+    named = getattr(cfg, "objective", None)
+    if named is not None:
+        return OBJECTIVES[named.name]
     found = [c for c in OBJECTIVES.values() if c.claims(cfg)]
     if not found:
         raise ConfigError(f"no objective trains model.task {cfg.model.task!r}")
     return max(found, key=lambda c: c.priority)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    """``objective``: the objective that trains the run, by name, and its options (an objective
+    with options declares a subclass as its ``options``).
+
+    Attributes:
+      name: a registered objective (`OBJECTIVES`).
+    """
+
+    name: str = ""
 
 
 @dataclasses.dataclass
@@ -123,6 +148,8 @@ class Objective:
     #: whether ``train.divergence_factor`` applies (`jlora.train.engine.guard`): a loss that is
     #: a positive quantity (a cross-entropy); not a policy-gradient surrogate, near 0 or negative
     divergence_check: ClassVar[bool] = True
+    #: the options of its ``objective`` section
+    options: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
 
     # -- config (class methods: nothing is built yet) -------------------------------------
 
@@ -223,6 +250,11 @@ class Objective:
         """The optimizer updates each train batch gets (an RL objective may reuse a rollout
         batch μ times, `jlora.train.engine.steps.make_train_step`); 1 by default."""
         return 1
+
+    def begin(self, p: Any, frozen: Any, adapters: Any) -> None:
+        """Called once a run is set up (fresh or resumed), before anything is evaluated or
+        trained: the objective may compute what it needs from the model once (e.g. a frozen
+        reference's log-probs, attached to ``p.splits``) or build its programs."""
 
     def eval_batches(self, split: D.Split, cfg: Any) -> Iterator[dict[str, np.ndarray]]:
         """Batches covering ``split`` once (`jlora.train.data.eval_batches`)."""

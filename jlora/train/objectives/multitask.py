@@ -140,6 +140,11 @@ class Multitask(Objective):
 
     @classmethod
     def check_unselected(cls, cfg: Any) -> None:
+        if cfg.data.tasks is not None:  # another objective is named: it trains one task
+            raise ConfigError(
+                f"data.tasks makes a multitask run, but objective {cfg.objective.name!r} trains "
+                "one task: give data.path"
+            )
         for k in _KEYS:
             if getattr(cfg.data, k) is not None:
                 raise ConfigError(f"data.{k} is for multitask runs: it needs data.tasks")
