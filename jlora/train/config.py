@@ -69,6 +69,10 @@ LORA_SECTION_KEYS = (*LORA_KEYS, "method", *(k for m in METHODS.values() for k i
 class RunConfig:
     """A whole run: what to train, on what, how, and where the outputs go.
 
+    Attributes:
+      name: the run's name: its output directory is ``runs/<name>`` unless ``output.dir`` says
+        otherwise, and it titles the progress bar, the summary and the plots.
+
     Example:
       >>> cfg = from_dict({"name": "demo", "model": {"random": {"model_type": "llama",
       ...     "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,

@@ -98,6 +98,11 @@ class SyntheticConfig:
 
     Each sequence is an arithmetic progression modulo ``vocab_size`` (random start, random step
     in ``1..max_step``): after the first two tokens every token is predictable.
+
+    Attributes:
+      num_train, num_eval, num_test: sequences in the train, eval and test splits.
+      seq_len: tokens per sequence (>= 3).
+      max_step: the largest step of a progression.
     """
 
     num_train: int = 512
@@ -240,9 +245,13 @@ class OptimConfig:
       lr: peak learning rate.
       schedule: ``cosine`` (warmup, then cosine decay to ``lr * min_lr_ratio``), ``linear`` or
         ``constant`` (after warmup).
+      min_lr_ratio: where ``cosine`` and ``linear`` end, as a fraction of ``lr``.
       warmup_steps / warmup_ratio: linear warmup from 0, in steps or as a fraction of all steps
         (set at most one).
       weight_decay: decoupled weight decay (adamw) or L2 (adam / sgd: added to the gradient).
+      b1, b2: the decay rates of Adam's first and second moment estimates (adam, adamw).
+      eps: Adam's epsilon, added to the root of the second moment (adam, adamw).
+      momentum: SGD's momentum (sgd; 0: none).
       clip_norm: clip gradients to this global norm; null: no clipping.
       lora_plus_ratio: LoRA+: the B factors get ``lr * lora_plus_ratio``; null: same lr.
     """
@@ -377,6 +386,13 @@ class MeshConfig:
     (none on one device). ``fsdp > 1`` shards every weight and the adapters over ``fsdp``;
     ``tensor > 1`` splits the projections Megatron-style (`jlora.train.engine.scale`,
     `jlora.sharding`).
+
+    Attributes:
+      data: data-parallel axis: the batch is split over it, weights are replicated.
+      fsdp: fully sharded axis: every weight, adapter and optimizer moment is split over it
+        (and the batch too).
+      tensor: tensor-parallel axis: projections split Megatron-style (q/k/v/gate/up by
+        columns, o/down by rows, embeddings by vocabulary).
     """
 
     data: int = -1
@@ -394,7 +410,19 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistributedConfig:
-    """``distributed``: multi-host setup (``jax.distributed.initialize``); off by default."""
+    """``distributed``: multi-host setup (``jax.distributed.initialize``); off by default.
+
+    The environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` also turn it on; a key that is set wins over its variable, and what
+    neither sets is detected by JAX (on a Cloud TPU VM slice nothing needs to be set).
+
+    Attributes:
+      enabled: call ``jax.distributed.initialize`` before anything else.
+      coordinator_address: ``host:port`` of process 0; null: the environment, or detected.
+      num_processes: the number of processes (hosts); null: the environment, or detected.
+      process_id: this process's index in ``0..num_processes-1``; null: the environment, or
+        detected.
+    """
 
     enabled: bool = False
     coordinator_address: str | None = None
