@@ -101,7 +101,13 @@ class DPOConfig(ObjectiveConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SimPOConfig(ObjectiveConfig):
-    """``objective: simpo``: β scales the mean log-probabilities, γ is the target margin."""
+    """``objective: simpo``: β scales the mean log-probabilities, γ is the target margin.
+
+    Attributes:
+      beta: β, the scale of the per-token mean log-probabilities (the implicit reward).
+      gamma: γ, the target reward margin between chosen and rejected (finite).
+      label_smoothing: ε, the assumed fraction of flipped labels, in [0, 0.5).
+    """
 
     name: str = "simpo"
     beta: float = 2.0
@@ -117,7 +123,12 @@ class SimPOConfig(ObjectiveConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ORPOConfig(ObjectiveConfig):
-    """``objective: orpo``: β (the paper's λ) weighs the odds-ratio term against the NLL."""
+    """``objective: orpo``: β (the paper's λ) weighs the odds-ratio term against the NLL.
+
+    Attributes:
+      beta: β (the paper's λ), the weight of the odds-ratio term against the chosen
+        completion's NLL.
+    """
 
     name: str = "orpo"
     beta: float = 0.1
