@@ -164,3 +164,45 @@ def test_no_page_names_a_key_that_does_not_exist(kind):
                 if not reference.known_key(name, keys):
                     bad.append(f"{path.relative_to(ROOT)}:{n}: {name}")
     assert not bad, "names of config keys that do not exist:\n" + "\n".join(bad)
+
+
+def _flatten(value, prefix: str) -> list[str]:
+    """The dotted key paths of a parsed YAML config fragment (list entries as ``[]``)."""
+    if isinstance(value, dict):
+        return [
+            p for k, v in value.items() for p in _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        ]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [p for v in value for p in _flatten(v, prefix + "[]")]
+    return [prefix]
+
+
+def test_yaml_blocks_of_the_pages_use_real_keys():
+    """A ```yaml block on a page whose top-level keys are config sections is a config fragment:
+    every key in it must exist (``objective: dpo`` and ``lora.method: x`` included)."""
+    import yaml
+
+    bad, keys = [], reference.run_keys()
+    for path in _documents():
+        if path.suffix != ".md":
+            continue
+        for block in re.findall(r"```ya?ml\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
+            try:
+                data = yaml.safe_load(block)
+            except yaml.YAMLError:
+                continue
+            if not isinstance(data, dict) or not set(data) <= {*SECTIONS, "name"}:
+                continue
+            bad += [f"{path.relative_to(ROOT)}: {k}" for k in _flatten(data, "")
+                    if not reference.known_key(k, keys)]  # fmt: skip
+    assert not bad, "config keys in YAML blocks that do not exist:\n" + "\n".join(bad)
+
+
+def test_flatten_reads_a_config_fragment():
+    frag = {"data": {"tasks": [{"name": "a"}, {"kind": "x"}], "path": "d"}, "objective": "dpo"}
+    assert _flatten(frag, "") == [
+        "data.tasks[].name",
+        "data.tasks[].kind",
+        "data.path",
+        "objective",
+    ]
