@@ -152,7 +152,12 @@ def test_a_task_without_labels_json_needs_num_labels(world, tmp_path):
     (tmp_path / "c").mkdir()
     raw = _raw(world, tmp_path)
     raw["data"]["tasks"].append({"name": "c", "path": str(tmp_path / "c")})
-    with pytest.raises(C.ConfigError, match=r"data.tasks\[2\] \('c'\): num_labels is not set"):
+    with pytest.raises(  # every problem of the empty folder at once, its labels.json last
+        C.ConfigError,
+        match=r"^4 problems with the data: data.tasks\[2\] \('c'\): path: .*/c/train.jsonl does "
+        r"not exist; .* data.tasks\[2\] \('c'\): .*/c/labels.json does not exist and "
+        r"model.num_labels is not set",
+    ):
         prepare(C.from_dict(raw))
 
 

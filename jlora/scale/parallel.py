@@ -218,7 +218,8 @@ def init_opt_state(
       for `sharded_train_step`.
 
     Example:
-      >>> import jax, jax.numpy as jnp, optax, jlora, jlora.sharding as js
+      >>> import jax, jax.numpy as jnp, optax, jlora
+      >>> js = jlora.sharding
       >>> tree = jlora.init({"k": jnp.ones((8, 8))}, jlora.LoraConfig(rank=2, targets="k"),
       ...                   key=jax.random.key(0))
       >>> _, adapters = jlora.split(tree)
@@ -268,7 +269,8 @@ def sharded_train_step(
       ``step(frozen, adapters, opt_state, batch) -> (adapters, opt_state, loss)`` (plus ``aux``).
 
     Example:
-      >>> import jax, jax.numpy as jnp, optax, jlora, jlora.sharding as js
+      >>> import jax, jax.numpy as jnp, optax, jlora
+      >>> js = jlora.sharding
       >>> tree = jlora.init({"k": jnp.ones((4, 2))}, jlora.LoraConfig(rank=1, targets="k"),
       ...                   key=jax.random.key(0))
       >>> mesh = js.make_mesh()

@@ -315,7 +315,7 @@ def _objective(path: str, tp: Any, out: list[Key]) -> None:
     by_class: dict[type, list[str]] = {}
     for name, objective in sorted(OBJECTIVES.items()):
         options = getattr(objective, "options", None)
-        if options is not None and options is not base:
+        if options is not None and options is not base and _ours(options):
             by_class.setdefault(options, []).append(name)
     for options, names in by_class.items():
         own = [f.name for f in dataclasses.fields(options) if f.name not in common]
@@ -338,10 +338,15 @@ def run_keys() -> list[Key]:
 
 def python_configs() -> list[type]:
     """The config classes of the library's API: `jlora.LoraConfig`, the variant configs
-    exported by `jlora` and every config class a variant or initializer registered."""
+    exported by `jlora` and every config class a jlora variant or initializer registered."""
     found = [getattr(jlora, n) for n in jlora.__all__ if n.endswith("Config")]
     found += [r.config for r in (*VARIANTS.values(), *INITIALIZERS.values()) if r.config]
-    return list(dict.fromkeys(c for c in found if dataclasses.is_dataclass(c)))
+    return list(dict.fromkeys(c for c in found if dataclasses.is_dataclass(c) and _ours(c)))
+
+
+def _ours(cls: type) -> bool:
+    """Defined in jlora (a class another package or a test registers documents itself)."""
+    return cls.__module__.split(".")[0] == "jlora"
 
 
 def python_keys() -> list[Key]:

@@ -47,7 +47,8 @@ registers.
 `named_shardings`, `data_sharding`, `shard_batch`).
 
 Example:
-  >>> import jax, jax.numpy as jnp, jlora, jlora.sharding as js
+  >>> import jax, jax.numpy as jnp, jlora
+  >>> js = jlora.sharding
   >>> params = {"q_proj": {"kernel": jnp.ones((16, 32))}, "o_proj": {"kernel": jnp.ones((32, 16))}}
   >>> tree = jlora.init(params, jlora.LoraConfig(rank=4), key=jax.random.key(0))
   >>> mesh = js.make_mesh(data=1)
