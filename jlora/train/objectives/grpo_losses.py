@@ -51,26 +51,11 @@ __all__ = [
     "grpo_loss",
     "k3_kl",
     "sequence_terms",
-    "token_logps",
     "token_losses",
 ]
 
 #: The ``loss_type`` values of `sequence_terms` (module docstring).
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
-
-
-def token_logps(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """``(rows, seq - 1)`` log-probabilities of tokens ``1 ..`` under the logits of the position
-    before each (token ``t`` is predicted at ``t - 1``), in float32.
-
-    Example:
-      >>> logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
-      >>> jnp.exp(token_logps(logits, jnp.array([[0, 1, 0]]))).round(4).tolist()
-      [[0.5, 0.25]]
-    """
-    x = logits[:, :-1].astype(jnp.float32)
-    picked = jnp.take_along_axis(x, input_ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(x, axis=-1)
 
 
 def group_advantages(

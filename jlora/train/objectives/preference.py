@@ -4,7 +4,8 @@ Data: ``{"prompt", "chosen", "rejected"}`` JSON lines (`jlora.train.data.prefere
 pair per example; a batch holds both sides of each pair, ``(pairs, 2, length)``, and runs
 through the model as ``2 · pairs`` sequences in one forward. A side's log-probability is the
 sum over its completion tokens (and the EOS that ends it) of the next-token log-probabilities
-(`sequence_logps`; the prompt never counts); IPO, SimPO and ORPO use its mean per token.
+(`jlora.train.objectives.logprobs.sequence_logps`; the prompt never counts); IPO, SimPO and
+ORPO use its mean per token.
 
 DPO's reference policy is the same tree with the adapters off (`jlora.base`): no second copy
 of the model. It runs inside the jitted step, without gradient, or -- ``precompute_ref: true``
@@ -36,7 +37,6 @@ from typing import Any, ClassVar, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import jlora
 from jlora.train.data.preference import load_preference_splits
@@ -45,6 +45,7 @@ from jlora.train.io.generate import generation_metrics
 from jlora.train.objectives import preference_losses as L
 from jlora.train.objectives.base import Data, Objective, ObjectiveConfig, register_objective
 from jlora.train.objectives.causal_lm import CausalLM
+from jlora.train.objectives.logprobs import sequence_logps
 from jlora.train.sections import ConfigError
 
 __all__ = ["DPO", "ORPO", "DPOConfig", "ORPOConfig", "SimPO", "SimPOConfig", "sequence_logps"]
@@ -135,21 +136,6 @@ class ORPOConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         _beta("objective.beta", self.beta)
-
-
-def sequence_logps(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array):
-    """``(sum, count)`` per sequence: the summed log-probabilities of the trained tokens (token
-    ``t`` predicted from position ``t - 1``) and how many there are.
-
-    Example:
-      >>> logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
-      >>> s, n = sequence_logps(logits, jnp.array([[0, 1, 0]]), jnp.array([[0, 1, 1]]))
-      >>> round(float(s[0]), 4), float(n[0])  # log 0.5 + log 0.25
-      (-2.0794, 2.0)
-    """
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], input_ids[:, 1:])
-    m = loss_mask[:, 1:].astype(jnp.float32)
-    return -jnp.sum(ce * m, -1), jnp.sum(m, -1)
 
 
 @dataclasses.dataclass(frozen=True)
