@@ -121,6 +121,7 @@ def test_markdown_lists_every_key_and_section():
 
 def test_known_key():
     assert reference.known_key("data.tasks[1].kind")
+    assert reference.known_key("data.tasks[1]")  # an entry of a list of sections
     assert reference.known_key("model.random.hidden_size")  # inside a free-form mapping
     assert reference.known_key("lora.method")
     assert not reference.known_key("train.epoch")

@@ -387,7 +387,7 @@ def known_key(path: str, keys: Sequence[Key] | None = None) -> bool:
     """Whether ``path`` (``train.seed``, ``data.tasks[0].name``; a key inside a free-form
     mapping such as ``model.random.hidden_size`` counts) names a key of a run config (of
     ``keys``, default `run_keys`)."""
-    path = re.sub(r"\[\d*\]", "[]", path)
+    path = re.sub(r"\[\d*\]", "[]", path).removesuffix("[]")  # an entry of a list: the list
     table = {k.path: k for k in (run_keys() if keys is None else keys)}
     if path in table:
         return True

@@ -53,7 +53,9 @@ Row = tuple[str, str, str, str]  # (label, summary key, metric, note)
 def format_summary(s: dict[str, Any], rows: Sequence[Row]) -> str:
     """A human-readable table of a run summary (see `jlora.train.engine.trainer.train`): one
     line per row ``(label, summary key, metric, note)`` whose results exist (the objective's
-    `jlora.train.objectives.Objective.report_rows`), one column per split.
+    `jlora.train.objectives.Objective.report_rows`), one column per split of ``after``, then
+    one per entry of another result the rows read that holds none of those splits (e.g. an RL
+    run's ``rollouts``: ``first steps``, ``last steps``).
 
     Example:
       >>> rows = [("accuracy before", "before", "accuracy", "(untrained head)"),
@@ -78,6 +80,10 @@ def format_summary(s: dict[str, Any], rows: Sequence[Row]) -> str:
     """
     splits = [k for k in ("validation", "test") if k in (s.get("after") or {})]
     splits += [k for k in (s.get("after") or {}) if k not in splits]
+    for _, where, _, _ in rows:  # columns of other results the rows read, on no split of after
+        res = s.get(where) if where not in ("before", "after") else None
+        if isinstance(res, dict) and not set(res) & set(s.get("after") or {}):
+            splits += [k for k, v in res.items() if isinstance(v, dict) and k not in splits]
     tok = s.get("tokens_per_s")
     lines = [
         f"== jlora run {s['name']!r}: {s['steps']} steps, wall time {s['wall_time_s']:.1f}s "
