@@ -15,6 +15,7 @@ run after the first one compiles nothing). Needs torch, transformers and peft (t
     python benchmarks/bench_mainjob.py --runs 2            # the full job (minutes per run)
     python benchmarks/bench_mainjob.py --runs 2 --epochs 1 # a shorter sanity run
     python benchmarks/bench_mainjob.py --same-work         # jlora doing only what the peer does
+    python benchmarks/bench_mainjob.py --runs 3 --baseline /path/to/old/checkout --json out.json
 
 The main job does more than the peer: it evaluates before training (and the linear probe on the
 frozen encoder's features), on the validation split every 31 steps, and checkpoints every 50
@@ -22,6 +23,15 @@ steps. ``--same-work`` turns those off for jlora (``train.eval_before=false
 train.linear_probe=false train.eval_every=<total> checkpoint.enabled=false``), so both sides
 train, then evaluate the test split once. ``--set key=value`` (repeatable) overrides more of
 jlora's config, e.g. ``--set data.packing=false data.group_by_length=true``.
+
+``--baseline DIR`` adds a third side, alternated with the two: ``jlora train`` run from another
+checkout of the repository (e.g. a ``git worktree`` of an older commit), so a change is measured
+before -> after under the same load. The phase table gives, per jlora side, the medians of each
+phase's wall and CPU seconds from ``summary.json``'s ``timings_s`` / ``cpu_timings_s``
+(`jlora.train.engine.timing`), ``compile_s`` (lowering + compiling or loading programs, inside
+the phases) and ``startup`` (the process wall time outside ``train()``: imports, the config,
+exit). The load average (``os.getloadavg``) is printed at the start and the end: this machine is
+shared.
 """
 
 from __future__ import annotations
@@ -129,21 +139,33 @@ SAME_WORK = [
 ]
 
 
-def run_jlora(epochs: int, seed: int, cache: str, out: str, sets: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "jlora.cli", "train", str(CONFIG), "--set", f"output.dir={out}"]
+def run_jlora(
+    epochs: int, seed: int, cache: str, out: str, sets: list[str], root: Path = ROOT
+) -> dict:
+    """``jlora train`` of the main job's config in a subprocess, from the checkout ``root``."""
+    config = root / "configs" / "minilm-lora.yaml"
+    cmd = [sys.executable, "-m", "jlora.cli", "train", str(config), "--set", f"output.dir={out}"]
     cmd += ["output.progress=false", f"train.epochs={epochs}", f"train.seed={seed}"]
     cmd += [f"train.compile_cache_dir={cache}", *sets]
+    env = {**os.environ, "PYTHONPATH": str(root)}
     t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if r.returncode:
         raise SystemExit(f"jlora train failed:\n{r.stderr[-2000:]}")
     s = json.loads((Path(out) / "summary.json").read_text())
+    phases = {k.removesuffix("_s"): v for k, v in (s.get("timings_s") or {}).items()}
+    cpu = {k.removesuffix("_s"): v for k, v in (s.get("cpu_timings_s") or {}).items()}
+    phases["startup"] = wall - s["wall_time_s"]
+    if s.get("compile_s") is not None:
+        phases["(compile, in the phases)"] = s["compile_s"]
     return {
         "wall_s": wall,
         "train_time_s": s["train_time_s"],
         "test_accuracy": s["after"]["test"]["accuracy"],
         "compiled_programs": s.get("compiled_programs"),
+        "phases": phases,
+        "cpu_phases": cpu,
     }
 
 
@@ -173,6 +195,8 @@ def main() -> None:
     ap.add_argument("--warm-cache", action="store_true", help="one compile cache for all runs")
     ap.add_argument("--same-work", action="store_true", help="jlora without the extra evals")
     ap.add_argument("--set", nargs="*", default=[], help="overrides of jlora's config")
+    ap.add_argument("--baseline", type=Path, help="also run jlora from this checkout (alternated)")
+    ap.add_argument("--json", type=Path, help="write every run's results here")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -187,18 +211,27 @@ def main() -> None:
         )
     tmp = Path(tempfile.mkdtemp(prefix="bench_mainjob-"))
     print(f"runs under {tmp} (each jlora run: run-<seed>/summary.json, loss.png)", flush=True)
+    load_start = os.getloadavg()
+    print(f"load average at the start: {_load(load_start)}", flush=True)
     res: dict[str, list[dict]] = {"jlora": [], "peer": []}
+    if a.baseline:
+        res["baseline"] = []
+    sets = [*(SAME_WORK if a.same_work else []), *a.set]
     for seed in range(a.runs):
-        cache = str(tmp / ("xla" if a.warm_cache else f"xla-{seed}"))
-        sets = [*(SAME_WORK if a.same_work else []), *a.set]
-        res["jlora"].append(run_jlora(a.epochs, seed, cache, str(tmp / f"run-{seed}"), sets))
-        res["peer"].append(run_peer(a.epochs, seed))
         for k in res:
+            cache = str(tmp / (f"xla-{k}" if a.warm_cache else f"xla-{k}-{seed}"))
+            out = str(tmp / f"{k}-{seed}")
+            if k == "peer":
+                res[k].append(run_peer(a.epochs, seed))
+            else:
+                root = a.baseline.resolve() if k == "baseline" else ROOT
+                res[k].append(run_jlora(a.epochs, seed, cache, out, sets, root))
             r = res[k][-1]
             print(
-                f"seed {seed} {k:5s}: wall {r['wall_s']:6.1f}s  training {r['train_time_s']:6.1f}s"
-                f"  test accuracy {100 * r['test_accuracy']:.2f}%"
-                + (f"  ({r['compiled_programs']} programs compiled)" if k == "jlora" else ""),
+                f"seed {seed} {k:8s}: wall {r['wall_s']:6.1f}s  training "
+                f"{r['train_time_s']:6.1f}s  test accuracy {100 * r['test_accuracy']:.2f}%"
+                + (f"  ({r['compiled_programs']} programs compiled)" if k != "peer" else "")
+                + f"  load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
     med = {
@@ -212,12 +245,51 @@ def main() -> None:
     print(f"{'':10s}{'wall s':>10s}{'training s':>12s}{'test acc':>10s}")
     for k in res:
         print(f"{k:10s}{med[k]['wall_s']:10.1f}{med[k]['train_time_s']:12.1f}{100 * acc[k]:9.2f}%")
-    j, p = med["jlora"], med["peer"]
-    print(
-        f"ratio jlora/peer: wall {j['wall_s'] / p['wall_s']:.2f}, training "
-        f"{j['train_time_s'] / p['train_time_s']:.2f}; accuracy difference "
-        f"{100 * (acc['jlora'] - acc['peer']):+.2f} points"
-    )
+    p = med["peer"]
+    for k in [k for k in res if k != "peer"]:
+        j = med[k]
+        print(
+            f"ratio {k}/peer: wall {j['wall_s'] / p['wall_s']:.2f}, training "
+            f"{j['train_time_s'] / p['train_time_s']:.2f}; accuracy difference "
+            f"{100 * (acc[k] - acc['peer']):+.2f} points"
+        )
+    _phase_table({k: v for k, v in res.items() if k != "peer"})
+    load_end = os.getloadavg()
+    print(f"load average at the start: {_load(load_start)}; at the end: {_load(load_end)}")
+    if a.json:
+        a.json.write_text(
+            json.dumps(
+                {
+                    "args": vars(a) | {"baseline": str(a.baseline), "json": str(a.json)},
+                    "load_start": load_start,
+                    "load_end": load_end,
+                    "runs": res,
+                },
+                indent=1,
+            )
+        )
+
+
+def _load(avg: tuple[float, float, float]) -> str:
+    return " / ".join(f"{x:.1f}" for x in avg) + " (1 / 5 / 15 min)"
+
+
+def _phase_table(res: dict[str, list[dict]]) -> None:
+    """Median wall (and CPU) seconds of each phase, per jlora side."""
+    names: list[str] = []
+    for runs in res.values():
+        for r in runs:
+            names += [n for n in r["phases"] if n not in names]
+    print(f"\nphases (median seconds, wall / CPU){'':4s}" + "".join(f"{k:>20s}" for k in res))
+    for n in names:
+        cells = []
+        for runs in res.values():
+            w = [r["phases"][n] for r in runs if n in r["phases"]]
+            c = [r["cpu_phases"][n] for r in runs if n in r.get("cpu_phases", {})]
+            cell = f"{statistics.median(w):.1f}" if w else "-"
+            cell += f" / {statistics.median(c):.1f}" if c else ""
+            cells.append(cell)
+        print(f"{n:38s}" + "".join(f"{c:>20s}" for c in cells))
 
 
 if __name__ == "__main__":

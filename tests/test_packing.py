@@ -1,12 +1,15 @@
 """Packed classification batches (`jlora.train.data.packing`, ``data.packing`` on a classification
 run): several texts per row, each still its own example — logits, loss and gradients equal the
-unpacked batch's."""
+unpacked batch's; packed evaluation (one batch shape) equals the unpacked one; the train-batch
+sizes planned for a run (``data.train_shapes``, `jlora.train.data.shapes`) and compiled ahead."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
+import types
 
 import chex
 import jax
@@ -19,8 +22,19 @@ import jlora.train.data as D
 from jlora.interop.models.bert import BertConfig, BertModel
 from jlora.train import config as C
 from jlora.train import train
-from jlora.train.data.packing import pack_micro_batches, pack_rows, packing_of, slots_per_row
+from jlora.train.data.packing import (
+    eval_packing_of,
+    pack_micro_batches,
+    pack_rows,
+    pack_split,
+    packing_of,
+    slots_per_row,
+)
+from jlora.train.data.shapes import padded_units, plan_sizes, planned
+from jlora.train.engine.compiles import CompileCounter
+from jlora.train.engine.phases import compile_train, set_up
 from jlora.train.engine.setup import prepare
+from jlora.train.engine.steps import make_eval_step, step_key
 from jlora.train.objectives import Classification
 
 WORDS = ["[PAD]", "[UNK]", "red", "blue", "cat", "dog", "bird", "one", "two", "big", "small"]
@@ -197,13 +211,18 @@ def _raw(data_dir, tmp_path, **data):
 
 @pytest.mark.slow
 def test_a_packed_run_trains_the_same_steps_as_an_unpacked_one(data_dir, tmp_path):
-    cfg = C.from_dict(_raw(data_dir, tmp_path, packing=True))
+    cfg = C.from_dict(_raw(data_dir, tmp_path, packing=True, train_shapes=1))
     p = prepare(cfg)
     pack = packing_of(cfg, p.splits["train"])
     lengths = p.splits["train"].attention_mask.sum(-1)
     assert pack == {"row_len": 16, "slots": 16 // int(lengths.min())}
     plain = train(C.from_dict(_raw(data_dir, tmp_path / "plain")), echo=lambda s: None)
-    packed = train(cfg, echo=lambda s: None)
+    packed = train(cfg, echo=lambda s: None)  # padded to one row count, compiled ahead
+    phases = {"setup_s", "train_s", "eval_s", "after_eval_s", "export_s", "compile_wait_s"}
+    assert phases <= set(packed["timings_s"]) and set(packed["timings_s"]) == set(
+        packed["cpu_timings_s"]
+    )
+    assert sum(packed["timings_s"].values()) <= packed["wall_time_s"]
     # the same texts in every step: the same losses and adapters, up to float round-off
     for split in ("validation", "test"):
         for k in ("loss", "accuracy"):
@@ -212,3 +231,132 @@ def test_a_packed_run_trains_the_same_steps_as_an_unpacked_one(data_dir, tmp_pat
         D.train_batch(p.splits["train"], p.batcher, s, 1)["attention_mask"].sum() for s in range(4)
     )
     assert packed["tokens_per_s"] * packed["train_time_s"] == pytest.approx(tokens_plain)
+
+
+# --- packed evaluation ------------------------------------------------------------------------
+
+
+def _split_of(part: dict) -> D.Split:
+    return D.Split(part["input_ids"], part["attention_mask"], part["labels"])
+
+
+def _data_cfg(**data):
+    base = dict(packing=False, max_len=9, eval_batch_size=8, length_buckets=None)
+    return types.SimpleNamespace(data=types.SimpleNamespace(**{**base, **data}))
+
+
+def test_pack_split_covers_the_split_once_in_one_shape():
+    split = _split_of(_texts(41, seed=6))
+    pack = eval_packing_of(_data_cfg(packing=True), split)
+    assert pack == {"row_len": 9, "slots": 9, "rows": 4}  # 8 texts of 4 tokens fill 4 rows of 9
+    batches = list(pack_split(split, **pack))
+    assert {b["input_ids"].shape for b in batches} == {(4, 9)}
+    seen = []
+    for b in batches:
+        for r, k in zip(*np.nonzero(b["weight"]), strict=True):
+            i = int(b["index"][r, k])
+            seen.append(i)
+            toks = b["input_ids"][r][b["segment_ids"][r] == k + 1]
+            n = int(split.attention_mask[i].sum())
+            np.testing.assert_array_equal(toks, split.input_ids[i, :n])
+            assert b["labels"][r, k] == split.labels[i]
+        assert (b["index"][b["weight"] == 0] == -1).all()
+    assert sorted(seen) == list(range(41))
+    assert eval_packing_of(_data_cfg(), split) is None
+    with pytest.raises(ValueError, match="texts in one row, only 1 slots"):
+        list(pack_split(split, row_len=9, slots=1, rows=4))
+
+
+def test_packed_evaluation_equals_the_unpacked_one():
+    """Metrics and each text's pooled features: packed batches of one shape = plain batches."""
+    model, tree = _lora_tree(seed=5)
+    task = Classification(model)
+    frozen, adapters = jlora.split(tree)
+    step = jax.jit(make_eval_step(task))
+    split = _split_of(_texts(29, seed=8))
+    got = task.evaluate(
+        lambda b: step(adapters, frozen, b), split, _data_cfg(packing=True), features=True
+    )
+    want = task.evaluate(lambda b: step(adapters, frozen, b), split, _data_cfg(), features=True)
+    for k in ("loss", "accuracy"):
+        assert got[0][k] == pytest.approx(want[0][k], abs=1e-6)
+    chex.assert_trees_all_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    assert step._cache_size() == 2  # one packed shape; the plain batches all trim to 8 tokens
+
+
+# --- planned train shapes -------------------------------------------------------------------
+
+
+def test_plan_sizes_is_the_least_padding_of_at_most_k_sizes():
+    rng = random.Random(0)
+    for _ in range(200):
+        sizes = [rng.randint(1, 12) for _ in range(rng.randint(1, 25))]
+        values = sorted(set(sizes))
+        for most in (1, 2, 3):
+            got = plan_sizes(sizes, most)
+            assert len(got) <= most and max(values) in got
+            # brute force: every set of at most `most` sizes holding the largest
+            best = min(
+                sum(min(c for c in combo if c >= s) for s in sizes)
+                for k in range(1, most + 1)
+                for combo in itertools.combinations(values, k)
+                if max(values) in combo
+            )
+            assert padded_units(sizes, got) == best
+    assert plan_sizes([10, 11, 12, 14], 1) == (14,) and planned(15, (12, 14)) == 15
+    with pytest.raises(ValueError, match=r"data\.train_shapes must be >= 1, got 0"):
+        plan_sizes([3], 0)
+
+
+def test_train_batch_pads_up_to_the_planned_length():
+    lengths = [3, 12, 17, 40, 9, 30, 2, 16]
+    mask = (np.arange(48)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    split = D.Split(mask * 5, mask, np.arange(8) % 2)
+    batcher = D.Batcher(8, 2, seed=0)
+    want = [D.step_length(split, batcher, s, 1) for s in range(4)]
+    plan = plan_sizes(want, 2)
+    for s in range(4):
+        plain = D.train_batch(split, batcher, s, 1)
+        b = D.train_batch(split, batcher, s, 1, sizes=plan)
+        assert plain["input_ids"].shape[-1] == want[s]
+        assert (
+            b["input_ids"].shape[-1] == planned(want[s], plan) and b["input_ids"].shape[-1] in plan
+        )
+        np.testing.assert_array_equal(b["attention_mask"][..., : want[s]], plain["attention_mask"])
+        assert b["attention_mask"][..., want[s] :].sum() == 0
+
+
+def test_planned_packed_batches_hold_the_same_texts(data_dir, tmp_path):
+    p = prepare(C.from_dict(_raw(data_dir, tmp_path, packing=True, train_shapes=1)))
+    plain = prepare(C.from_dict(_raw(data_dir, tmp_path, packing=True)))
+    steps = range(p.total_steps + 1)  # a step past the end is computed ahead of the last save
+    rows = plain.objective.train_sizes(plain, steps)
+    assert plain.train_plan is None and len(set(rows)) > 1
+    assert p.train_plan == (max(rows),) and p.plan_steps == (0,)  # every step: the one size
+    for s in steps:
+        b, b0 = p.objective.train_batch(p, s), plain.objective.train_batch(plain, s)
+        n = b0["input_ids"].shape[1]
+        assert n == rows[s] and b["input_ids"].shape[1] == max(rows)
+        for k in b0:
+            np.testing.assert_array_equal(b[k][:, :n], b0[k])
+            assert not b[k][:, n:].any()  # the added rows are empty: weight 0
+
+
+def test_train_programs_compiled_ahead_are_the_ones_the_steps_run(data_dir, tmp_path):
+    cfg = C.from_dict(_raw(data_dir, tmp_path, packing=True, train_shapes=1))
+    run = set_up(cfg, resume=False, echo=lambda s: None)
+    try:
+        p = run.p
+        assert len(p.train_plan) == 1 == len(p.plan_steps)
+        compile_train(run)
+        run.compiling.join()
+        args = [(p.objective.train_batch(p, s, run), step_key(0, s)) for s in p.plan_steps]
+        with CompileCounter() as c:
+            for batch, key in args:
+                jax.block_until_ready(
+                    run.train_step(run.adapters, run.opt_state, run.frozen, batch, key)
+                )
+        assert c.programs == 0
+        assert run.train_step._cache_size() == 1
+    finally:
+        run.lock.release()

@@ -184,8 +184,14 @@ class DataConfig:
       packing: pack several training examples per row of ``max_len`` tokens, with segment ids
         so attention, positions (and for classification the pooling) never cross examples:
         SFT data (`jlora.train.data.sft`) when the split is built; classification texts per
-        training batch (`jlora.train.data.packing`: the same examples and loss, less padding;
-        ``length_buckets`` then apply to evaluation only, and ``group_by_length`` is best off).
+        training batch and, for evaluation, each split whole in batches of one shape
+        (`jlora.train.data.packing`: the same examples and loss, less padding; ``length_buckets``
+        then do not apply, and ``group_by_length`` is best off).
+      train_shapes: the most distinct train-batch shapes (so train programs compiled) a run
+        has: the size that varies between its batches (the rows of packed batches, else the
+        padded length) is planned over the whole run, each batch padded up to one of at most
+        this many sizes chosen for the least padding (`jlora.train.data.shapes`). Padding is
+        masked out: the same loss and updates. null: one shape per distinct size.
 
       tasks: several tasks in one run (`TaskDataConfig` each; instead of ``path``): a
         multitask run (`jlora.train.objectives.multitask`).
@@ -217,6 +223,7 @@ class DataConfig:
     group_by_length: bool = False
     length_buckets: tuple[int, ...] | None = None
     packing: bool = False
+    train_shapes: int | None = None
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     tasks: tuple[TaskDataConfig, ...] | None = None
     mixing: Literal["size", "temperature"] | None = None
@@ -228,6 +235,8 @@ class DataConfig:
         # (`jlora.train.objectives`), once the whole config is known.
         for f in ("max_len", "batch_size", "eval_batch_size"):
             _positive(f"data.{f}", getattr(self, f))
+        if self.train_shapes is not None:
+            _positive("data.train_shapes", self.train_shapes)
         b = self.length_buckets
         if b is not None and (not b or min(b) < 1 or list(b) != sorted(set(b))):
             raise ConfigError(

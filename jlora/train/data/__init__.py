@@ -6,6 +6,7 @@
   and evaluation batches.
 * `jlora.train.data.tokenize`: the run's tokenizer, padding, the text splits of a run.
 * `jlora.train.data.packing`: several short texts per row (classification batches).
+* `jlora.train.data.shapes`: the train-batch sizes planned for a run (fewer programs).
 * `jlora.train.data.sft`: prompt/completion and chat data (causal LM).
 * `jlora.train.data.mixing`: several tasks' data in one run (multitask).
 
@@ -14,7 +15,13 @@
 2
 """
 
-from jlora.train.data.batching import Batcher, bucket_length, eval_batches, train_batch
+from jlora.train.data.batching import (
+    Batcher,
+    bucket_length,
+    eval_batches,
+    step_length,
+    train_batch,
+)
 from jlora.train.data.mixing import MixingBatcher, concat, mixing_probs, task_weights
 from jlora.train.data.splits import Split, load_jsonl, load_labels, synthetic_lm
 from jlora.train.data.tokenize import padded_length, tokenize
@@ -30,6 +37,7 @@ __all__ = [
     "load_labels",
     "mixing_probs",
     "padded_length",
+    "step_length",
     "synthetic_lm",
     "task_weights",
     "tokenize",

@@ -4,7 +4,8 @@
   is a pure function of ``(seed, step)``, so resuming at step ``s`` skips exactly the batches
   already consumed. The last incomplete batch of an epoch is dropped.
 * `train_batch` stacks the micro-batches of an optimizer step, trimmed to their longest text
-  (or padded up to a length bucket, `bucket_length`).
+  (or padded up to a length bucket, `bucket_length`, and up to a planned length,
+  `jlora.train.data.shapes`); `step_length` is that length.
 * `eval_batches` covers a split once in order, padding the last batch with zero-weight rows.
 """
 
@@ -15,9 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from jlora.train.data.shapes import planned
 from jlora.train.data.splits import Split
 
-__all__ = ["TOKEN_COLUMNS", "Batcher", "bucket_length", "eval_batches", "train_batch"]
+__all__ = [
+    "TOKEN_COLUMNS",
+    "Batcher",
+    "bucket_length",
+    "eval_batches",
+    "step_length",
+    "train_batch",
+]
 
 #: The batch columns with a token axis (the last one), trimmed with the batch.
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
@@ -102,17 +111,27 @@ def bucket_length(
     return min(-(-longest // multiple) * multiple, full)
 
 
-def _trim(
-    batch: dict[str, np.ndarray], multiple: int, buckets: Sequence[int] | None = None
-) -> dict[str, np.ndarray]:
-    """Drop padding columns beyond the longest row (rounded up to ``multiple`` / a bucket)."""
-    full = batch["input_ids"].shape[-1]
-    longest = int(batch["attention_mask"].sum(-1).max())
-    length = bucket_length(longest, full, multiple, buckets)
-    for k in TOKEN_COLUMNS:
-        if k in batch:
-            batch[k] = batch[k][..., :length]
-    return batch
+def step_length(
+    split: Split,
+    batcher: Any,
+    step: int,
+    grad_accum: int,
+    *,
+    multiple: int = 8,
+    buckets: Sequence[int] | None = None,
+) -> int:
+    """The token length of `train_batch` ``step`` before any plan: its longest text rounded up
+    to ``multiple``, or up to a bucket of ``buckets`` (`bucket_length`).
+
+    Example:
+      >>> mask = (np.arange(16)[None] < np.array([[3], [12], [5], [2]])).astype(np.int32)
+      >>> s = Split(mask, mask, np.arange(4))
+      >>> step_length(s, Batcher(4, 2, seed=0), 0, 2), step_length(s, Batcher(4, 4, seed=0), 0, 1)
+      (16, 16)
+    """
+    idx = np.concatenate([batcher.indices(step * grad_accum + j) for j in range(grad_accum)])
+    longest = int(split.attention_mask[idx].sum(-1).max())
+    return bucket_length(longest, split.input_ids.shape[-1], multiple, buckets)
 
 
 def train_batch(
@@ -123,12 +142,15 @@ def train_batch(
     *,
     multiple: int = 8,
     buckets: Sequence[int] | None = None,
+    sizes: tuple[int, ...] | None = None,
 ) -> dict[str, np.ndarray]:
     """The batch of optimizer step ``step``: arrays shaped ``(grad_accum, batch_size, length)``.
 
     ``length`` is the longest text of the batch rounded up to ``multiple`` (at most the split's
     padded length): padding columns that no row needs are not computed. With ``buckets``, it is
-    the smallest bucket that holds the longest text (`bucket_length`).
+    the smallest bucket that holds the longest text (`bucket_length`); with ``sizes`` (the
+    run's planned lengths, `jlora.train.data.shapes`), that length padded up to the smallest
+    planned one that holds it.
 
     Example:
       >>> mask = (np.arange(16)[None] < np.array([[3], [12], [5], [2]])).astype(np.int32)
@@ -141,7 +163,14 @@ def train_batch(
       True
     """
     parts = [split.take(batcher.indices(step * grad_accum + j)) for j in range(grad_accum)]
-    return _trim({k: np.stack([p[k] for p in parts]) for k in parts[0]}, multiple, buckets)
+    batch = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    full = batch["input_ids"].shape[-1]
+    longest = int(batch["attention_mask"].sum(-1).max())
+    length = min(planned(bucket_length(longest, full, multiple, buckets), sizes), full)
+    for k in TOKEN_COLUMNS:
+        if k in batch:
+            batch[k] = batch[k][..., :length]
+    return batch
 
 
 def eval_batches(

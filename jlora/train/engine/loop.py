@@ -18,6 +18,7 @@ import math
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 import jlora
@@ -26,7 +27,7 @@ from jlora.train.config import RunConfig
 from jlora.train.engine.evaluation import evaluate, format_results, split_name
 from jlora.train.engine.guard import DivergenceError, NonFiniteLossError, StepGuard
 from jlora.train.engine.phases import Outcome, Run
-from jlora.train.engine.steps import make_train_step, step_key
+from jlora.train.engine.steps import step_key
 from jlora.train.io.metrics import MetricsLog
 
 __all__ = ["DivergenceError", "NonFiniteLossError", "TrainingLoop"]
@@ -71,8 +72,8 @@ class TrainingLoop:
         evals = [r for r in self.log.records if r["split"] == "eval"]
         t = cfg.train
         self.stopper = _Stopper(t.early_stopping_metric, t.early_stopping_patience, evals)
-        step = make_train_step(p.objective, run.tx, run.method)
-        self.step_fn = scale.jit_train_step(step, run.mesh)
+        self.step_fn = run.train_step
+        self.lr_at = jax.jit(run.schedule)  # one program, not a dozen eager ones per step
         self.eval_every = t.eval_every or p.steps_per_epoch
         self.last_eval: dict[str, Any] | None = evals[-1] if evals else None
         self.last_saved: int | None = run.start if resume and run.existing else None
@@ -91,6 +92,9 @@ class TrainingLoop:
         """Train to ``total_steps`` (or an early stop); closes the log and the checkpointer."""
         start, total = self.run.start, self.p.total_steps
         step = start
+        if self.run.compiling is not None:  # the programs compiled ahead (`compile_train`)
+            with self.run.timer("compile_wait_s"):
+                self.run.compiling.join()
         try:
             for step in range(start, total):
                 if self.step(step):
@@ -116,7 +120,7 @@ class TrainingLoop:
         the jitted step's, ``update_s`` (its seconds) and those of making the batch
         (`jlora.train.objectives.Objective.make_batch`)."""
         run, p, cfg = self.run, self.p, self.cfg
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         host, made = p.objective.make_batch(p, step, run)
         batch = scale.place_batch(host, run.mesh)
         t_update = time.perf_counter()
@@ -126,7 +130,9 @@ class TrainingLoop:
         m = {k: float(v) for k, v in m.items()}  # waits for the step
         m["update_s"] = time.perf_counter() - t_update
         m.update(made)
-        return adapters, opt_state, m, time.perf_counter() - t
+        secs = time.perf_counter() - t
+        run.timer.add("train_s", secs, time.process_time() - c)
+        return adapters, opt_state, m, secs
 
     def step(self, step: int) -> bool:
         """Optimizer step ``step`` (0-based) and what follows it; True to stop early."""
@@ -146,7 +152,7 @@ class TrainingLoop:
         self.window.append({k: m[k] for k in p.objective.train_metrics})
         self.latest = m
         tok_s = self.tokens / max(self.t_train, 1e-9)
-        lr = float(run.schedule(step))
+        lr = float(self.lr_at(step))
         self._log_train(done, lr, gnorm, tok_s)
         if self.bar is not None:
             self.bar.update(1)
@@ -169,8 +175,9 @@ class TrainingLoop:
             self.bar.close()
         self.log.close()
         if self.run.ckpt is not None:
-            self.run.ckpt.wait()
-            self.run.ckpt.close()
+            with self.run.timer("checkpoint_s"):  # the async saves finish
+                self.run.ckpt.wait()
+                self.run.ckpt.close()
 
     def _log_train(self, done: int, lr: float, gnorm: float, tok_s: float) -> None:
         if not (done % self.cfg.train.log_every == 0 or done == self.p.total_steps):
@@ -197,10 +204,11 @@ class TrainingLoop:
             return False
         run = self.run
         name = split_name(self.p, "eval")
-        metrics, _ = evaluate(
-            self.p, run.eval_step, run.adapters, run.frozen, self.p.splits["eval"],
-            desc=f"evaluating {name} at step {done}",
-        )  # fmt: skip
+        with run.timer("eval_s"):
+            metrics, _ = evaluate(
+                self.p, run.eval_step, run.adapters, run.frozen, self.p.splits["eval"],
+                desc=f"evaluating {name} at step {done}",
+            )  # fmt: skip
         self.last_eval = {"step": done, "split": "eval", **metrics}
         self.log.write(done, "eval", metrics)
         if self.bar is not None:
@@ -220,14 +228,16 @@ class TrainingLoop:
             f"eval_{k}": v for k, v in (self.last_eval or {}).items() if k not in ("step", "split")
         }
         tree = jlora.combine(run.frozen, run.adapters)
-        if run.ckpt.save(
-            done,
-            tree,
-            opt_state=run.opt_state,
-            config=self.cfg.lora,
-            metrics=ckpt_metrics or None,
-            force=final,
-        ):
+        with run.timer("checkpoint_s"):
+            saved = run.ckpt.save(
+                done,
+                tree,
+                opt_state=run.opt_state,
+                config=self.cfg.lora,
+                metrics=ckpt_metrics or None,
+                force=final,
+            )
+        if saved:
             self.last_saved = done
 
 

@@ -15,6 +15,7 @@ What differs between objectives and methods is asked of them (`jlora.train.objec
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ import jlora
 import jlora.train.engine.scale as scale
 from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.train.config import RunConfig, to_dict
+from jlora.train.engine.compiles import compile_ahead
 from jlora.train.engine.evaluation import eval_all, format_results, split_name
 from jlora.train.engine.lock import LOCK_NAME, RunLock
 from jlora.train.engine.resume import (
@@ -37,14 +39,21 @@ from jlora.train.engine.resume import (
     set_aside,
 )
 from jlora.train.engine.setup import Prepared, prepare
-from jlora.train.engine.steps import make_eval_step, make_optimizer, make_schedule
+from jlora.train.engine.steps import (
+    make_eval_step,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    step_key,
+)
+from jlora.train.engine.timing import PhaseTimer
 from jlora.train.io.export import write_peft
 from jlora.train.io.metrics import plot_curves, read_metrics
 from jlora.train.io.report import format_summary, load_json, save_json
 from jlora.train.methods import Method, method_for
 from jlora.train.sections import ConfigError
 
-__all__ = ["Outcome", "Run", "evaluate_before", "finish", "restore", "set_up"]
+__all__ = ["Outcome", "Run", "compile_train", "evaluate_before", "finish", "restore", "set_up"]
 
 
 @dataclasses.dataclass
@@ -63,15 +72,17 @@ class Run:
     tx: Any  # the optax optimizer of the adapters
     method: Method  # what the LoRA variant adds to the step (`jlora.train.methods`)
     eval_step: Callable
+    train_step: Callable  # the jitted `make_train_step`
     summ: jlora.Summary
     frozen: Any
     adapters: Any
     opt_state: Any
     t_start: float  # perf_counter / process_time when the run began
     cpu_start: float
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    timer: PhaseTimer = dataclasses.field(default_factory=PhaseTimer)  # seconds per phase
     start: int = 0  # the first step to train (after `restore`)
     compiles: Any = None  # a `jlora.train.engine.compiles.CompileCounter` (set by `train`)
+    compiling: threading.Thread | None = None  # train programs compiled ahead (`compile_train`)
 
 
 @dataclasses.dataclass
@@ -113,6 +124,7 @@ def set_up(
         lock.release()
         raise
     echo(f"[jlora] {cfg.name}: {run.summ}")
+    run.timer.add("setup_s", time.perf_counter() - t_start, time.process_time() - cpu_start)
     return run
 
 
@@ -202,6 +214,7 @@ def _checked_run(
         tx=tx,
         method=method,
         eval_step=scale.jit_eval_step(make_eval_step(p.objective), mesh),
+        train_step=scale.jit_train_step(make_train_step(p.objective, tx, method), mesh),
         summ=jlora.summary(p.tree),
         frozen=frozen,
         adapters=adapters,
@@ -209,6 +222,26 @@ def _checked_run(
         t_start=0.0,
         cpu_start=0.0,
     )
+
+
+def compile_train(run: Run) -> None:
+    """Compile the run's planned train programs (``data.train_shapes``) on a background thread,
+    beside the evaluation before training (`jlora.train.engine.compiles.compile_ahead`): the
+    first batch of each planned size, with the state as it is now (the shapes of every step's).
+    Nothing to do without a plan (the shapes are not known up front)."""
+    p = run.p
+    if not p.plan_steps:
+        return
+
+    def call(step: int) -> Callable[[], tuple]:
+        def args() -> tuple:
+            batch = scale.place_batch(p.objective.make_batch(p, step, run)[0], run.mesh)
+            key = step_key(p.cfg.train.seed, step)
+            return run.adapters, run.opt_state, run.frozen, batch, key
+
+        return args
+
+    run.compiling = compile_ahead(run.train_step, [call(s) for s in p.plan_steps])
 
 
 def _checkpointer(p: Prepared) -> AdapterCheckpointer:
@@ -237,14 +270,16 @@ def evaluate_before(run: Run) -> tuple[dict | None, dict | None]:
     need_probe = p.objective.wants_baseline(cfg) and probe is None
     if not ((cfg.train.eval_before and before is None) or need_probe):
         return before, probe
-    t = time.perf_counter()
     names = ("eval", "test", "train") if need_probe else ("eval", "test")
-    before, feats = eval_all(p, run.eval_step, run.adapters, run.frozen, names, features=need_probe)
-    _add_extras(run, before)
-    save_json(out / "before.json", before)
-    run.timings["before_eval_s"] = time.perf_counter() - t
+    with run.timer("before_eval_s"):
+        before, feats = eval_all(
+            p, run.eval_step, run.adapters, run.frozen, names, features=need_probe
+        )
+        _add_extras(run, before)
+        save_json(out / "before.json", before)
     run.echo(
-        f"[jlora] before training: {format_results(before)} ({run.timings['before_eval_s']:.1f}s)"
+        f"[jlora] before training: {format_results(before)} "
+        f"({run.timer.wall['before_eval_s']:.1f}s)"
     )
     if need_probe:
         probe = _baseline(run, feats)
@@ -253,13 +288,12 @@ def evaluate_before(run: Run) -> tuple[dict | None, dict | None]:
 
 def _baseline(run: Run, feats: dict[str, Any]) -> dict:
     p = run.p
-    t = time.perf_counter()
-    probe = p.objective.baseline(p, feats, split_name)
-    save_json(run.out / "probe.json", probe)
-    run.timings["probe_s"] = time.perf_counter() - t
+    with run.timer("probe_s"):
+        probe = p.objective.baseline(p, feats, split_name)
+        save_json(run.out / "probe.json", probe)
     run.echo(
         f"[jlora] {p.objective.baseline_title}: {format_results(probe)} "
-        f"({run.timings['probe_s']:.1f}s)"
+        f"({run.timer.wall['probe_s']:.1f}s)"
     )
     return probe
 
@@ -284,14 +318,20 @@ def restore(run: Run) -> None:
 
 def finish(run: Run, done: Outcome, before: dict | None, probe: dict | None) -> dict:
     """Evaluate after training, export and plot; write, print and return the summary."""
-    after = _evaluate_after(run, done)
-    tree = jlora.combine(run.frozen, scale.gather(run.adapters))  # all processes: a collective
-    peft_dir = _export_peft(run, tree) if scale.is_main_process() else None
-    png = _plot(run, before) if run.p.cfg.output.plot and scale.is_main_process() else None
-    summary = _summary(run, done, before, probe, after)
+    with run.timer("after_eval_s"):
+        after = _evaluate_after(run, done)
     plot = run.p.cfg.output.plot and scale.is_main_process()
+    with run.timer("export_s"):
+        tree = jlora.combine(run.frozen, scale.gather(run.adapters))  # all processes: collective
+        peft_dir = _export_peft(run, tree) if scale.is_main_process() else None
+    with run.timer("plot_s"):
+        png = _plot(run, before) if plot else None
     state = lambda: scale.gather(run.opt_state)  # noqa: E731 (a collective, when called)
-    report = run.method.report(tree, state, run.out, plot=plot, title=run.p.cfg.name, echo=run.echo)
+    with run.timer("report_s"):
+        report = run.method.report(
+            tree, state, run.out, plot=plot, title=run.p.cfg.name, echo=run.echo
+        )
+    summary = _summary(run, done, before, probe, after)
     if report:  # e.g. AdaLoRA: final ranks, budget, adalora_ranks.png
         summary[run.method.name] = report
     summary.update(run.p.objective.summary(run.p, before, probe, after, peft_dir))
@@ -304,7 +344,6 @@ def finish(run: Run, done: Outcome, before: dict | None, probe: dict | None) -> 
 
 def _evaluate_after(run: Run, done: Outcome) -> dict:
     p, last_eval = run.p, done.last_eval
-    t = time.perf_counter()
     after = {}
     if last_eval is not None and last_eval["step"] == done.steps_done:  # evaluated just now
         after[split_name(p, "eval")] = {
@@ -314,7 +353,6 @@ def _evaluate_after(run: Run, done: Outcome) -> dict:
     after.update(eval_all(p, run.eval_step, run.adapters, run.frozen, todo)[0])
     _add_extras(run, after)
     save_json(run.out / "after.json", after)
-    run.timings["after_eval_s"] = time.perf_counter() - t
     return after
 
 
@@ -378,10 +416,14 @@ def _summary(run: Run, done: Outcome, before, probe, after) -> dict:
         # set-up, evaluation before, baseline and the first step (its compilation included)
         "time_to_first_step_s": done.first_step_s,
         "cpu_time_s": time.process_time() - run.cpu_start,
-        "timings_s": run.timings,
+        # wall / CPU seconds per phase (`jlora.train.engine.timing`; train_s: the steps)
+        "timings_s": run.timer.wall,
+        "cpu_timings_s": run.timer.cpu,
         "checkpoint_dir": str(p.checkpoint_dir) if run.ckpt is not None else None,
         "last_checkpoint_step": done.last_saved,
         # XLA programs compiled by this run, and those loaded from the persistent cache instead
         "compiled_programs": run.compiles.compiled if run.compiles is not None else None,
         "cached_programs": run.compiles.loaded if run.compiles is not None else None,
+        # seconds spent lowering and compiling (or loading) them, in every phase
+        "compile_s": run.compiles.seconds if run.compiles is not None else None,
     }

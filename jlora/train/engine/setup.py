@@ -18,6 +18,7 @@ import jax
 
 import jlora.train.data as D
 from jlora.train.config import RunConfig
+from jlora.train.data.shapes import plan_sizes, planned
 from jlora.train.data.tokenize import load_tokenizer, vocab_size
 from jlora.train.engine.init_from import merged_base
 from jlora.train.engine.model import load_base, param_shapes
@@ -43,6 +44,8 @@ class Prepared:
     total_steps: int
     steps_per_epoch: int
     examples: dict[str, list[Any]] | None = None  # the objective's examples of each split
+    train_plan: tuple[int, ...] | None = None  # planned train-batch sizes (data.train_shapes)
+    plan_steps: tuple[int, ...] = ()  # the first step of each planned size, in step order
 
     @property
     def out_dir(self) -> Path:
@@ -133,7 +136,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     # What the method fills in once the optimizer updates are known (AdaLoRA's lora.total_step).
     updates = total * objective.updates_per_batch
     cfg = dataclasses.replace(cfg, lora=method_class(cfg.lora.variant).resolve(cfg.lora, updates))
-    return Prepared(
+    p = Prepared(
         cfg=cfg,
         objective=objective,
         params=params,
@@ -145,3 +148,10 @@ def prepare(cfg: RunConfig) -> Prepared:
         steps_per_epoch=per_epoch,
         examples=data.examples,
     )
+    if cfg.data.train_shapes is not None:  # the batches of steps 0..total (one computed ahead)
+        sizes = objective.train_sizes(p, range(total + 1))
+        if sizes:
+            p.train_plan = plan_sizes(sizes, cfg.data.train_shapes)
+            first = {planned(s, p.train_plan): step for step, s in reversed(list(enumerate(sizes)))}
+            p.plan_steps = tuple(sorted(first.values()))
+    return p

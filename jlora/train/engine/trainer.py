@@ -31,7 +31,7 @@ from jlora.train.config import RunConfig
 from jlora.train.engine.compiles import CompileCounter
 from jlora.train.engine.evaluation import evaluate
 from jlora.train.engine.loop import DivergenceError, NonFiniteLossError, TrainingLoop
-from jlora.train.engine.phases import evaluate_before, finish, restore, set_up
+from jlora.train.engine.phases import compile_train, evaluate_before, finish, restore, set_up
 
 __all__ = ["DivergenceError", "NonFiniteLossError", "evaluate", "train"]
 
@@ -71,6 +71,7 @@ def train(
         run = set_up(cfg, resume=resume, echo=echo, overwrite=overwrite)
         run.compiles = counter
         try:
+            compile_train(run)  # on a background thread, beside the evaluation before training
             before, probe = evaluate_before(run)
             restore(run)
             outcome = TrainingLoop(run, resume=resume).run_steps()

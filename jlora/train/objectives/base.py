@@ -13,7 +13,8 @@ An objective says everything about a run that depends on *what* is trained, so t
   computes once before the run (`begin`), the batch of an optimizer step (`train_batch`: read
   from the splits, or made, as a rollout is, from the current adapters it is given;
   `make_batch` adds the host-side metrics of making it, e.g. a rollout's rewards and time), how
-  many optimizer updates a batch gets (`updates_per_batch`) and the evaluation batches
+  many optimizer updates a batch gets (`updates_per_batch`), the sizes its batches vary in
+  (`train_sizes`, planned by ``data.train_shapes``) and the evaluation batches
   (`eval_batches`);
 * **the loss** (pure and jittable): `terms` (the summed ``loss``, ``weight`` and metric terms of
   a batch), `weights` (what one step's mean divides by), `step_metrics` (the train step's
@@ -41,7 +42,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import jax
@@ -236,6 +237,7 @@ class Objective:
             step,
             cfg.train.grad_accum,
             buckets=cfg.data.length_buckets,
+            sizes=p.train_plan,
         )
 
     def make_batch(
@@ -255,6 +257,17 @@ class Objective:
         """Called once a run is set up (fresh or resumed), before anything is evaluated or
         trained: the objective may compute what it needs from the model once (e.g. a frozen
         reference's log-probs, attached to ``p.splits``) or build its programs."""
+
+    def train_sizes(self, p: Any, steps: Iterable[int]) -> list[int] | None:
+        """The size of the axis that varies between `train_batch` shapes (here the padded
+        length), at each of ``steps``, before any plan: ``data.train_shapes`` plans them
+        (`jlora.train.data.shapes`) into ``p.train_plan``, which `train_batch` pads up to.
+        None: batches this objective cannot plan (nothing is padded), e.g. batches made by
+        the model (a rollout) rather than read from the splits."""
+        cfg = p.cfg
+        split, accum = p.splits["train"], cfg.train.grad_accum
+        buckets = cfg.data.length_buckets
+        return [D.step_length(split, p.batcher, s, accum, buckets=buckets) for s in steps]
 
     def eval_batches(self, split: D.Split, cfg: Any) -> Iterator[dict[str, np.ndarray]]:
         """Batches covering ``split`` once (`jlora.train.data.eval_batches`)."""
@@ -300,9 +313,9 @@ class Objective:
             for k, v in out.items():
                 if k != "pooled":
                     sums[k] = sums.get(k, 0.0) + float(v)
-            if features:
-                n = int(batch["weight"].sum())
-                pooled.append((index[:n], np.asarray(out["pooled"])[:n]))
+            if features:  # the examples of the batch (padding rows and empty slots weigh 0)
+                keep = np.asarray(batch["weight"]) > 0
+                pooled.append((index[keep], np.asarray(out["pooled"])[keep]))
         if not features:
             return self.metrics(sums), None
         feats = np.zeros((len(split), pooled[0][1].shape[-1]), np.float32)

@@ -6,11 +6,11 @@ last token (`jlora.models.LlamaForSequenceClassification`, as transformers'
 ``*ForSequenceClassification``: any family `jlora.models.from_pretrained` reads); train it
 fully by listing it in ``lora.trainable``. Either exports as a PEFT ``SEQ_CLS`` adapter with the
 head in ``modules_to_save``. Data: ``{"text", "label"}`` JSON lines and ``labels.json`` (a label is an
-index or a class name); ``data.packing`` packs each training batch's texts into rows
-(`jlora.train.data.packing`: the same examples and loss, less padding). Metrics: loss and
-accuracy. Evaluation extra: the frozen-encoder linear probe (``train.linear_probe``,
-`jlora.train.objectives.probe`), the same head trained alone on the step-0 embeddings. Losses
-are computed in float32 whatever the compute dtype.
+index or a class name); ``data.packing`` packs each training batch's texts into rows, and each
+evaluated split into batches of one shape (`jlora.train.data.packing`: the same examples and
+loss, less padding). Metrics: loss and accuracy. Evaluation extra: the frozen-encoder linear
+probe (``train.linear_probe``, `jlora.train.objectives.probe`), the same head trained alone on
+the step-0 embeddings. Losses are computed in float32 whatever the compute dtype.
 
 Example:
   >>> from jlora.train import load_config
@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,13 @@ import optax
 
 import jlora
 import jlora.train.data as D
-from jlora.train.data.packing import pack_train_batch, packing_of
+from jlora.train.data.packing import (
+    eval_packing_of,
+    pack_split,
+    pack_train_batch,
+    packing_of,
+    step_rows,
+)
 from jlora.train.data.tokenize import load_text_splits
 from jlora.train.io.progress import progress
 from jlora.train.objectives.base import (
@@ -120,7 +127,23 @@ class Classification(Objective):
         pack = packing_of(p.cfg, p.splits["train"])
         if pack is None:
             return super().train_batch(p, step, state)
-        return pack_train_batch(p.splits["train"], p.batcher, step, p.cfg.train.grad_accum, **pack)
+        split, accum = p.splits["train"], p.cfg.train.grad_accum
+        return pack_train_batch(split, p.batcher, step, accum, **pack, sizes=p.train_plan)
+
+    def train_sizes(self, p: Any, steps: Iterable[int]) -> list[int] | None:
+        """The rows of each packed batch (else the padded length, as `Objective.train_sizes`)."""
+        pack = packing_of(p.cfg, p.splits["train"])
+        if pack is None:
+            return super().train_sizes(p, steps)
+        split, accum, row_len = p.splits["train"], p.cfg.train.grad_accum, pack["row_len"]
+        return [step_rows(split, p.batcher, s, accum, row_len=row_len) for s in steps]
+
+    def eval_batches(self, split: D.Split, cfg: Any) -> Iterator[dict[str, np.ndarray]]:
+        """With ``data.packing``, the split packed into batches of one shape (`pack_split`)."""
+        pack = eval_packing_of(cfg, split)
+        if pack is None:
+            return super().eval_batches(split, cfg)
+        return pack_split(split, **pack)
 
     # -- the loss ---------------------------------------------------------------------------
 
