@@ -118,7 +118,8 @@ class LoraConfig:
       bias: ``"none"``, ``"all"`` (every ``bias`` leaf trains) or ``"lora_only"`` (biases of
         targeted modules train).
       trainable: regexes of extra leaves that train fully (PEFT's ``modules_to_save``), e.g. a
-        classifier head.
+        classifier head. With ``targets=[]`` (no adapters) these are all that trains:
+        ``targets=[], trainable=[".*"]`` is full fine-tuning.
       dtype: dtype of the adapters (default float32, whatever W's dtype).
       variant: the node type of each target: ``"lora"``, or a registered variant such as
         ``"dora"`` (weight-decomposed LoRA) or ``"lora_fa"`` (A frozen after init); see
@@ -181,10 +182,14 @@ class LoraConfig:
                 _regexes("targets", self.targets)
             else:
                 put("targets", _regexes("targets", self.targets))
-                if not self.targets:
-                    raise ValueError("`targets` is empty: name at least one module or regex.")
         put("exclude", _regexes("exclude", self.exclude))
         put("trainable", _regexes("trainable", self.trainable))
+        if not callable(self.targets) and not self.targets and not self.trainable:
+            raise ValueError(
+                "`targets` is empty and nothing is `trainable`: name at least one module or "
+                'regex (or, to fine-tune leaves fully without adapters, list them in `trainable`: '
+                '[".*"] is full fine-tuning).'
+            )
         put("rank_pattern", _freeze_pattern("rank_pattern", self.rank_pattern, _positive_int))
         put("alpha_pattern", _freeze_pattern("alpha_pattern", self.alpha_pattern, _positive_float))
         put("axes_pattern", _freeze_pattern("axes_pattern", self.axes_pattern, _axes))

@@ -152,8 +152,11 @@ def select_targets(params: Any, config: LoraConfig) -> dict[str, tuple[KeyPath, 
     An entry of a ``targets`` list that matches no leaf (``[query, vlaue]``) is a warning
     naming it, so a typo does not train silently on the other entries alone.
 
+    ``targets=[]`` selects nothing, when leaves are `trainable` (fine-tuned fully, no adapters).
+
     Raises:
-      ValueError: no leaf matched, or a matched leaf has ndim < 2 or a non-floating dtype.
+      ValueError: no leaf matched (``targets=[]``: nothing `trainable` either), or a matched
+        leaf has ndim < 2 or a non-floating dtype.
 
     Example:
       >>> import jax.numpy as jnp, jlora
@@ -186,7 +189,8 @@ def select_targets(params: Any, config: LoraConfig) -> dict[str, tuple[KeyPath, 
                 "LoRA target must be floating point."
             )
         found[s] = (path, leaf)
-    if not found:
+    no_adapters = not callable(config.targets) and not config.targets  # targets=[]: none asked
+    if not found and not (no_adapters and trainable):
         raise ValueError(
             f"no leaf matched targets={_show(config.targets)!r} "
             f"(exclude={_show(config.exclude)!r}). "
