@@ -349,7 +349,7 @@ def test_train_programs_compiled_ahead_are_the_ones_the_steps_run(data_dir, tmp_
         p = run.p
         assert len(p.train_plan) == 1 == len(p.plan_steps)
         compile_train(run)
-        run.compiling.join()
+        run.compiling.wait()
         args = [(p.objective.train_batch(p, s, run), step_key(0, s)) for s in p.plan_steps]
         with CompileCounter() as c:
             for batch, key in args:

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.monitoring
 
-__all__ = ["AUTO", "CompileCounter", "compile_ahead", "default_cache_dir", "enable_compile_cache"]
+__all__ = [
+    "AUTO",
+    "CompileCounter",
+    "CompiledAhead",
+    "compile_ahead",
+    "default_cache_dir",
+    "enable_compile_cache",
+]
 
 #: ``train.compile_cache_dir`` value for the default location (see `default_cache_dir`).
 AUTO = "auto"
@@ -143,35 +150,57 @@ class CompileCounter:
         self.stop()
 
 
-def compile_ahead(fn: Any, calls: Iterable[Callable[[], tuple]]) -> threading.Thread | None:
+class CompiledAhead:
+    """Programs of a jitted function compiled on a background thread, in order (`compile_ahead`).
+
+    ``wait(n)`` returns once the first ``n`` are compiled (or their compilation failed), so a
+    caller waits only for the programs it is about to run while the later ones go on compiling.
+    """
+
+    def __init__(self, fn: Any, calls: Sequence[Callable[[], tuple]]):
+        self.ready = [threading.Event() for _ in calls]
+
+        def work() -> None:
+            try:
+                for call, ready in zip(calls, self.ready, strict=True):
+                    try:
+                        fn.lower(*call()).compile()
+                    except Exception:  # the real call raises it, where it is handled
+                        return
+                    ready.set()
+            finally:
+                for ready in self.ready:  # after a failure nothing more is compiled ahead
+                    ready.set()
+
+        self.thread = threading.Thread(target=work, name="jlora-compile-ahead", daemon=True)
+        self.thread.start()
+
+    def wait(self, n: int | None = None) -> None:
+        """Wait until the first ``n`` programs (all when None) are compiled."""
+        for ready in self.ready[: len(self.ready) if n is None else n]:
+            ready.wait()
+
+
+def compile_ahead(fn: Any, calls: Sequence[Callable[[], tuple]]) -> CompiledAhead | None:
     """Compile ``fn``'s program for the arguments of each of ``calls`` on a background thread.
 
     ``fn`` is a ``jax.jit`` function; each call gives the arguments of one call of ``fn`` (made
     on the thread, in order), which are lowered and compiled, not run. JAX keeps what it traced,
     lowered and compiled, so calling ``fn`` later with arguments of the same shapes, dtypes and
-    placement runs the compiled program. Join the thread before such a call (or the program may
-    be compiled twice). An error on the thread is dropped: the later call meets it again.
-    Returns the started thread, or None when ``fn`` cannot be lowered ahead (no ``lower``).
+    placement runs the compiled program. Wait for a program (`CompiledAhead.wait`) before such
+    a call, or it may be compiled twice. An error on the thread is dropped (and nothing more is
+    compiled ahead): the later call meets it again. None when ``fn`` cannot be lowered ahead
+    (no ``lower``).
 
     Example:
       >>> import numpy as np
       >>> f = jax.jit(lambda x: x * 2)
       >>> with CompileCounter() as c:
-      ...     compile_ahead(f, [lambda: (np.ones(3),)]).join()
-      ...     y = f(np.ones(3))  # compiled ahead: nothing more to compile
-      >>> c.compiled + c.loaded, y.tolist()
-      (1, [2.0, 2.0, 2.0])
+      ...     compile_ahead(f, [lambda: (np.ones(3),), lambda: (np.ones(5),)]).wait()
+      ...     y = f(np.ones(3)), f(np.ones(5))  # compiled ahead: nothing more to compile
+      >>> c.compiled + c.loaded, y[0].tolist()
+      (2, [2.0, 2.0, 2.0])
     """
     if not hasattr(fn, "lower"):
         return None
-
-    def work() -> None:
-        for call in calls:
-            try:
-                fn.lower(*call()).compile()
-            except Exception:  # the real call raises it, where it is handled
-                return
-
-    thread = threading.Thread(target=work, name="jlora-compile-ahead", daemon=True)
-    thread.start()
-    return thread
+    return CompiledAhead(fn, list(calls))

@@ -92,9 +92,6 @@ class TrainingLoop:
         """Train to ``total_steps`` (or an early stop); closes the log and the checkpointer."""
         start, total = self.run.start, self.p.total_steps
         step = start
-        if self.run.compiling is not None:  # the programs compiled ahead (`compile_train`)
-            with self.run.timer("compile_wait_s"):
-                self.run.compiling.join()
         try:
             for step in range(start, total):
                 if self.step(step):
@@ -120,6 +117,9 @@ class TrainingLoop:
         the jitted step's, ``update_s`` (its seconds) and those of making the batch
         (`jlora.train.objectives.Objective.make_batch`)."""
         run, p, cfg = self.run, self.p, self.cfg
+        if run.compiling is not None:  # this step's program, compiled ahead (`compile_train`)
+            with run.timer("compile_wait_s"):
+                run.compiling.wait(sum(1 for s in p.plan_steps if s <= step))
         t, c = time.perf_counter(), time.process_time()
         host, made = p.objective.make_batch(p, step, run)
         batch = scale.place_batch(host, run.mesh)

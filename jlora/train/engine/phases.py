@@ -15,7 +15,6 @@ What differs between objectives and methods is asked of them (`jlora.train.objec
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ import jlora
 import jlora.train.engine.scale as scale
 from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.train.config import RunConfig, to_dict
-from jlora.train.engine.compiles import compile_ahead
+from jlora.train.engine.compiles import CompiledAhead, compile_ahead
 from jlora.train.engine.evaluation import eval_all, format_results, split_name
 from jlora.train.engine.lock import LOCK_NAME, RunLock
 from jlora.train.engine.resume import (
@@ -82,7 +81,7 @@ class Run:
     timer: PhaseTimer = dataclasses.field(default_factory=PhaseTimer)  # seconds per phase
     start: int = 0  # the first step to train (after `restore`)
     compiles: Any = None  # a `jlora.train.engine.compiles.CompileCounter` (set by `train`)
-    compiling: threading.Thread | None = None  # train programs compiled ahead (`compile_train`)
+    compiling: CompiledAhead | None = None  # train programs compiled ahead (`compile_train`)
 
 
 @dataclasses.dataclass
@@ -227,8 +226,9 @@ def _checked_run(
 def compile_train(run: Run) -> None:
     """Compile the run's planned train programs (``data.train_shapes``) on a background thread,
     beside the evaluation before training (`jlora.train.engine.compiles.compile_ahead`): the
-    first batch of each planned size, with the state as it is now (the shapes of every step's).
-    Nothing to do without a plan (the shapes are not known up front)."""
+    first batch of each planned size, in the order the steps need them, with the state as it is
+    now (the shapes of every step's); the loop waits for a program before the first step that
+    runs it. Nothing to do without a plan (the shapes are not known up front)."""
     p = run.p
     if not p.plan_steps:
         return
