@@ -207,6 +207,30 @@ def test_init_untargeted_leaves_unchanged_and_trainable_wrapping():
     assert isinstance(tree_all["attn"]["v_proj"]["bias"], jlora.Trainable)
 
 
+def test_full_fine_tuning_is_targets_empty_and_everything_trainable():
+    """``targets=[]``, ``trainable=[".*"]``: no adapter, every leaf trains (an SGD step moves
+    each by -lr * its numpy gradient); an empty ``targets`` with nothing trainable is refused."""
+    p = {"w": jnp.asarray([[1.0, 2.0], [3.0, 4.0]]), "b": jnp.asarray([0.5, -0.5])}
+    tree = jlora.init(p, jlora.LoraConfig(targets=[], trainable=[".*"]), key=jax.random.key(0))
+    assert all(isinstance(x, jlora.Trainable) for x in tree.values())
+    assert jlora.summary(tree).trainable == 6 and jlora.summary(tree).targets == 0
+    frozen, adapters = jlora.split(tree)
+    x = np.asarray([1.0, -2.0])
+
+    def loss(ad):
+        t = jlora.combine(frozen, ad)
+        return jnp.sum(jlora.lora(lambda q: x @ q["w"] + q["b"])(t) ** 2)
+
+    tx = jlora.optimizer(optax.sgd(0.1), adapters)
+    updates, _ = tx.update(jax.grad(loss)(adapters), tx.init(adapters), adapters)
+    new = jlora.merge(jlora.combine(frozen, optax.apply_updates(adapters, updates)))
+    y = x @ np.asarray(p["w"]) + np.asarray(p["b"])  # numpy: d/dw sum(y^2) = x^T 2y, d/db = 2y
+    np.testing.assert_allclose(new["w"], np.asarray(p["w"]) - 0.1 * np.outer(x, 2 * y), rtol=1e-6)
+    np.testing.assert_allclose(new["b"], np.asarray(p["b"]) - 0.1 * 2 * y, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"`targets` is empty and nothing is `trainable`"):
+        jlora.LoraConfig(targets=[])
+
+
 class InitTest(chex.TestCase):
     """`jlora.init` itself, eager and under `jax.jit` (the key is a traced argument there)."""
 

@@ -187,7 +187,7 @@ class LoraConfig:
         if not callable(self.targets) and not self.targets and not self.trainable:
             raise ValueError(
                 "`targets` is empty and nothing is `trainable`: name at least one module or "
-                'regex (or, to fine-tune leaves fully without adapters, list them in `trainable`: '
+                "regex (or, to fine-tune leaves fully without adapters, list them in `trainable`: "
                 '[".*"] is full fine-tuning).'
             )
         put("rank_pattern", _freeze_pattern("rank_pattern", self.rank_pattern, _positive_int))
