@@ -4,6 +4,7 @@
     python benchmarks/method_comparison.py --jobs 2         # two cells at a time
     python benchmarks/method_comparison.py --report         # tables and plot from what is done
     python benchmarks/method_comparison.py --smoke --results /tmp/mc   # a tiny grid (a test)
+    python benchmarks/method_comparison.py --seeds 1 --sweep centre   # a reduced grid (labelled)
 
 Tasks: ``minilm`` (the main job, ``configs/minilm-lora.yaml``: MiniLM on compsent, test
 accuracy) and ``sft`` (the SFT demo, ``configs/llama-sft-tiny.yaml``: a random-init tiny Llama,
@@ -32,6 +33,10 @@ its programs: its total training time includes them, as a user's first run would
 writes ``<results>/<task>/<method>/<cell>.json`` when it is done; a rerun skips finished cells
 (resumable: stop it any time). ``--report`` (also run at the end) writes ``results.json``,
 ``method_comparison.md`` (the table) and ``method_comparison.png`` under the results directory.
+
+A reduced grid (when the whole one cannot run): ``--seeds N`` runs the first N seeds only, and
+``--sweep centre`` runs only the centre lr of each method's grid (no sweep: the lr is not
+chosen). The table and ``results.json`` then say so in a ``reduced:`` line (`reduction`).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "method_comparison"
 SEEDS = (0, 1, 2)
-SMOKE_SEEDS = (0, 1)
+SMOKE_SEEDS = (0,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,11 +427,33 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def reduction(seeds: tuple[int, ...], sweep: str) -> str | None:
+    """What a reduced grid left out (None: the whole grid)."""
+    parts = []
+    if len(seeds) < len(SEEDS):
+        parts.append(f"seeds {', '.join(map(str, seeds))} only (not {len(SEEDS)})")
+    if sweep == "centre":
+        parts.append("no lr sweep: each method at the centre lr of its grid")
+    return "; ".join(parts) or None
+
+
+def centre(methods: dict[str, Method], tasks: dict[str, Task]) -> dict[str, Method]:
+    """The methods with only the centre lr of their grid (``--sweep centre``)."""
+    out = {}
+    for name, m in methods.items():
+        lrs = {t: (g[len(g) // 2],) for t, task in tasks.items() for g in [m.grid(task)]}
+        out[name] = dataclasses.replace(m, lrs=lrs)
+    return out
+
+
 def markdown(
-    table: dict[str, dict[str, dict]], tasks: dict[str, Task], seeds: tuple[int, ...] = SEEDS
+    table: dict[str, dict[str, dict]],
+    tasks: dict[str, Task],
+    seeds: tuple[int, ...] = SEEDS,
+    reduced: str | None = None,
 ) -> str:
-    """The comparison as markdown: one table per task."""
-    lines = []
+    """The comparison as markdown: one table per task (a ``reduced:`` line first, if any)."""
+    lines = [f"**reduced grid: {reduced}**", ""] if reduced else []
     for t, rows in table.items():
         task = tasks[t]
         lines += [f"**{task.title}**", ""]
@@ -508,11 +535,13 @@ def report(
     tasks: dict[str, Task],
     methods: dict[str, Method],
     seeds: tuple[int, ...] = SEEDS,
+    reduced: str | None = None,
 ) -> dict:
     """Write ``results.json``, ``method_comparison.md`` and ``method_comparison.png``."""
     table = aggregate(results, tasks, methods, seeds)
-    (results / "results.json").write_text(json.dumps(table, indent=1))
-    (results / "method_comparison.md").write_text(markdown(table, tasks, seeds))
+    out = {**table, "reduced": reduced} if reduced else table
+    (results / "results.json").write_text(json.dumps(out, indent=1))
+    (results / "method_comparison.md").write_text(markdown(table, tasks, seeds, reduced))
     plot(table, tasks, results / "method_comparison.png")
     return table
 
@@ -603,7 +632,7 @@ def _profile_in_process(
 
 def smoke_setup(results: Path) -> tuple[dict[str, Task], dict[str, Method]]:
     """A tiny task (random BERT, 48 short texts, 3 steps) and 2 methods, one lr each: run with
-    seeds 0 and 1, 4 runs and the profile (about a minute on 2 idle cores)."""
+    seed 0, 2 runs and the profile."""
     import random
 
     from tokenizers import Tokenizer
@@ -660,14 +689,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10, help="timed steps per method (profile)")
     ap.add_argument("--report", action="store_true", help="only aggregate what is done")
     ap.add_argument("--smoke", action="store_true", help="a tiny grid (tests)")
+    ap.add_argument("--seeds", type=int, help="a reduced grid: the first N seeds only")
+    ap.add_argument(
+        "--sweep", choices=("full", "centre"), default="full", help="centre: a reduced grid"
+    )
     ap.add_argument("--profile-task", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    seeds = SMOKE_SEEDS if a.smoke else SEEDS
+    seeds = SMOKE_SEEDS if a.smoke else SEEDS[: a.seeds] if a.seeds else SEEDS
     if a.smoke:
         tasks, methods = smoke_setup(a.results)
     else:
         tasks = {t: TASKS[t] for t in a.tasks}
         methods = {m: METHODS[m] for m in a.methods}
+    if a.sweep == "centre":
+        methods = centre(methods, tasks)
+    reduced = None if a.smoke else reduction(seeds, a.sweep)
     if a.profile_task:
         _profile_in_process(tasks[a.profile_task], methods, a.results, a.repeats)
         return
@@ -677,8 +713,8 @@ def main() -> None:
         run_grid(a.results, tasks, methods, jobs=a.jobs, seeds=seeds)
         for task in tasks.values():
             profile(task, methods, a.results, 2 if a.smoke else a.repeats, smoke=a.smoke)
-    table = report(a.results, tasks, methods, seeds)
-    print(markdown(table, tasks, seeds))
+    table = report(a.results, tasks, methods, seeds, reduced)
+    print(markdown(table, tasks, seeds, reduced))
 
 
 if __name__ == "__main__":

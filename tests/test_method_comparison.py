@@ -128,23 +128,29 @@ def test_cell_overrides_and_metric_roles(mc):
     assert mc.metric_of(rec, tasks["minilm"], "test") == 0.7
     assert methods["full"].grid(tasks["minilm"]) == (2e-5, 5e-5, 1e-4)
     assert methods["lora_r8"].grid(tasks["minilm"]) == (0.001, 0.002, 0.004)
+    # a reduced grid: the centre lr of each grid, and the table says what was left out
+    reduced = mc.centre(methods, tasks)
+    assert reduced["full"].grid(tasks["minilm"]) == (5e-5,)
+    assert reduced["lora_r8"].grid(tasks["sft"]) == (0.005,)
+    assert mc.reduction(mc.SEEDS, "full") is None
+    note = mc.reduction((0,), "centre")
+    assert note == "seeds 0 only (not 3); no lr sweep: each method at the centre lr of its grid"
+    assert mc.markdown({}, tasks, (0,), note).startswith(f"**reduced grid: {note}**")
 
 
 @pytest.mark.slow
 def test_smoke_grid_end_to_end(tmp_path):
-    """Two methods (LoRA r=8, full fine-tuning) on a tiny BERT task: 4 runs, the profile, the
-    report; a second invocation runs nothing."""
+    """Two methods (LoRA r=8, full fine-tuning) on a tiny BERT task, one seed: 2 runs, the
+    profile, the report (resuming is the fake runner's test above)."""
     cmd = [sys.executable, "benchmarks/method_comparison.py", "--smoke", "--results", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     table = json.loads((tmp_path / "results.json").read_text())["smoke"]
     for m in ("lora_r8", "full"):
         row = table[m]
-        assert row["seeds"] == 2 and 0.0 <= row["test_mean"] <= 1.0
+        assert row["seeds"] == 1 and 0.0 <= row["test_mean"] <= 1.0
         assert row["step_memory_bytes"] > 0 and row["step_time_s"] > 0
     assert table["lora_r8"]["step_time_ratio"] == 1.0
     # full fine-tuning trains (and saves) every parameter; LoRA a small part
     assert table["full"]["trainable_params"] > 5 * table["lora_r8"]["trainable_params"]
     assert table["full"]["saved_bytes"] == 4 * table["full"]["trainable_params"]
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and "[smoke]" not in again.stdout  # no cell ran again

@@ -267,6 +267,7 @@ def test_pack_split_covers_the_split_once_in_one_shape():
         list(pack_split(split, row_len=9, slots=1, rows=4))
 
 
+@pytest.mark.slow  # ~9-35 s (a BERT eval program, packed and plain)
 def test_packed_evaluation_equals_the_unpacked_one():
     """Metrics and each text's pooled features: packed batches of one shape = plain batches."""
     model, tree = _lora_tree(seed=5)
@@ -326,6 +327,7 @@ def test_train_batch_pads_up_to_the_planned_length():
         assert b["attention_mask"][..., want[s] :].sum() == 0
 
 
+@pytest.mark.slow  # ~14 s (two prepared runs)
 def test_planned_packed_batches_hold_the_same_texts(data_dir, tmp_path):
     p = prepare(C.from_dict(_raw(data_dir, tmp_path, packing=True, train_shapes=1)))
     plain = prepare(C.from_dict(_raw(data_dir, tmp_path, packing=True)))
@@ -342,6 +344,7 @@ def test_planned_packed_batches_hold_the_same_texts(data_dir, tmp_path):
             assert not b[k][:, n:].any()  # the added rows are empty: weight 0
 
 
+@pytest.mark.slow  # ~17-26 s (a set-up run, its train program)
 def test_train_programs_compiled_ahead_are_the_ones_the_steps_run(data_dir, tmp_path):
     cfg = C.from_dict(_raw(data_dir, tmp_path, packing=True, train_shapes=1))
     run = set_up(cfg, resume=False, echo=lambda s: None)
