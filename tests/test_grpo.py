@@ -512,6 +512,7 @@ def test_rollout_batches_are_made_with_the_current_adapters(tmp_path, np_ref):
         ({"rewards": []}, {}, r"objective.rewards: give at least one reward"),
         ({"beta": 0.1}, {"lora": {"trainable": ["lm_head"]}}, r"every trained leaf must be an "),
         ({}, {"data": {"packing": True}}, "data.packing is not supported with objective 'grpo'"),
+        ({}, {"data": {"train_shapes": 2}}, r"objective 'grpo' trains on rollouts made by the "),
         ({"rewards": [{"function": "nope_xyz:f"}]}, {}, r"cannot import 'nope_xyz'"),
     ],
 )

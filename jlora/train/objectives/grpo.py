@@ -166,6 +166,11 @@ class GRPO(CausalLM):
             raise ConfigError("objective 'grpo' reads prompts: data.source 'jsonl'")
         if cfg.data.packing:
             raise ConfigError("data.packing is not supported with objective 'grpo'")
+        if cfg.data.train_shapes is not None:  # `train_sizes`: nothing to plan
+            raise ConfigError(
+                "data.train_shapes plans batches read from the data; objective 'grpo' trains on "
+                "rollouts made by the model: remove data.train_shapes"
+            )
         if o.beta > 0 and (cfg.lora.trainable or cfg.lora.bias != "none"):
             raise ConfigError(
                 "objective.beta > 0 compares with the model with the adapters off, so every "
@@ -280,6 +285,10 @@ class GRPO(CausalLM):
 
     def train_batch(self, p: Any, step: int, state: Any = None) -> dict[str, np.ndarray]:
         return self.make_batch(p, step, state)[0]
+
+    def train_sizes(self, p: Any, steps: Any) -> None:
+        """None: rollout batches are made by the model, not padded to planned sizes."""
+        return None
 
     def _score(self, tok, comp, prompts, index, eos) -> np.ndarray:
         """``(rewards, rows)``: every reward of every completion (groups of G consecutive)."""
