@@ -388,8 +388,8 @@ def _adapters(args: argparse.Namespace, cfg) -> int:
         tree, lcfg, step = export.from_checkpoint(cfg, ckdir, step=args.step)
         source = f"{ckdir} step {step}"
     if args.command == "export-peft":
-        export.to_peft(cfg, args.out, tree, lcfg)
-        print(f"wrote PEFT adapter from {source} to {args.out}")
+        how = export.to_peft(cfg, args.out, tree, lcfg)
+        print(f"wrote PEFT adapter from {source} to {args.out}: {how}")
     else:
         file = export.save_merged(cfg, tree, args.out, fmt=args.format)
         print(f"wrote merged model from {source} to {file}")

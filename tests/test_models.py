@@ -247,6 +247,28 @@ def test_bert_classification_head(torch, tmp_path):
         from_pretrained(tmp_path, num_labels=5)
 
 
+def test_bert_cls_pooling_is_transformers_sequence_classification(torch, tmp_path):
+    """``pooling="cls"`` with a head computes ``BertForSequenceClassification``'s logits (its
+    tanh pooler read from the checkpoint); the head on the mean-pooled hidden states does not."""
+    hf, ids, mask, types = _bert_case(torch, tmp_path, "BertForSequenceClassification")
+    with torch.no_grad():
+        want = hf.eval()(
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.from_numpy(mask),
+            token_type_ids=torch.from_numpy(types).long(),
+        ).logits.numpy()
+    model, params = from_pretrained(tmp_path, num_labels=2, pooling="cls")
+    out = jax.jit(model.apply)(params, ids, mask, types)
+    head = params["params"]["classifier"]
+    h, m = np.asarray(out.last_hidden_state, np.float64), mask[..., None]
+    mean_logits = (h * m).sum(1) / m.sum(1) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+    d, d_mean = _max_diff(out.logits, want), _max_diff(mean_logits, want)
+    print(f"bert pooling=cls: max |logits diff| {d:.2e} (the head on the mean: {d_mean:.2e})")
+    assert d <= 1e-5 and d_mean > 1e-2
+    with pytest.raises(ValueError, match=r"pooling must be 'mean' or 'cls', got 'max'"):
+        from_pretrained(tmp_path, num_labels=2, pooling="max")
+
+
 def test_bert_new_classification_head(tmp_path):
     cfg = BertConfig.from_hf({**TINY_BERT, "model_type": "bert"})
     _write_checkpoint(tmp_path, {**TINY_BERT, "model_type": "bert"}, _random_params(cfg))

@@ -352,8 +352,9 @@ def test_tiny_multitask_run(world, tmp_path, adapters):
         logits, _ = p.objective.logits(trained, sub)
         want = np.asarray(logits)[:, spec.offset : spec.offset + spec.num_labels]
         base = _base_with_head(p, spec.num_labels)
-        loaded, _ = jlora.peft.load(out / "peft" / spec.name, base)
+        loaded, lcfg = jlora.peft.load(out / "peft" / spec.name, base)
         single = Classification(_model_with_labels(p, spec.num_labels))
+        loaded, _ = single.read_export(cfg, out / "peft" / spec.name, loaded, lcfg)  # its head
         got, _ = single.forward(loaded, sub)
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
@@ -382,14 +383,17 @@ def test_a_resumed_multitask_run_replays_the_uninterrupted_one(world, tmp_path):
 
 @pytest.mark.slow
 def test_the_task_directories_load_in_peft_as_named_adapters(world, tmp_path):
-    """peft/<task>/ of a per-task run loads in PEFT as the adapter named after the task, on a
-    base with the task's classes: its hidden states and head are jlora's. (Tasks with different
-    class counts need a base each: a PeftModel has one classifier shape for all its adapters.)"""
+    """peft/<task>/ of a per-task run with ``model.pooling: cls`` loads in PEFT as the adapter
+    named after the task, on a base with the task's classes: its hidden states, head and logits
+    are jlora's. (Tasks with different class counts need a base each: a PeftModel has one
+    classifier shape for all its adapters. Mean pooling's export: tests/test_exports.py.)"""
     torch, peft, transformers = require("torch"), require("peft"), require("transformers")
     base = tmp_path / "bert"
     tiny_bert("BertModel").save_pretrained(base)  # no head: the run adds every task's
     raw = _raw(world, tmp_path)
-    raw["model"] = {"path": str(base), "task": "classification", "dropout": False}
+    raw["model"] = {
+        "path": str(base), "task": "classification", "dropout": False, "pooling": "cls",
+    }  # fmt: skip
     raw["train"]["linear_probe"] = False
     cfg = C.from_dict(raw)
     train(cfg, echo=lambda m: None)
@@ -414,6 +418,10 @@ def test_the_task_directories_load_in_peft_as_named_adapters(world, tmp_path):
         np.testing.assert_allclose(
             head.weight.detach().numpy().T, trees[spec.name]["classifier"]["kernel"].value
         )
+        with torch.no_grad():
+            logits = pm(torch.from_numpy(ids).long()).logits.numpy()
+        want = jlora.lora(model.apply)({"params": trees[spec.name]}, ids).logits
+        np.testing.assert_allclose(logits, np.asarray(want), atol=2e-5)
 
 
 LLAMA = {
@@ -506,8 +514,9 @@ def test_export_peft_and_merge_write_one_directory_per_task(world, tmp_path):
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
         # export-peft --step 2: the task's adapter of step 2
         base = _base_with_head(p, spec.num_labels)
-        loaded, _ = jlora.peft.load(tmp_path / "exp" / spec.name, base)
+        loaded, lcfg = jlora.peft.load(tmp_path / "exp" / spec.name, base)
         single = Classification(_model_with_labels(p, spec.num_labels))
+        loaded, _ = single.read_export(cfg, tmp_path / "exp" / spec.name, loaded, lcfg)
         want2 = np.asarray(p.objective.logits(at2, sub)[0])[
             :, spec.offset : spec.offset + spec.num_labels
         ]

@@ -53,7 +53,8 @@ class ModelConfig:
       random: instead of ``path``, a HF ``config.json``-style mapping (``model_type`` llama or
         bert, sizes ...) for a randomly initialized model (seeded by ``train.seed``).
       task: ``causal_lm`` (next-token loss, Llama) or ``classification`` (BERT + a
-        ``classifier`` head on the mean-pooled embedding; train it with ``lora.trainable``).
+        ``classifier`` head on the ``pooling`` embedding, or a decoder's ``score`` head on its
+        last token; train it with ``lora.trainable``).
       num_labels: classes for ``classification``; default: the length of ``labels.json``.
       dtype: compute dtype (``bfloat16`` for mixed precision: the model computes in bf16 while
         base weights stay in ``param_dtype`` and adapters in ``lora.dtype``).
@@ -66,6 +67,13 @@ class ModelConfig:
         directory whose adapters are merged into the base weights before this run's adapters
         are initialized (`jlora.train.engine.init_from`): the run's frozen base, and the
         reference policy of a preference objective, is that model.
+      pooling: a BERT classifier's sentence embedding: ``mean`` (the default: the mean over
+        the attention mask, what sentence-transformers' MiniLM was trained with) or ``cls``
+        (BERT's tanh pooler on [CLS], what transformers' ``BertForSequenceClassification``
+        classifies: the PEFT ``SEQ_CLS`` export then loads exactly there). A ``mean`` run
+        exports a ``FEATURE_EXTRACTION`` adapter with its head and a loader
+        (`jlora.train.objectives.mean_pooled`). Decoders classify their last token and take
+        no pooling.
     """
 
     path: str | None = None
@@ -78,6 +86,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     scan_layers: bool = False
     init_from: str | None = None
+    pooling: Literal["mean", "cls"] | None = None
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.random is None):

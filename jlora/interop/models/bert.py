@@ -4,10 +4,13 @@ Parameter paths mirror the Hugging Face module names: HF ``encoder.layer.0.atten
 is ``params["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"]`` (transposed), and HF
 LayerNorm ``weight``/``bias`` are flax ``scale``/``bias``.
 
-The sentence embedding is the **mean of the last hidden state over the attention mask** (what
-sentence-transformers' ``1_Pooling`` does for all-MiniLM-L6-v2; its pipeline then L2-normalizes,
-which is left to the caller). BERT's tanh ``pooler`` on ``[CLS]`` is not implemented. The optional
-``classifier`` head (``num_labels``) is applied to this mean-pooled embedding (after dropout).
+The sentence embedding (``pooled``) is, by ``BertConfig.pooling``: ``"mean"`` (default) the
+**mean of the last hidden state over the attention mask** (what sentence-transformers'
+``1_Pooling`` does for all-MiniLM-L6-v2; its pipeline then L2-normalizes, which is left to the
+caller), or ``"cls"`` BERT's own ``pooler``, ``tanh(dense(h[CLS]))`` (its ``pooler.dense``
+weights read from the checkpoint), which is what transformers' ``BertForSequenceClassification``
+classifies. The optional ``classifier`` head (``num_labels``) is applied to ``pooled`` (after
+dropout), so with ``pooling="cls"`` a model with a head computes that class's logits.
 
 Packed rows (several short texts per row, `jlora.train.data.packing`): ``segment_ids`` (b, s) give each
 token its text's slot in the row, 1..``num_segments`` (0 = padding); attention stays within a
@@ -58,8 +61,11 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     num_labels: int | None = None
+    pooling: str = "mean"  # "mean" (over the attention mask) or "cls" (BERT's tanh pooler)
 
     def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(
                 f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}"
@@ -70,8 +76,11 @@ class BertConfig:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any], *, num_labels: int | None = None) -> BertConfig:
-        """Builds a config from a HF ``config.json`` dict; ``num_labels`` adds a classifier head.
+    def from_hf(
+        cls, config: dict[str, Any], *, num_labels: int | None = None, pooling: str = "mean"
+    ) -> BertConfig:
+        """Builds a config from a HF ``config.json`` dict; ``num_labels`` adds a classifier head,
+        on the ``pooling`` embedding.
 
         Example:
             >>> BertConfig.from_hf({"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
@@ -94,11 +103,13 @@ class BertConfig:
             hidden_dropout_prob=c.get("hidden_dropout_prob", 0.1),
             attention_probs_dropout_prob=c.get("attention_probs_dropout_prob", 0.1),
             num_labels=num_labels,
+            pooling=pooling,
         )
 
 
 class BertOutput(NamedTuple):
-    """``last_hidden_state`` (b, s, h); ``pooled`` mean embedding (b, h); ``logits`` or None."""
+    """``last_hidden_state`` (b, s, h); ``pooled`` embedding (b, h: mean, or the tanh [CLS]
+    pooler's); ``logits`` or None."""
 
     last_hidden_state: jax.Array
     pooled: jax.Array
@@ -130,6 +141,20 @@ def segment_pool(hidden: jax.Array, segment_ids: jax.Array, num_segments: int) -
     total = jnp.einsum("bsk,bsh->bkh", onehot, hidden.astype(jnp.float32))
     count = jnp.sum(onehot, axis=1)[..., None]
     return (total / jnp.maximum(count, 1.0)).astype(hidden.dtype)
+
+
+def segment_firsts(hidden: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """The first token of each segment of ``hidden`` (b, s, h): (b, num_segments, h), slot
+    ``k`` the first token with ``segment_ids == k + 1`` (zeros for an empty slot).
+
+    Example:
+        >>> h = jnp.arange(8.0).reshape(1, 4, 2)
+        >>> segment_firsts(h, jnp.array([[1, 1, 2, 0]]), 3).tolist()
+        [[[0.0, 1.0], [4.0, 5.0], [0.0, 0.0]]]
+    """
+    first = segment_positions(segment_ids) == 0
+    onehot = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)) & first[..., None]
+    return jnp.einsum("bsk,bsh->bkh", onehot.astype(hidden.dtype), hidden)
 
 
 class _Common(nn.Module):
@@ -221,6 +246,14 @@ class BertEmbeddings(_Common):
         return nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
 
 
+class BertPooler(_Common):
+    """HF's ``BertPooler``: ``tanh(dense(x))`` of the [CLS] hidden state(s) ``x``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.tanh(self.dense(self.config.hidden_size, "dense")(x))
+
+
 class BertEncoder(_Common):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -236,7 +269,8 @@ class BertModel(_Common):
     Call with ``input_ids`` (b, s); optional ``attention_mask`` (b, s, 1 = real token; default
     all ones), ``token_type_ids`` (default zeros), ``position_ids`` (default ``arange(s)``) and
     ``deterministic=False`` (with ``rngs={"dropout": key}``) to enable dropout. With
-    ``config.num_labels`` set, ``logits = classifier(dropout(mean_pool(...)))``. Packed rows:
+    ``config.num_labels`` set, ``logits = classifier(dropout(pooled))``, ``pooled`` by
+    ``config.pooling`` (see the module docstring). Packed rows:
     ``segment_ids`` (b, s) and the static ``num_segments`` (see the module docstring; the
     default positions restart at each segment); ``pooled`` and ``logits`` are then per slot.
 
@@ -292,11 +326,14 @@ class BertModel(_Common):
             same = segment_ids[:, :, None] == segment_ids[:, None, :]
             mask = same & mask[:, None, :] & (segment_ids[:, None, :] > 0)
         h = BertEncoder(cfg, name="encoder", **kw)(h, mask, deterministic)
-        pooled = (
-            mean_pool(h, attention_mask)
-            if segment_ids is None
-            else segment_pool(h, jnp.where(attention_mask > 0, segment_ids, 0), num_segments)
-        )
+        seg = None if segment_ids is None else jnp.where(attention_mask > 0, segment_ids, 0)
+        if cfg.pooling == "cls":  # each text's first token ([CLS]) through BERT's pooler
+            first = h[:, 0] if seg is None else segment_firsts(h, seg, num_segments)
+            pooled = BertPooler(cfg, name="pooler", **kw)(first)
+        else:
+            pooled = (
+                mean_pool(h, attention_mask) if seg is None else segment_pool(h, seg, num_segments)
+            )
         logits = None
         if cfg.num_labels is not None:
             x = nn.Dropout(cfg.hidden_dropout_prob)(pooled, deterministic=deterministic)

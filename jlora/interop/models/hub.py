@@ -9,7 +9,7 @@ writes, or its fused ones (`jlora.interop.models.hf_layout`).
 Tensors that are read but deliberately ignored: decoder ``*.rotary_emb.inv_freq`` buffers, a
 stored ``lm_head.weight`` when ``tie_word_embeddings`` is set or a classifier is asked for
 (``num_labels``), and a ``*ForSequenceClassification``'s ``score.weight`` when none is; BERT ``embeddings.position_ids``,
-the ``pooler.*`` (tanh [CLS] pooler, unused since jlora pools by mean), ``cls.*`` (MLM head) and
+the ``pooler.*`` (tanh [CLS] pooler) unless ``pooling="cls"`` uses it, ``cls.*`` (MLM head) and
 ``classifier.*`` when no ``num_labels`` is requested. Only safetensors are read (never pickle).
 """
 
@@ -71,11 +71,15 @@ def model_type_of(config: Mapping[str, Any]) -> str:
     return mt
 
 
-def config_from_hf(config: Mapping[str, Any], *, num_labels: int | None = None) -> Config:
-    """A :class:`LlamaConfig` or :class:`BertConfig` from a HF ``config.json`` dict.
+def config_from_hf(
+    config: Mapping[str, Any], *, num_labels: int | None = None, pooling: str | None = None
+) -> Config:
+    """A :class:`LlamaConfig` or :class:`BertConfig` from a HF ``config.json`` dict; ``pooling``
+    (``"mean"`` / ``"cls"``, default mean) is BERT's sentence embedding.
 
     Raises:
       TypeError: a key that needs a number (or a bool) holds something else, named with it.
+      ValueError: ``pooling`` for a decoder (its classification head reads the last token).
 
     Example:
         >>> config_from_hf({"model_type": "bert", "hidden_size": "64"})
@@ -86,7 +90,12 @@ def config_from_hf(config: Mapping[str, Any], *, num_labels: int | None = None) 
     mt = model_type_of(config)
     _check_types(config, BertConfig if mt in ENCODER_TYPES else LlamaConfig)
     if mt in ENCODER_TYPES:
-        return BertConfig.from_hf(dict(config), num_labels=num_labels)
+        return BertConfig.from_hf(dict(config), num_labels=num_labels, pooling=pooling or "mean")
+    if pooling is not None:
+        raise ValueError(
+            f"pooling {pooling!r} is for encoders (bert); a {mt} model's classification head "
+            "reads the last token, as transformers' *ForSequenceClassification does"
+        )
     cfg = LlamaConfig.from_hf({**config, "model_type": mt})
     return cfg if num_labels is None else dataclasses.replace(cfg, num_labels=num_labels)
 
@@ -183,7 +192,8 @@ def _ignored(name: str, config: Config) -> bool:
             or (config.num_labels is None and name.startswith("score."))
         )
     return (
-        name.startswith(("pooler.", "cls."))
+        name.startswith("cls.")
+        or (name.startswith("pooler.") and config.pooling != "cls")
         or name.endswith("position_ids")
         or (config.num_labels is None and name.startswith("classifier."))
     )
@@ -234,6 +244,7 @@ def from_pretrained(
     num_labels: int | None = None,
     key: jax.Array | None = None,
     scan_layers: bool = False,
+    pooling: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Loads a local HF checkpoint directory into ``(model, {"params": ...})``.
 
@@ -255,6 +266,8 @@ def from_pretrained(
         key: PRNG key for the classifier kernel (see ``num_labels``).
         scan_layers: decoders only: one ``nn.scan`` over the decoder layers, the checkpoint's
             per-layer tensors stacked along a leading layer axis (``params["model"]["layers"]``).
+        pooling: BERT only: ``"mean"`` (default) or ``"cls"``, BERT's tanh pooler (read from the
+            checkpoint's ``pooler.dense``), as `jlora.models.BertConfig` says.
 
     Returns:
         The flax module and its variables, ready for ``model.apply(params, input_ids)``.
@@ -276,7 +289,7 @@ def from_pretrained(
     config_file = os.path.join(path, "config.json")
     hf_config = read_json(config_file)
     try:
-        config = config_from_hf(hf_config, num_labels=num_labels)
+        config = config_from_hf(hf_config, num_labels=num_labels, pooling=pooling)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{config_file}: {e}") from e
     mt = model_type_of(hf_config)

@@ -25,11 +25,17 @@ __all__ = ["merged_base", "read_adapters"]
 
 
 def read_adapters(
-    path: str | Path, params: Any, *, echo: Callable[[str], None] | None = None
+    path: str | Path,
+    params: Any,
+    *,
+    echo: Callable[[str], None] | None = None,
+    read_export: Callable[[Path, Any, Any], tuple[Any, Any]] | None = None,
 ) -> Any:
     """The tree of ``params`` with the adapters of ``path``: a ``jlora train`` run directory
     (its newest checkpoint step that verifies; newer damaged steps are reported through
-    ``echo`` and skipped) or a PEFT adapter directory (``adapter_config.json``).
+    ``echo`` and skipped) or a PEFT adapter directory (``adapter_config.json``), with what
+    ``read_export(directory, tree, lora_config)`` reads beside it (the run objective's
+    `Objective.read_export`: a mean-pooled classifier's ``head.safetensors``).
 
     Raises:
       ConfigError: naming ``model.init_from`` and the path: it does not exist, is neither
@@ -41,7 +47,8 @@ def read_adapters(
         raise ConfigError(f"{where}: no such directory (expected a jlora run dir or a PEFT dir)")
     try:
         if (p / "adapter_config.json").is_file():
-            return jlora.peft.load(p, params)[0]
+            tree, lcfg = jlora.peft.load(p, params)
+            return read_export(p, tree, lcfg)[0] if read_export else tree
         if (p / "checkpoints").is_dir():
             return _from_run(p / "checkpoints", params, echo or (lambda m: None))
     except ValueError as e:  # a PEFT / checkpoint that does not fit the model (shapes, names)
@@ -67,6 +74,12 @@ def _from_run(ckdir: Path, params: Any, echo: Callable[[str], None]) -> Any:
         raise ValueError(f"no checkpoint step of {ckdir} verifies ({steps})")
 
 
-def merged_base(params: Any, path: str | Path, *, echo: Callable[[str], None] | None = None) -> Any:
+def merged_base(
+    params: Any,
+    path: str | Path,
+    *,
+    echo: Callable[[str], None] | None = None,
+    read_export: Callable[[Path, Any, Any], tuple[Any, Any]] | None = None,
+) -> Any:
     """``params`` with the adapters of ``path`` (`read_adapters`) merged in (`jlora.merge`)."""
-    return jlora.merge(read_adapters(path, params, echo=echo))
+    return jlora.merge(read_adapters(path, params, echo=echo, read_export=read_export))

@@ -78,7 +78,7 @@ def _module(m: ModelConfig, num_labels: int | None, check: Check | None) -> nn.M
     hf = _hf_config(m)
     try:
         mt = model_type_of(hf)
-        cfg = config_from_hf(hf, num_labels=num_labels)
+        cfg = config_from_hf(hf, num_labels=num_labels, pooling=m.pooling)
     except (KeyError, TypeError, ValueError) as e:
         where = "model.random" if m.random is not None else f"{m.path}/config.json"
         raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
@@ -133,5 +133,6 @@ def load_base(
         num_labels=num_labels,
         key=key,
         scan_layers=m.scan_layers,
+        pooling=m.pooling,
     )
     return model, variables["params"]

@@ -369,10 +369,13 @@ def _export_peft(run: Run, tree: Any) -> Path | None:
     if not cfg.output.peft:
         return None
     try:
-        write_peft(run.p.objective, cfg, run.out / "peft", run.method.export_tree(tree), cfg.lora)
+        how = write_peft(
+            run.p.objective, cfg, run.out / "peft", run.method.export_tree(tree), cfg.lora
+        )
     except ValueError as e:
         run.echo(f"[jlora] PEFT export skipped: {e}")
         return None
+    run.echo(f"[jlora] PEFT export {run.out / 'peft'}: {how}")
     return run.out / "peft"
 
 

@@ -90,9 +90,10 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Objective, 
     else:
         key = jax.random.fold_in(seed_key, MODEL_STREAM)
         model, params = load_base(cfg.model, k, key=key, check=check)
-        if cfg.model.init_from is not None:  # an earlier run's adapters, merged into the base
-            params = merged_base(params, cfg.model.init_from)
     objective = cls.from_config(cfg, model)
+    if not shapes_only and cfg.model.init_from is not None:  # an earlier run's, merged in
+        read = lambda d, t, lcfg: objective.read_export(cfg, d, t, lcfg)  # noqa: E731
+        params = merged_base(params, cfg.model.init_from, read_export=read)
     init_key = jax.random.fold_in(seed_key, INIT_STREAM)
     infer: dict[str, Any] = {}
     if cfg.model.scan_layers:  # the stack's layer axis read from the program: per-layer adapters

@@ -115,34 +115,52 @@ def to_checkpoint(
 
 
 def from_peft(cfg: RunConfig, directory: str | Path) -> tuple[Any, jlora.LoraConfig]:
-    """``(tree, lora_config)``: a PEFT adapter directory loaded onto the config's base model."""
-    _, params, _ = base_tree(cfg)
-    return jlora.peft.load(directory, params)
+    """``(tree, lora_config)``: a PEFT adapter directory loaded onto the config's base model,
+    with what the objective wrote beside it (`Objective.read_export`: a mean-pooled
+    classifier's ``head.safetensors``)."""
+    objective, params, _ = base_tree(cfg)
+    tree, lcfg = jlora.peft.load(directory, params)
+    return objective.read_export(cfg, directory, tree, lcfg)
 
 
 def write_peft(
     objective: Any, cfg: RunConfig, directory: str | Path, tree: Any, lcfg: jlora.LoraConfig
-) -> None:
+) -> str:
     """Write the objective's export trees of ``tree`` (already the method's export tree) as PEFT
     LoRA directories: ``directory`` itself for one tree, ``<directory>/<name>/`` for several
-    (`jlora.peft.save_adapters`, PEFT's multi-adapter layout)."""
-    trees = {name: t for name, (_, t) in objective.export_trees(cfg, tree).items()}
-    kw = dict(base_model_name_or_path=base_name(cfg), task_type=objective.peft_task_type)
-    if list(trees) == [""]:
-        jlora.peft.save(directory, trees[""], lcfg, **kw)
-    else:
-        jlora.peft.save_adapters(directory, trees, lcfg, **kw)
+    (PEFT's multi-adapter layout). Each holds what the objective's `export_parts` says (its
+    task type, and files such as a head and a loader), so that it loads in PyTorch with the
+    objective's outputs. Returns the line saying what was written and how it loads."""
+    hows = []
+    for name, (sub_cfg, t) in objective.export_trees(cfg, tree).items():
+        parts = objective.exporter(name).export_parts(sub_cfg, t)
+        target = Path(directory) / name if name else Path(directory)
+        try:
+            jlora.peft.save(
+                target, parts.tree, lcfg, base_model_name_or_path=base_name(cfg),
+                task_type=parts.task_type,
+            )  # fmt: skip
+        except ValueError as e:
+            raise ValueError(f"adapter {name!r}: {e}" if name else str(e)) from e
+        _write_files(target, parts.files)
+        hows.append(parts.how or f"PEFT {parts.task_type}")
+    return hows[0] if len(set(hows)) == 1 else "; ".join(hows)
 
 
-def to_peft(cfg: RunConfig, directory: str | Path, tree: Any, lcfg: jlora.LoraConfig) -> None:
+def _write_files(directory: Path, files: dict[str, bytes]) -> None:
+    for file, data in files.items():
+        (directory / file).write_bytes(data)
+
+
+def to_peft(cfg: RunConfig, directory: str | Path, tree: Any, lcfg: jlora.LoraConfig) -> str:
     """Write ``tree``'s adapters as a PEFT LoRA directory (AdaLoRA targets cut to their kept
     triplets, with PEFT's ``rank_pattern``); a multitask run's as one directory per task,
-    ``<directory>/<task>/`` (`write_peft`)."""
+    ``<directory>/<task>/`` (`write_peft`, whose line it returns)."""
     objective = base_tree(cfg, shapes_only=True)[0]
-    write_peft(objective, cfg, directory, method_for(lcfg).export_tree(tree), lcfg)
+    return write_peft(objective, cfg, directory, method_for(lcfg).export_tree(tree), lcfg)
 
 
-def _hf_config(cfg: RunConfig, num_labels: int | None) -> dict:
+def _hf_config(cfg: RunConfig, num_labels: int | None, architecture: str | None = None) -> dict:
     m = cfg.model
     if m.random is not None:
         hf = dict(m.random)
@@ -157,6 +175,8 @@ def _hf_config(cfg: RunConfig, num_labels: int | None) -> dict:
         hf["id2label"] = {str(i): n for i, n in enumerate(names)}
         hf["label2id"] = {n: i for i, n in enumerate(names)}
         hf["architectures"] = [sequence_classification_architecture(hf)]
+    if architecture is not None:
+        hf["architectures"] = [architecture]
     return hf
 
 
@@ -178,28 +198,34 @@ def save_merged(cfg: RunConfig, tree: Any, directory: str | Path, *, fmt: str = 
     """
     if fmt not in ("hf", "flax"):
         raise ConfigError(f"--format must be 'hf' or 'flax', got {fmt!r}")
-    trees = base_tree(cfg, shapes_only=True)[0].export_trees(cfg, tree)
+    objective = base_tree(cfg, shapes_only=True)[0]
+    trees = objective.export_trees(cfg, tree)
     if list(trees) != [""]:  # several trees: one merged model each, <dir>/<name>/
         for name, (sub_cfg, t) in trees.items():
-            _save_merged(sub_cfg, t, Path(directory) / name, fmt)
+            parts = objective.exporter(name).export_parts(sub_cfg, t)
+            _save_merged(sub_cfg, t, parts, Path(directory) / name, fmt)
         return Path(directory)
-    return _save_merged(cfg, tree, Path(directory), fmt)
+    return _save_merged(cfg, tree, objective.export_parts(cfg, tree), Path(directory), fmt)
 
 
-def _save_merged(cfg: RunConfig, tree: Any, directory: Path, fmt: str) -> Path:
-    merged = jlora.merge(tree)
+def _save_merged(cfg: RunConfig, tree: Any, parts: Any, directory: Path, fmt: str) -> Path:
+    """``flax``: the whole ``tree`` merged, by flax paths; ``hf``: the whole ``tree`` merged
+    with HF names (a head the architecture does not read is left for jlora's
+    `from_pretrained`), and the objective's `export_parts` architecture and files."""
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / "model.safetensors"
     if fmt == "flax":
         flat = {
             jlora.path_str(p): np.ascontiguousarray(np.asarray(x))
-            for p, x in jax.tree_util.tree_flatten_with_path(merged)[0]
+            for p, x in jax.tree_util.tree_flatten_with_path(jlora.merge(tree))[0]
         }
         safetensors.numpy.save_file(flat, str(file), metadata={"format": "flax"})
         return file
+    merged = jlora.merge(tree)
     safetensors.numpy.save_file(to_hf_state_dict(merged), str(file), metadata={"format": "pt"})
     head = next((h for h in ("classifier", "score") if h in merged), None)  # BERT, decoder
     k = merged[head]["kernel"].shape[-1] if head else None
     with open(directory / "config.json", "w", encoding="utf-8") as f:
-        json.dump(_hf_config(cfg, k), f, indent=2)
+        json.dump(_hf_config(cfg, k, parts.architecture), f, indent=2)
+    _write_files(directory, parts.files)
     return file

@@ -14,6 +14,7 @@ objective is a module that subclasses `Objective` and registers it with `registe
 from jlora.train.objectives.base import (
     OBJECTIVES,
     Data,
+    ExportParts,
     Objective,
     ObjectiveConfig,
     objective_class,
@@ -33,6 +34,7 @@ __all__ = [
     "CausalLM",
     "Classification",
     "Data",
+    "ExportParts",
     "GRPOConfig",
     "Multitask",
     "Objective",

@@ -58,6 +58,7 @@ from jlora.train.sections import ConfigError
 __all__ = [
     "OBJECTIVES",
     "Data",
+    "ExportParts",
     "Objective",
     "ObjectiveConfig",
     "objective_class",
@@ -342,6 +343,23 @@ class Objective:
         one tree; a multitask run names one subdirectory per task."""
         return {"": (cfg, tree)}
 
+    def exporter(self, name: str) -> Objective:
+        """The objective whose `export_parts` writes export tree ``name``: itself (a combinator:
+        the member of that task)."""
+        return self
+
+    def read_export(self, cfg: Any, directory: Any, tree: Any, lcfg: Any) -> tuple[Any, Any]:
+        """``(tree, lora config)`` of an export directory (`export_parts`) read back: ``tree``
+        and ``lcfg`` are its PEFT adapter loaded onto the base (`jlora.peft.load`); an objective
+        adds what it wrote beside it. Default: nothing."""
+        return tree, lcfg
+
+    def export_parts(self, cfg: Any, tree: Any) -> ExportParts:
+        """What an export of ``tree`` holds so that it reproduces this objective's outputs in
+        the classes it names (`ExportParts`): by default the whole tree, as a PEFT
+        ``peft_task_type`` adapter or a merged model of the base's own architecture."""
+        return ExportParts(tree=tree, task_type=self.peft_task_type)
+
     @property
     def task_names(self) -> tuple[str, ...]:
         """The tasks of a run that has several (their per-task curves), else ()."""
@@ -360,6 +378,26 @@ class Objective:
             ("loss before", "before", "loss", ""),
             ("loss after", "after", "loss", ""),
         ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportParts:
+    """An export of a tree (`Objective.export_parts`), as `jlora.train.io.export` writes it.
+
+    Attributes:
+      tree: what goes into the PEFT adapter (a merged model holds the whole tree).
+      task_type: the PEFT ``task_type`` (the transformers class that loads it).
+      architecture: the merged model's ``config.json`` ``architectures`` entry (None: the base
+        model's, with a classification head's when the tree has one).
+      files: other files of the export directory, ``{name: bytes}`` (e.g. a head and a loader).
+      how: one line on what the export is and how it loads (the run log prints it).
+    """
+
+    tree: Any
+    task_type: str
+    architecture: str | None = None
+    files: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    how: str = ""
 
 
 def weighted_sums(ce: jax.Array, correct: jax.Array, w: jax.Array, lw: jax.Array | None = None):

@@ -43,8 +43,10 @@ from jlora.train.data.packing import (
 )
 from jlora.train.data.tokenize import load_text_splits
 from jlora.train.io.progress import progress
+from jlora.train.objectives import mean_pooled
 from jlora.train.objectives.base import (
     Data,
+    ExportParts,
     Objective,
     register_objective,
     weighted_sums,
@@ -79,6 +81,14 @@ class Classification(Objective):
     def check_options(cls, cfg: Any) -> None:
         if cfg.data.source == "synthetic":
             raise ConfigError("data.source 'synthetic' needs model.task 'causal_lm'")
+
+    @classmethod
+    def check_unselected(cls, cfg: Any) -> None:
+        if cfg.model.pooling is not None and cfg.model.task != "classification":
+            raise ConfigError(
+                f"model.pooling is for model.task 'classification' (a BERT encoder's sentence "
+                f"embedding), not {cfg.model.task!r}"
+            )
 
     @classmethod
     def num_labels(cls, cfg: Any) -> int:
@@ -198,6 +208,24 @@ class Classification(Objective):
             "l2": res["l2"],
             **{split_name(p, k): {"accuracy": v} for k, v in res["accuracy"].items()},
         }
+
+    def export_parts(self, cfg: Any, tree: Any) -> ExportParts:
+        """An export that computes this classifier's logits in PyTorch: with BERT's ``cls``
+        pooling (and for decoders, which classify their last token) the PEFT ``SEQ_CLS``
+        adapter / the merged ``*ForSequenceClassification``, as transformers computes it; with
+        ``mean`` pooling the encoder with the head and a loader (`mean_pooled`)."""
+        if getattr(self.model.config, "pooling", None) != "mean":
+            how = (
+                "PEFT SEQ_CLS: transformers' *ForSequenceClassification + "
+                "PeftModel.from_pretrained (its pooling is jlora's)"
+            )
+            return ExportParts(tree=tree, task_type="SEQ_CLS", how=how)
+        labels = D.load_labels(cfg.data.path) if cfg.data.source == "jsonl" else None
+        return mean_pooled.export_parts(tree, labels)
+
+    def read_export(self, cfg: Any, directory: Any, tree: Any, lcfg: Any) -> tuple[Any, Any]:
+        """A mean-pooled export's ``head.safetensors`` back into the ``classifier`` (trained)."""
+        return mean_pooled.read_head(Path(directory), tree, lcfg)
 
     def report_rows(self, summary: dict) -> list[tuple[str, str, str, str]]:
         return [

@@ -308,6 +308,10 @@ class Multitask(Objective):
         trees = io.task_trees(self, tree)
         return {n: (task_run_config(cfg, i), trees[n]) for i, n in enumerate(self.names)}
 
+    def exporter(self, name: str) -> Objective:
+        """Task ``name``'s member writes its export (`Objective.export_parts`)."""
+        return self.members[self.names.index(name)]
+
     def summary(self, p: Any, before: Any, probe: Any, after: Any, peft_dir: Any) -> dict:
         dirs = {n: str(peft_dir / n) for n in self.names} if peft_dir else None
         return {"multitask": io.task_summary(p, self, before, probe, after, dirs)}
