@@ -9,6 +9,7 @@ a failure under CI.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -90,3 +91,14 @@ def test_the_generated_pages_keep_their_markers():
         with pytest.raises(ValueError, match="lost its marker"):
             hooks.on_page_markdown("text", SimpleNamespace(file=SimpleNamespace(src_uri=page)),
                                    {}, None)  # fmt: skip
+
+
+def test_every_accelerator_install_block_installs_the_command():
+    """docs/install.md: each code block that installs JAX for an accelerator (GPU, TPU) also
+    installs jlora with the ``[train]`` extra, or the ``jlora`` command of the Quickstart is
+    missing (the TPU line said only "and then jlora")."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "docs/install.md").read_text(), re.S)
+    accel = [b for b in blocks if re.search(r"jax\[(cuda\d*|tpu)\]", b)]
+    assert {re.search(r"jax\[(\w+)\]", b).group(1) for b in accel} >= {"cuda12", "tpu"}
+    for block in accel:
+        assert re.search(r"pip install (-e )?[\"']?\.\[train\]", block), block
