@@ -95,7 +95,8 @@ def _classifier_exports(cfg, tmp_path, require):
     want = fwd({"params": tree}, ids, attention_mask=mask).logits
     base_only = fwd({"params": _without_lora(tree)}, ids, attention_mask=mask).logits
     assert np.abs(np.asarray(want) - np.asarray(base_only)).max() > 1e3 * TOL  # LoRA matters
-    write_peft(objective, cfg, tmp_path / "peft", tree, cfg.lora)
+    how = write_peft(objective, cfg, tmp_path / "peft", tree, cfg.lora)  # the run log's line
+    assert ("SEQ_CLS" if cfg.model.pooling == "cls" else "load.py, which mean-pools") in how, how
     save_merged(cfg, tree, tmp_path / "merged")
     base = resolve_model_path(cfg.model.path)
     k = np.shape(want)[-1]

@@ -396,7 +396,11 @@ def test_the_task_directories_load_in_peft_as_named_adapters(world, tmp_path):
     }  # fmt: skip
     raw["train"]["linear_probe"] = False
     cfg = C.from_dict(raw)
-    train(cfg, echo=lambda m: None)
+    log: list[str] = []
+    train(cfg, echo=log.append)
+    (line,) = [m for m in log if m.startswith("[jlora] PEFT export ")]  # says what it wrote
+    assert line.endswith(": PEFT SEQ_CLS: transformers' *ForSequenceClassification + "
+                         "PeftModel.from_pretrained (its pooling is jlora's)"), line  # fmt: skip
     p = prepare(cfg)
     trained, _, _ = from_checkpoint(cfg, tmp_path / "run" / "checkpoints")
     trees = task_trees(p.objective, trained)
