@@ -1,13 +1,14 @@
 """EVA (`jlora.variants.eva`): ``a`` from the SVD of each target's inputs, ranks redistributed,
 against PEFT's ``initialize_lora_eva_weights`` on the same weights and data."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jlora
-from jlora.variants.eva import EvaConfig, eva_init, layer_inputs
+from jlora.variants.eva import EvaConfig, cfg_of, eva_init, layer_inputs
 
 SIZES = {"fc1": (4, 6), "fc2": (6, 8), "fc3": (8, 5)}  # (in, out)
 RANKS = {"fc2": 3, "fc3": 4}  # fc1: 2; budget 9 of 18 offered; EVA gives 1, 4, 4 here
@@ -37,6 +38,7 @@ def _eva(params, x):
     return eva_init(tree, _apply, [(x,)], cfg, EvaConfig(rho=2.0))
 
 
+@pytest.mark.slow  # torch + PEFT's EVA: ~15 s
 def test_eva_equals_peft(require):
     """One batch: PEFT's incremental PCA (it cycles the data until converged) is then the exact
     PCA of that batch, which is what jlora computes."""
@@ -121,3 +123,39 @@ def test_eva_errors():
         eva_init(tree, _apply, [(x[0, :2],)], cfg)
     with pytest.raises(ValueError, match=r"`rho` must be a number >= 1"):
         EvaConfig(rho=0.5)
+
+
+def test_masks_leave_out_the_padding_rows():
+    """A padded batch with its mask gives the rows of the unpadded examples; a pooled input
+    ``(batch, in)`` keeps the rows of examples with any real token."""
+    params, x = _data()
+    mask = np.arange(16)[None] < np.array([[10], [13]])  # right padding
+    padded = np.where(mask[..., None], x, 50.0).astype(np.float32)  # garbage at the padding
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=list(SIZES), rank_pattern=RANKS)
+    tree = jlora.init(params, cfg, key=jax.random.key(0))
+    got = layer_inputs(tree, _apply, [(padded,)], masks=[mask])
+    want = layer_inputs(tree, _apply, [(x[0, :10],), (x[1, :13],)])
+    assert got.keys() == want.keys() and got["fc2/kernel"].shape == (23, 6)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+    pooled = lambda p, x: x[:, 0] @ p["fc1"]["kernel"]  # noqa: E731
+    seen = layer_inputs(tree, pooled, [(padded,)], masks=[[[True] * 16, [False] * 16]])
+    np.testing.assert_array_equal(seen["fc1/kernel"], np.float64(padded[:1, 0]))
+
+
+def test_mask_and_stack_errors():
+    params, x = _data()
+    cfg = jlora.LoraConfig(rank=2, targets=list(SIZES))
+    tree = jlora.init(params, cfg, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=(
+        r"EVA's mask of shape \(3, 16\) does not fit the input of fc1/kernel, whose leading axes "
+        r"are \(2, 16\)")):  # fmt: skip
+        layer_inputs(tree, _apply, [(x,)], masks=[np.ones((3, 16), bool)])
+    with pytest.raises(ValueError, match=r"EVA got 2 masks for 1 batches"):
+        layer_inputs(tree, _apply, [(x,)], masks=[None, None])
+    stacked = {"k": jnp.ones((3, 4, 5))}
+    tree = jlora.init(stacked, jlora.LoraConfig(rank=2, targets="k", axes_pattern={"k": ((0,), (1,))}),
+                      key=jax.random.key(0))  # fmt: skip
+    with pytest.raises(ValueError, match=(
+        r"EVA initializes one adapter per kernel; \['k'\] is a stack of kernels \(batch axes "
+        r"\(0,\), e.g. scanned layers\)")):  # fmt: skip
+        eva_init(tree, lambda p, x: x, [(x,)], cfg_of(tree))

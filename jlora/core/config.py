@@ -113,7 +113,8 @@ class LoraConfig:
         ``((), (0, 1))``.
       dropout: dropout rate in [0, 1) on the LoRA input path (needs a key at train time).
       init: ``"kaiming"`` (A kaiming-uniform with a=√5, B=0; PEFT's default), ``"gaussian"``
-        (A ~ N(0, (1/r)²), B = 0, as PEFT), ``"pissa"`` or ``"olora"``.
+        (A ~ N(0, (1/r)²), B = 0, as PEFT), ``"pissa"``, ``"olora"`` or ``"eva"`` (the placeholder
+        `jlora.variants.eva.eva_init` replaces from data).
       use_rslora: scale by α/√r instead of α/r.
       bias: ``"none"``, ``"all"`` (every ``bias`` leaf trains) or ``"lora_only"`` (biases of
         targeted modules train).

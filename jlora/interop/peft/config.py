@@ -165,7 +165,8 @@ def adapter_config(
         "modules_to_save": mts,
     }
     r0, alpha0 = config.rank, config.alpha
-    init = {"kaiming": True, "gaussian": "gaussian"}[config.init]
+    # EVA's a is in the weights; its init only matters for a fresh adapter: PEFT's default
+    init = {"kaiming": True, "gaussian": "gaussian", "eva": True}[config.init]
     cfg.update(
         peft_type="LORA",
         task_type=task_type,
