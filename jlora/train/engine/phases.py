@@ -37,7 +37,7 @@ from jlora.train.engine.resume import (
     move_aside,
     set_aside,
 )
-from jlora.train.engine.setup import Prepared, prepare
+from jlora.train.engine.setup import Prepared, adapter_tree, prepare
 from jlora.train.engine.steps import (
     make_eval_step,
     make_optimizer,
@@ -141,8 +141,6 @@ def _start(run: Run, cfg: RunConfig, lock: RunLock) -> None:
             f"{p.checkpoint_dir} (kept, not deleted)"
         )
     scale.barrier("jlora-set-up")  # the steps are set aside before any process opens them
-    if run.resumed is None:  # a fresh start: the method may set the adapters from data first
-        run.adapters = run.method.initialize(p, run.frozen, run.adapters)
     p.objective.begin(p, run.frozen, run.adapters)  # what it computes once (fresh or resumed)
     (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     run.ckpt = _checkpointer(p) if cfg.checkpoint.enabled else None
@@ -179,18 +177,34 @@ def _checked_run(
     p: Prepared, out: Path, echo: Callable[[str], None], mesh: Any, lock: RunLock, *, resume: bool
 ) -> Run:
     """The run's state, after the checks that need no write: old checkpoints or outputs, and the
-    checkpoint to resume from (read and verified here)."""
-    cfg = p.cfg
-    reader = AdapterCheckpointer(p.checkpoint_dir) if cfg.checkpoint.enabled else None
+    checkpoint to resume from (read and verified here). The adapters are the method's
+    (`Method.initialize` on a fresh run: e.g. EVA's, from the first batches), or of the shapes
+    of the checkpoint to resume from (`Method.resume_config`); ``p.tree`` and ``p.cfg.lora``
+    become them, so checkpoints and exports carry that config."""
+    reader = AdapterCheckpointer(p.checkpoint_dir) if p.cfg.checkpoint.enabled else None
+    timer = PhaseTimer()
     try:
         existing = reader.all_steps() if reader is not None else []
         check_run_dir(out, p.checkpoint_dir, existing, resume=resume)
+        method = method_for(p.cfg.lora)
+        if resume and existing:
+            lcfg = method.resume_config(_saved_config(reader))
+            if lcfg == p.cfg.lora:
+                tree = p.tree
+            else:  # the checkpoint's shapes (e.g. EVA's ranks)
+                tree = adapter_tree(dataclasses.replace(p.cfg, lora=lcfg), p.objective, p.params)
+        else:
+            t, c = time.perf_counter(), time.process_time()
+            tree, lcfg = method.initialize(p)
+            if tree is not p.tree:  # a part of setup_s
+                timer.add("initialize_s", time.perf_counter() - t, time.process_time() - c)
+        p.tree, p.cfg = tree, dataclasses.replace(p.cfg, lora=lcfg)
+        cfg = p.cfg
         frozen, adapters = jlora.split(p.tree)
         schedule = make_schedule(cfg.optim, p.total_steps)
         tx = make_optimizer(
             cfg.optim, schedule, adapters, updates_per_step=p.objective.updates_per_batch
         )
-        method = method_for(cfg.lora)
         opt_state = method.init_state(tx, adapters)  # the method's (AdaLoRA: with its allocator)
         frozen = scale.place_state(frozen, mesh)
         resumed = None
@@ -220,6 +234,7 @@ def _checked_run(
         opt_state=opt_state,
         t_start=0.0,
         cpu_start=0.0,
+        timer=timer,
     )
 
 
@@ -242,6 +257,16 @@ def compile_train(run: Run) -> None:
         return args
 
     run.compiling = compile_ahead(run.train_step, [call(s) for s in p.plan_steps])
+
+
+def _saved_config(reader: AdapterCheckpointer) -> Any:
+    """The LoRA config saved with the newest checkpoint step whose metadata reads, or None."""
+    for step in reversed(reader.all_steps()):
+        try:
+            return reader.config(step)
+        except ValueError:  # CorruptCheckpointError is one: the restore skips that step
+            continue
+    return None
 
 
 def _checkpointer(p: Prepared) -> AdapterCheckpointer:

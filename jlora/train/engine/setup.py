@@ -27,7 +27,7 @@ from jlora.train.methods import method_class
 from jlora.train.objectives import Objective, objective_class
 from jlora.train.sections import ConfigError
 
-__all__ = ["Prepared", "base_tree", "load_tokenizer", "num_labels_of", "prepare"]
+__all__ = ["Prepared", "adapter_tree", "base_tree", "load_tokenizer", "num_labels_of", "prepare"]
 
 
 @dataclasses.dataclass
@@ -94,10 +94,17 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Objective, 
     if not shapes_only and cfg.model.init_from is not None:  # an earlier run's, merged in
         read = lambda d, t, lcfg: objective.read_export(cfg, d, t, lcfg)  # noqa: E731
         params = merged_base(params, cfg.model.init_from, read_export=read)
-    init_key = jax.random.fold_in(seed_key, INIT_STREAM)
+    return objective, params, adapter_tree(cfg, objective, params, shapes_only=shapes_only)
+
+
+def adapter_tree(cfg: RunConfig, objective: Objective, params: Any, *, shapes_only=False) -> Any:
+    """The initial adapter tree of ``cfg.lora`` on the base ``params`` (keyed by
+    ``train.seed``), checked by the objective; `base_tree` without loading the model again."""
+    init_key = jax.random.fold_in(jax.random.key(cfg.train.seed), INIT_STREAM)
     infer: dict[str, Any] = {}
     if cfg.model.scan_layers:  # the stack's layer axis read from the program: per-layer adapters
         ids = jax.ShapeDtypeStruct((1, 1), "int32")
+        model = objective.model
         infer = dict(apply=lambda p, x: model.apply({"params": p}, x), args=(ids,))
 
     def init(p: Any) -> Any:
@@ -108,7 +115,7 @@ def base_tree(cfg: RunConfig, *, shapes_only: bool = False) -> tuple[Objective, 
     except ValueError as e:
         raise ConfigError(f"lora: {e}") from e
     objective.check_tree(tree)
-    return objective, params, tree
+    return tree
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -136,7 +143,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     total = int(cfg.train.max_steps or cfg.train.epochs * per_epoch)
     # What the method fills in once the optimizer updates are known (AdaLoRA's lora.total_step).
     updates = total * objective.updates_per_batch
-    cfg = dataclasses.replace(cfg, lora=method_class(cfg.lora.variant).resolve(cfg.lora, updates))
+    method = method_class(cfg.lora.variant, cfg.lora.init)
+    cfg = dataclasses.replace(cfg, lora=method.resolve(cfg.lora, updates))
     p = Prepared(
         cfg=cfg,
         objective=objective,

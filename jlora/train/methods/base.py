@@ -1,9 +1,10 @@
 """The `Method` protocol: what a LoRA variant adds to training, with an identity default.
 
 A method is chosen by the ``lora`` section's ``method`` (another name for ``variant``): the
-method registered under that name, else `Method` itself, which adds nothing (LoRA, DoRA,
-LoRA-FA ... train as plain adapters). What a method may declare, each with a default that
-does nothing:
+method registered under that name; else by its ``init``, for a method that is an initialization
+from data (EVA: ``init: eva``); else `Method` itself, which adds nothing (LoRA, DoRA, LoRA-FA
+... train as plain adapters). What a method may declare, each with a default that does
+nothing:
 
 * **config**: its own ``lora`` keys (`keys`; `lora_section` refuses them in other runs, naming
   the method), how the section parses (`parse`) and what it fills in once the run's step count
@@ -14,7 +15,9 @@ does nothing:
   update itself (`update`: optax by default; AdaLoRA reallocates ranks after it), each with the
   metrics it reports;
 * **before training**: `initialize`, which may set the adapters from data (the prepared run's
-  batches) before the first step;
+  batches) before the first step of a fresh run, and change their shapes with the LoRA config
+  (EVA's ranks): that config is saved with every checkpoint and exported; `resume_config`, the
+  config whose shapes a resumed run restores (the run's own, or the one `initialize` saved);
 * **outputs**: the train log's entries (`log`), the tree to export (`export_tree`) and its part
   of ``summary.json`` (`report`).
 
@@ -61,14 +64,19 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
-def method_class(variant: str | None) -> type[Method]:
-    """The method registered under ``variant``, else `Method`."""
-    return METHODS.get(variant or "", Method)
+def method_class(variant: str | None, init: str | None = None) -> type[Method]:
+    """The method registered under ``variant``, else the one registered under ``init`` (a
+    method of an initialization, `Method.selector` ``"init"``), else `Method`."""
+    for name, selector in ((variant, "method"), (init, "init")):
+        cls = METHODS.get(name or "")
+        if cls is not None and cls.selector == selector:
+            return cls
+    return Method
 
 
 def method_for(config: LoraConfig) -> Method:
     """The method of a (resolved) ``lora`` config."""
-    return method_class(config.variant)(config)
+    return method_class(config.variant, config.init)(config)
 
 
 def lora_section(raw: Mapping[str, Any]) -> LoraConfig:
@@ -92,12 +100,12 @@ def lora_section(raw: Mapping[str, Any]) -> LoraConfig:
                 "method is another name for variant; give one of them"
             )
         raw["variant"] = method
-    cls = method_class(raw.get("variant"))
+    cls = method_class(raw.get("variant"), raw.get("init"))
     for other in METHODS.values():
         if other is not cls and (extra := [k for k in raw if k in other.keys]):
             raise ConfigError(
-                f"lora.{extra[0]} is an {other.title} field: set lora.method: {other.name} "
-                f"(or remove {', '.join(extra)})"
+                f"lora.{extra[0]} is an {other.title} field: set lora.{other.selector}: "
+                f"{other.name} (or remove {', '.join(extra)})"
             )
     return cls.parse(raw)
 
@@ -123,6 +131,8 @@ class Method:
     title: ClassVar[str] = "LoRA"
     #: the ``lora`` keys only this method takes
     keys: ClassVar[tuple[str, ...]] = ()
+    #: the ``lora`` key that selects it by its ``name``: ``"method"`` (a variant's) or ``"init"``
+    selector: ClassVar[str] = "method"
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> LoraConfig:
@@ -154,9 +164,28 @@ class Method:
         updates, state = tx.update(grads, state, adapters)
         return optax.apply_updates(adapters, updates), state, {}
 
-    def initialize(self, p: Any, frozen: Any, adapters: Any) -> Any:
-        """The adapters to start training from (a fresh run, before step 0)."""
-        return adapters
+    def initialize(self, p: Any) -> tuple[Any, LoraConfig]:
+        """``(tree, config)``: the tree (frozen and adapters) and the LoRA config a fresh run
+        starts from, before step 0 and before the optimizer state is made (default: the
+        prepared run's ``p.tree`` and ``p.cfg.lora``). A method that changes the adapters'
+        shapes returns the config that rebuilds them with `jlora.init`: the run saves it with
+        every checkpoint and exports it.
+
+        Raises:
+          ConfigError: the run's data cannot initialize the adapters.
+        """
+        return p.tree, p.cfg.lora
+
+    def resume_config(self, saved: LoraConfig | None) -> LoraConfig:
+        """The LoRA config whose shapes a resumed run restores its checkpoint onto, given the
+        one saved with the checkpoint (None: none readable). Default: the run's own (a
+        checkpoint of other shapes is then refused, listing the mismatches); a method whose
+        `initialize` changes the shapes accepts the config it saved.
+
+        Raises:
+          ConfigError: the saved config is not one this run can resume.
+        """
+        return self.config
 
     def log(self, metrics: dict[str, float]) -> dict[str, Any]:
         """Entries of the train log line from the latest step's metrics."""
