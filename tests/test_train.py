@@ -129,8 +129,8 @@ def test_config_type_and_key_errors(override, message):
     "override, message",
     [
         (
-            {"optim": {"name": "rmsprop"}},
-            "optim.name: expected one of 'adamw', 'adam', 'sgd', got str 'rmsprop'",
+            {"optim": {"name": "rmsprob"}},
+            "optim.name 'rmsprob' is not an optax optimizer; valid names: ",
         ),
         ({"optim": {"lr": 0}}, "optim.lr must be > 0, got 0.0"),
         ({"optim": {"lr": float("nan")}}, "optim.lr must be > 0, got nan"),

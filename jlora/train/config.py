@@ -59,10 +59,16 @@ __all__ = [
 ]
 
 # `lora` keys that a YAML file can set (a predicate `targets` cannot be written in YAML):
-# LoraConfig's, `method` (another name for `variant`) and every method's own
+# LoraConfig's, `method` (another name for `variant`), `use_dora` (PEFT's flag for variant dora)
+# and every method's own
 # (`jlora.train.methods`, e.g. AdaLoRA's with `lora.method: adalora`).
 LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig))
-LORA_SECTION_KEYS = (*LORA_KEYS, "method", *(k for m in METHODS.values() for k in m.keys))
+LORA_SECTION_KEYS = (
+    *LORA_KEYS,
+    "method",
+    "use_dora",
+    *(k for m in METHODS.values() for k in m.keys),
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -69,6 +69,12 @@ EXTRA_KEYS: dict[str, tuple[str, str, str]] = {
         "another name for ``variant``; a method registered under that name "
         "(`jlora.train.methods`, e.g. ``adalora``) adds its own keys, listed below.",
     ),
+    "lora.use_dora": (
+        "bool",
+        "null",
+        "PEFT's flag: ``true`` is ``variant: dora`` (an error with another variant); "
+        "``false`` with ``variant: dora`` is an error.",
+    ),
 }
 
 

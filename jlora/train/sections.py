@@ -11,6 +11,9 @@ import math
 import re
 from typing import Any, Literal
 
+from jlora.interop.models import ATTENTION_BACKENDS, REMAT_POLICIES
+from jlora.train import optimizers
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -74,6 +77,21 @@ class ModelConfig:
         exports a ``FEATURE_EXTRACTION`` adapter with its head and a loader
         (`jlora.train.objectives.mean_pooled`). Decoders classify their last token and take
         no pooling.
+      attention: the decoders' attention backend (`jlora.models.attention`): ``xla`` (one
+        einsum), ``chunked`` (memory-efficient, pure JAX), ``cudnn`` (GPU), ``splash`` (TPU) or
+        ``auto`` (the platform's fused kernel, else ``chunked``).
+      attention_block_size: the query / key blocks of ``chunked``.
+      remat: what a decoder layer's backward pass recomputes (`jlora.models.REMAT_POLICIES`):
+        ``none``, ``full`` (= ``gradient_checkpointing: true``) or a `jax.checkpoint_policies`
+        name (``dots_saveable`` ...), ``offload_dots``.
+      quantize: ``nf4`` or ``int8``: store the adapted kernels' frozen W quantized
+        (`jlora.quant.quantize`; QLoRA with ``nf4``), dequantized on the fly in the forward;
+        null: as ``param_dtype``.
+      double_quant: ``nf4`` only: quantize the NF4 absmax constants too (QLoRA's double
+        quantization).
+      loss_chunk: causal LM: run the LM head and the cross-entropy over this many tokens at a
+        time (`jlora.models.chunked_cross_entropy`), never holding the ``(tokens × vocab)``
+        logits; null: the full logits.
     """
 
     path: str | None = None
@@ -87,8 +105,34 @@ class ModelConfig:
     scan_layers: bool = False
     init_from: str | None = None
     pooling: Literal["mean", "cls"] | None = None
+    attention: str = "xla"
+    attention_block_size: int = 512
+    remat: str = "none"
+    quantize: Literal["nf4", "int8"] | None = None
+    double_quant: bool = False
+    loss_chunk: int | None = None
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"model.attention must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                f"got {self.attention!r}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(
+                f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}"
+            )
+        if self.gradient_checkpointing and self.remat not in ("none", "full"):
+            raise ConfigError(
+                f"model.gradient_checkpointing: true is model.remat: full; it conflicts with "
+                f"model.remat: {self.remat} (set only model.remat)"
+            )
+        _positive("model.attention_block_size", self.attention_block_size)
+        _positive("model.loss_chunk", self.loss_chunk, allow_none=True)
+        if self.double_quant and self.quantize != "nf4":
+            raise ConfigError(
+                f"model.double_quant needs model.quantize: nf4, got {self.quantize!r}"
+            )
         if (self.path is None) == (self.random is None):
             raise ConfigError("model: set exactly one of model.path and model.random")
         if self.path is not None and not self.path:
@@ -259,7 +303,11 @@ class OptimConfig:
     """``optim``: the optimizer for the adapters (and fully trained leaves).
 
     Attributes:
-      name: ``adamw``, ``adam`` or ``sgd`` (with ``momentum``).
+      name: an optax optimizer (`jlora.train.optimizers.OPTIMIZERS`: ``adamw``, ``adam``,
+        ``sgd`` (with ``momentum``), ``adafactor``, ``lion``, ...).
+      kwargs: the optimizer's other keyword arguments (checked against its signature), e.g.
+        ``{factored: false}`` for adafactor; ``b1`` / ``b2`` / ``eps`` (adam, adamw),
+        ``momentum`` (sgd) and ``weight_decay`` are keys of ``optim`` itself.
       lr: peak learning rate.
       schedule: ``cosine`` (warmup, then cosine decay to ``lr * min_lr_ratio``), ``linear`` or
         ``constant`` (after warmup).
@@ -274,7 +322,8 @@ class OptimConfig:
       lora_plus_ratio: LoRA+: the B factors get ``lr * lora_plus_ratio``; null: same lr.
     """
 
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    name: str = "adamw"
+    kwargs: dict[str, Any] | None = None
     lr: float = 1e-4
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
@@ -301,6 +350,18 @@ class OptimConfig:
                 raise ConfigError(f"optim.{f} must be in [0, 1], got {v!r}")
         if self.warmup_steps and self.warmup_ratio:
             raise ConfigError("set at most one of optim.warmup_steps and optim.warmup_ratio")
+        try:
+            optimizers.check(self.name, self.kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        defaults = {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "momentum": 0.0}
+        for key, default in defaults.items():
+            readers = ("sgd",) if key == "momentum" else ("adam", "adamw")
+            if getattr(self, key) != default and self.name not in readers:
+                raise ConfigError(
+                    f"optim.{key} is read by optim.name {' / '.join(readers)} only; for "
+                    f"{self.name} pass it in optim.kwargs"
+                )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,7 @@ anything. The objective of the run says which models it can train (``check``: it
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable
@@ -17,11 +18,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+import jlora
 from jlora.interop.models import build_model, config_from_hf, from_pretrained, model_type_of
 from jlora.interop.models.hub import read_json
 from jlora.train.sections import ConfigError, ModelConfig
 
-__all__ = ["base_name", "load_base", "param_shapes", "resolve_model_path"]
+__all__ = ["base_name", "load_base", "param_shapes", "quantize_base", "resolve_model_path"]
 
 
 def resolve_model_path(path: str) -> str:
@@ -85,6 +87,7 @@ def _module(m: ModelConfig, num_labels: int | None, check: Check | None) -> nn.M
     if check is not None:
         check(mt)
     model = build_model(cfg, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+    model = _decoder_options(model, m, mt)
     if m.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing"):
             raise ConfigError(f"model.gradient_checkpointing is not supported for {mt!r} models")
@@ -94,6 +97,41 @@ def _module(m: ModelConfig, num_labels: int | None, check: Check | None) -> nn.M
             raise ConfigError(f"model.scan_layers is not supported for {mt!r} models")
         model = model.clone(scan_layers=True)
     return model
+
+
+def _decoder_options(model: nn.Module, m: ModelConfig, mt: str) -> nn.Module:
+    """``model.attention`` / ``attention_block_size`` / ``remat``, for the models that have
+    them (the decoders); on others a value other than the default is an error."""
+    wanted = m.attention != "xla" or m.attention_block_size != 512 or m.remat != "none"
+    config = getattr(model, "config", None)
+    if not hasattr(config, "attention") or not hasattr(model, "remat"):
+        if wanted:
+            raise ConfigError(
+                f"model.attention / model.attention_block_size / model.remat are for the "
+                f"decoder families, not {mt!r} models"
+            )
+        return model
+    config = dataclasses.replace(
+        config, attention=m.attention, attention_block_size=m.attention_block_size
+    )
+    return model.clone(config=config, remat=m.remat)
+
+
+def quantize_base(tree: Any, m: ModelConfig) -> Any:
+    """``tree`` with the frozen W of its adapted kernels quantized as ``model.quantize`` says
+    (`jlora.quant.quantize`; ``model.double_quant``); ``tree`` itself when it is null.
+
+    Example:
+      >>> import jlora
+      >>> tree = jlora.init({"k": jnp.ones((64, 8))}, jlora.LoraConfig(rank=2, targets="k"),
+      ...                   key=jax.random.key(0))
+      >>> m = ModelConfig(random={"model_type": "llama"}, quantize="nf4")
+      >>> type(quantize_base(tree, m)["k"].w).__name__
+      'NF4Weight'
+    """
+    if m.quantize is None:
+        return tree
+    return jlora.quant.quantize(tree, method=m.quantize, double_quant=m.double_quant)
 
 
 def param_shapes(

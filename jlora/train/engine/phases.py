@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import yaml
 
 import jlora
@@ -123,6 +124,7 @@ def set_up(
         lock.release()
         raise
     echo(f"[jlora] {cfg.name}: {run.summ}")
+    echo(f"[jlora] stored as: {_describe_dtypes(storage_dtypes(run))}")
     run.timer.add("setup_s", time.perf_counter() - t_start, time.process_time() - cpu_start)
     return run
 
@@ -144,6 +146,39 @@ def _start(run: Run, cfg: RunConfig, lock: RunLock) -> None:
     p.objective.begin(p, run.frozen, run.adapters)  # what it computes once (fresh or resumed)
     (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     run.ckpt = _checkpointer(p) if cfg.checkpoint.enabled else None
+
+
+def storage_dtypes(run: Run) -> dict[str, dict[str, int]]:
+    """Bytes per dtype of the frozen half, the adapters and the optimizer state (whole arrays,
+    not per device): e.g. a bf16 or NF4 (uint8 codes) base, float32 adapters and Adam moments."""
+
+    def by_dtype(tree: Any) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for x in jax.tree.leaves(tree):
+            if hasattr(x, "dtype") and hasattr(x, "size"):
+                name = np.dtype(x.dtype).name
+                out[name] = out.get(name, 0) + int(x.size) * np.dtype(x.dtype).itemsize
+        return out
+
+    return {
+        "frozen": by_dtype(run.frozen),
+        "adapters": by_dtype(run.adapters),
+        "optimizer_state": by_dtype(run.opt_state),
+    }
+
+
+def _describe_dtypes(dtypes: dict[str, dict[str, int]]) -> str:
+    """``frozen bfloat16 1.2 GiB + ...; adapters float32 ...; optimizer state ...``."""
+
+    def size(n: int) -> str:
+        unit = next((u for u, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if n >= 2**k), "B")
+        k = {"GiB": 30, "MiB": 20, "KiB": 10, "B": 0}[unit]
+        return f"{n / 2**k:.1f} {unit}" if k else f"{n} B"
+
+    def one(d: dict[str, int]) -> str:
+        return " + ".join(f"{k} {size(v)}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+
+    return "; ".join(f"{k.replace('_', ' ')} {one(v)}" for k, v in dtypes.items())
 
 
 def _overwrite(p: Prepared, out: Path, lock: RunLock, echo: Callable[[str], None]) -> RunLock:
@@ -435,6 +470,7 @@ def _summary(run: Run, done: Outcome, before, probe, after) -> dict:
         "adapter_params": summ.adapter,
         "adapter_bytes": summ.adapter_bytes,
         "lora_targets": summ.targets,
+        "storage_dtypes": storage_dtypes(run),  # bytes per dtype: frozen, adapters, optimizer
         "before": before,
         "linear_probe": probe,
         "after": after,

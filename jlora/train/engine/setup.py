@@ -21,7 +21,7 @@ from jlora.train.config import RunConfig
 from jlora.train.data.shapes import plan_sizes, planned
 from jlora.train.data.tokenize import load_tokenizer, vocab_size
 from jlora.train.engine.init_from import merged_base
-from jlora.train.engine.model import load_base, param_shapes
+from jlora.train.engine.model import load_base, param_shapes, quantize_base
 from jlora.train.engine.steps import INIT_STREAM, MODEL_STREAM
 from jlora.train.methods import method_class
 from jlora.train.objectives import Objective, objective_class
@@ -107,8 +107,8 @@ def adapter_tree(cfg: RunConfig, objective: Objective, params: Any, *, shapes_on
         model = objective.model
         infer = dict(apply=lambda p, x: model.apply({"params": p}, x), args=(ids,))
 
-    def init(p: Any) -> Any:
-        return objective.init_tree(p, cfg, key=init_key, **infer)
+    def init(p: Any) -> Any:  # the adapters, then the frozen W quantized (model.quantize)
+        return quantize_base(objective.init_tree(p, cfg, key=init_key, **infer), cfg.model)
 
     try:
         tree = jax.eval_shape(init, params) if shapes_only else init(params)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 import jlora
+from jlora.train import optimizers
 from jlora.train.methods import Method
 from jlora.train.objectives import Objective
 from jlora.train.sections import OptimConfig
@@ -68,12 +69,7 @@ def make_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def _core(o: OptimConfig, lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-    if o.name == "adamw":
-        return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-    decay = [optax.add_decayed_weights(o.weight_decay)] if o.weight_decay else []
-    if o.name == "adam":
-        return optax.chain(*decay, optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps))
-    return optax.chain(*decay, optax.sgd(lr, momentum=o.momentum or None))
+    return optimizers.build(o, lr)
 
 
 def make_optimizer(

@@ -27,7 +27,7 @@ from jlora.interop.models import to_hf_state_dict
 from jlora.interop.models.families import sequence_classification_architecture
 from jlora.train.config import RunConfig
 from jlora.train.data import load_labels
-from jlora.train.engine.model import base_name, resolve_model_path
+from jlora.train.engine.model import base_name, quantize_base, resolve_model_path
 from jlora.train.engine.setup import base_tree
 from jlora.train.methods import method_for
 from jlora.train.sections import ConfigError
@@ -115,12 +115,13 @@ def to_checkpoint(
 
 
 def from_peft(cfg: RunConfig, directory: str | Path) -> tuple[Any, jlora.LoraConfig]:
-    """``(tree, lora_config)``: a PEFT adapter directory loaded onto the config's base model,
+    """``(tree, lora_config)``: a PEFT adapter directory loaded onto the config's base model
+    (its adapted kernels quantized as ``model.quantize`` says: the base the run trained on),
     with what the objective wrote beside it (`Objective.read_export`: a mean-pooled
     classifier's ``head.safetensors``)."""
     objective, params, _ = base_tree(cfg)
     tree, lcfg = jlora.peft.load(directory, params)
-    return objective.read_export(cfg, directory, tree, lcfg)
+    return objective.read_export(cfg, directory, quantize_base(tree, cfg.model), lcfg)
 
 
 def write_peft(

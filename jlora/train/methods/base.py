@@ -82,14 +82,30 @@ def method_for(config: LoraConfig) -> Method:
 def lora_section(raw: Mapping[str, Any]) -> LoraConfig:
     """The ``lora`` section of a run config (its keys already checked) as a config object.
 
-    ``method`` is another name for ``variant``; the method of that name parses the rest
-    (`Method.parse`). Another method's own keys are refused, naming it.
+    ``method`` is another name for ``variant``, and ``use_dora: true`` (PEFT's flag) for
+    ``variant: dora``; the method of that name parses the rest (`Method.parse`). Another
+    method's own keys are refused, naming it.
 
     Raises:
-      ConfigError: ``method`` and ``variant`` disagree, or another method's key is set.
+      ConfigError: ``method``, ``variant`` and ``use_dora`` disagree, or another method's key
+        is set.
       TypeError, ValueError: a value the config class refuses (prefixed ``lora:``).
     """
     raw = dict(raw)
+    if "use_dora" in raw:  # PEFT's flag: lora.variant dora
+        use_dora = raw.pop("use_dora")
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"lora.use_dora: expected bool, got {type(use_dora).__name__}")
+        variant = raw.get("variant", raw.get("method"))
+        if use_dora and variant not in (None, "dora"):
+            raise ConfigError(
+                f"lora.use_dora: true and lora.variant {variant!r} disagree: use_dora is "
+                "PEFT's name for variant dora; give one of them"
+            )
+        if use_dora:
+            raw["variant"] = "dora"
+        elif variant == "dora":
+            raise ConfigError("lora.use_dora: false and lora.variant 'dora' disagree")
     if "method" in raw:
         method = raw.pop("method")
         if not isinstance(method, str):

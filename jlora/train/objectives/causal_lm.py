@@ -29,6 +29,7 @@ import optax
 
 import jlora
 import jlora.train.data as D
+from jlora.interop.models.loss import chunked_cross_entropy, lm_head
 from jlora.train.data import sft
 from jlora.train.data.tokenize import (
     check_vocab,
@@ -55,11 +56,25 @@ __all__ = ["CausalLM"]
 class CausalLM(Objective):
     """Next-token prediction (module docstring)."""
 
+    #: ``model.loss_chunk``: the LM head and cross-entropy over this many tokens at a time
+    loss_chunk: int | None = None
+
     plot_metric = "perplexity"
 
     @classmethod
     def claims(cls, cfg: Any) -> bool:
         return cfg.model.task == "causal_lm"
+
+    @classmethod
+    def from_config(cls, cfg: Any, model: Any) -> CausalLM:
+        return cls(model, model_dropout=cfg.model.dropout, loss_chunk=cfg.model.loss_chunk)
+
+    @classmethod
+    def check_unselected(cls, cfg: Any) -> None:
+        if cfg.model.loss_chunk is not None:
+            raise ConfigError(
+                "model.loss_chunk is for single-task model.task 'causal_lm' runs; remove it"
+            )
 
     @classmethod
     def check_options(cls, cfg: Any) -> None:
@@ -165,10 +180,40 @@ class CausalLM(Objective):
         return m if w is None else m * w[..., None]
 
     def terms(self, params: Any, batch: dict, *, key: jax.Array | None = None) -> dict:
-        """Summed loss, weight (trained tokens) and correct next-token predictions."""
+        """Summed loss, weight (trained tokens) and correct next-token predictions; with
+        ``loss_chunk``, from the LM head over token chunks (`chunked_terms`)."""
+        if self.loss_chunk is not None:
+            return self.chunked_terms(params, batch, key=key)
         logits, _ = self.forward(params, batch, key=key)
         ce, correct = self.unit_terms(logits, batch)
         return weighted_sums(ce, correct, self.weights(batch))
+
+    def chunked_terms(self, params: Any, batch: dict, *, key: jax.Array | None = None) -> dict:
+        """`terms` without the ``(tokens × vocab)`` logits: the final hidden states, then the
+        (LoRA'd or tied) LM head and the cross-entropy over ``loss_chunk`` tokens at a time
+        (`jlora.models.chunked_cross_entropy`), all through `jlora.lora`."""
+        model, cfg = self.model, self.model.config
+        lora_key = None if key is None else jax.random.split(key)[0]
+        extra = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+
+        def fn(variables, ids, mask, weights, **extra):
+            h = model.apply(
+                variables, ids, attention_mask=mask, method=type(model).hidden_states, **extra
+            )
+            kernel, transposed = lm_head(variables, tied=cfg.tie_word_embeddings)
+            return chunked_cross_entropy(
+                h[:, :-1],
+                kernel,
+                ids[:, 1:],
+                weights,
+                chunk_size=self.loss_chunk,
+                transposed=transposed,
+                softcap=getattr(cfg, "final_logit_softcapping", None),
+            )
+
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        weights = self.weights(batch)
+        return jlora.lora(fn)({"params": params}, ids, mask, weights, dropout_key=lora_key, **extra)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Loss, accuracy and perplexity (``exp(loss)``, capped at ``exp(80)``)."""
