@@ -116,7 +116,9 @@ def test_any_optax_optimizer_by_name(name, kwargs):
 
 
 def test_loss_chunk_is_refused_outside_causal_lm():
-    with pytest.raises(ConfigError, match=r"model.loss_chunk is for single-task"):
+    with pytest.raises(
+        ConfigError, match=r"model.loss_chunk is read by the causal_lm objective only"
+    ):
         load_config(ROOT / "configs" / "minilm-lora.yaml", ["model.loss_chunk=64"])
 
 

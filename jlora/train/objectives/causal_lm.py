@@ -71,9 +71,11 @@ class CausalLM(Objective):
 
     @classmethod
     def check_unselected(cls, cfg: Any) -> None:
-        if cfg.model.loss_chunk is not None:
+        # this class's key (a subclass such as grpo, unselected, leaves it to this one)
+        if cls is CausalLM and cfg.model.loss_chunk is not None:
             raise ConfigError(
-                "model.loss_chunk is for single-task model.task 'causal_lm' runs; remove it"
+                "model.loss_chunk is read by the causal_lm objective only (a single-task "
+                "model.task 'causal_lm' run); remove it"
             )
 
     @classmethod
