@@ -458,7 +458,7 @@ def markdown(
         task = tasks[t]
         lines += [f"**{task.title}**", ""]
         lines += [
-            f"| method | test {task.metric.replace('_', ' ')} ({len(seeds)} seeds) | lr (sweep) | "
+            f"| method | test {task.metric.replace('_', ' ')} ({_seeds(len(seeds))}) | lr (sweep) | "
             "trainable params | saved bytes | train-step memory | step time / LoRA r=8 | "
             "training time |",
             "|---|---|---|---|---|---|---|---|",
@@ -469,7 +469,8 @@ def markdown(
                 continue
             acc = "—"
             if "test_mean" in row:
-                acc = f"{100 * row['test_mean']:.1f} ± {100 * row['test_std']:.1f}"
+                acc = f"{100 * row['test_mean']:.1f}"
+                acc += f" ± {100 * row['test_std']:.1f}" if len(seeds) > 1 else ""
                 if row["seeds"] < len(seeds):
                     acc += f" ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''}"
                     acc += f", {len(row['failed'])} failed)" if row["failed"] else ")"
@@ -485,6 +486,10 @@ def markdown(
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n > 1 else ''}"
 
 
 def _num(x: Any) -> str:
