@@ -420,6 +420,7 @@ def test_peft_trained_adalora_loads_and_saves_back(llama, peft_trained, tmp_path
     assert abs((with_reg - without) - 0.3 * reg) < 1e-5
 
 
+@pytest.mark.slow
 def test_jlora_trained_adalora_exports_in_peft_format(llama, tmp_path, hf):
     optax = hf.require("optax")
     peft = hf.require("peft")

@@ -371,9 +371,8 @@ def test_bad_shapes():
 
 
 # ----------------------------------------------------------------------------- in the decoder
-@pytest.mark.parametrize(
-    "stack", ["unrolled", pytest.param("scanned+remat", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", ["unrolled", "scanned+remat"])
 def test_lora_training_gradients_chunked_equal_xla(stack):
     """The adapters' gradients of a packed-row loss through `jlora.lora`, on a full and a
     sliding layer: ``chunked`` (blocks of 4, its custom VJP) against ``xla``; unrolled, and

@@ -158,6 +158,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(env, ref, tmp_path):
     np.testing.assert_allclose([x["loss"] for x in got], [x["loss"] for x in want], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path):
     out = tmp_path / "nan"
     # Warmup from lr 0: step 1 is healthy (and saved); the next updates diverge. (Without
@@ -180,6 +181,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path):
 # --- adapters in and out ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_then_import_peft_round_trip(env, ref, tmp_path):
     out, _ = ref
     ck = ["--checkpoint", str(out / "checkpoints")]
@@ -202,6 +204,7 @@ def test_export_then_import_peft_round_trip(env, ref, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_merge_equals_jlora_merge(env, ref, tmp_path):
     out, _ = ref
     cfg = load_config(TINY)
@@ -230,6 +233,7 @@ def test_merge_equals_jlora_merge(env, ref, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_merge_from_peft_dir(env, ref, tmp_path):
     out, _ = ref
     r = run(env, "merge", str(TINY), "--peft", str(out / "peft"), "--out", str(tmp_path / "m"),
@@ -366,6 +370,7 @@ def test_set_takes_several_overrides(capsys):
     assert "rank 4  scale 3" in out  # alpha / rank = 12 / 4
 
 
+@pytest.mark.slow
 def test_early_stopping_follows_the_rule(env, tmp_path):
     out = tmp_path / "early"
     args = ["--set", "train.eval_every=2", "train.early_stopping_patience=2", "optim.lr=0.3"]

@@ -142,6 +142,7 @@ def test_bad_buckets_are_refused(bad):
         load_config(ROOT / "configs" / "minilm-lora.yaml", [f"data.length_buckets={bad}"])
 
 
+@pytest.mark.slow
 def test_padded_bucket_batch_equals_unpadded_examples():
     """Loss and accuracy of a batch padded up to a bucket = those of each example run alone at
     its exact length (no padding at all): the padding is masked out."""

@@ -259,6 +259,7 @@ def _peft_linear(require, w, a, b, m, alpha):
     return torch, pm, layer
 
 
+@pytest.mark.slow
 def test_forward_and_gradients_match_peft(require):
     p = {"w": _x(10, 7)}
     tree = _randomize(

@@ -89,21 +89,8 @@ def test_every_example_is_tested():
     assert on_disk == set(EXAMPLES)
 
 
-# the slowest scripts (8-16 s each) run in the slow run
-SLOW_EXAMPLES = {
-    "09_peft_roundtrip.py",
-    "serve_three_adapters.py",
-    "04_equinox.py",
-    "08_multi_adapter.py",
-    "06_dora.py",
-    "12_gemma_library.py",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXAMPLES else n for n in EXAMPLES],
-)
+@pytest.mark.slow  # every example: a subprocess that compiles its own programs
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_runs(name, runs):
     missing = _missing(name)
     if name in OPTIONAL and missing:

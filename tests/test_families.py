@@ -226,6 +226,7 @@ def _is_lora(x) -> bool:
     return isinstance(x, jlora.LoraWeight)
 
 
+@pytest.mark.slow
 def test_lora_through_the_scan_over_the_layer_period(saved):
     """Gemma 2's three layers scanned as one (sliding, full) period and a tail: every
     projection's layer axis is read from the program, no fallback; the fused forward equals

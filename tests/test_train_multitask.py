@@ -316,7 +316,8 @@ def _model_with_labels(p, k):
 # Whole runs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("adapters", ["per_task", pytest.param("shared", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("adapters", ["per_task", "shared"])
 def test_tiny_multitask_run(world, tmp_path, adapters):
     cfg = C.from_dict(_raw(world, tmp_path, adapters=adapters))
     s = train(cfg, echo=lambda m: None)
