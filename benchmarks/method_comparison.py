@@ -594,21 +594,19 @@ def _profile_in_process(
             continue
         cfg = load_config(ROOT / task.config, [*task.sets, *method.overrides(task)])
         p = prepare(cfg)
-        frozen, adapters = jlora.split(p.tree)
-        tx = make_optimizer(cfg.optim, make_schedule(cfg.optim, p.total_steps), adapters)
         meth = method_for(cfg.lora)
+        tree, _ = meth.initialize(p)  # the tree a fresh run starts from (e.g. EVA's)
+        frozen, adapters = jlora.split(tree)
+        tx = make_optimizer(cfg.optim, make_schedule(cfg.optim, p.total_steps), adapters)
         opt_state = meth.init_state(tx, adapters)
-        adapters = meth.initialize(p, frozen, adapters)
         batch = p.objective.train_batch(p, 0)
         key = step_key(0, 0)
         fn = jax.jit(make_train_step(p.objective, tx, meth))
         mem = fn.lower(adapters, opt_state, frozen, batch, key).compile().memory_analysis()
         saved = sum(x.nbytes for x in jax.tree.leaves(adapters))
-        saved += sum(
-            np.asarray(s.value).nbytes for s in jlora.extend.shared_tensors(p.tree).values()
-        )
+        saved += sum(np.asarray(s.value).nbytes for s in jlora.extend.shared_tensors(tree).values())
         rows[m] = {
-            "trainable_params": jlora.summary(p.tree).trainable,
+            "trainable_params": jlora.summary(tree).trainable,
             "saved_bytes": int(saved),
             "step_memory_bytes": int(
                 mem.argument_size_in_bytes
