@@ -375,7 +375,8 @@ class TrainConfig:
       grad_accum: micro-batches accumulated per optimizer step.
       log_every: steps between metrics lines (and progress-bar updates).
       eval_every: steps between evaluations on ``data.eval_split``; null: once per epoch.
-      eval_before: evaluate before training (the "before" numbers of the summary).
+      eval_before: evaluate before training (the "before" numbers of the summary). With
+        ``linear_probe`` on, that pass runs anyway: the probe fits on its pooled features.
       linear_probe: also fit the frozen-encoder linear-probe baseline (classification): the
         same head, trained alone on the frozen model's mean-pooled embeddings.
       early_stopping_patience: stop after this many evaluations without improvement of
