@@ -213,7 +213,7 @@ def _checked_run(
 ) -> Run:
     """The run's state, after the checks that need no write: old checkpoints or outputs, and the
     checkpoint to resume from (read and verified here). The adapters are the method's
-    (`Method.initialize` on a fresh run: e.g. EVA's, from the first batches), or of the shapes
+    (`Method.initialize` on a fresh run: a data-driven init reads the first batches), or of the shapes
     of the checkpoint to resume from (`Method.resume_config`); ``p.tree`` and ``p.cfg.lora``
     become them, so checkpoints and exports carry that config."""
     reader = AdapterCheckpointer(p.checkpoint_dir) if p.cfg.checkpoint.enabled else None
@@ -226,7 +226,7 @@ def _checked_run(
             lcfg = method.resume_config(_saved_config(reader))
             if lcfg == p.cfg.lora:
                 tree = p.tree
-            else:  # the checkpoint's shapes (e.g. EVA's ranks)
+            else:  # the checkpoint's shapes (a method may have changed the ranks)
                 tree = adapter_tree(dataclasses.replace(p.cfg, lora=lcfg), p.objective, p.params)
         else:
             t, c = time.perf_counter(), time.process_time()
@@ -240,7 +240,7 @@ def _checked_run(
         tx = make_optimizer(
             cfg.optim, schedule, adapters, updates_per_step=p.objective.updates_per_batch
         )
-        opt_state = method.init_state(tx, adapters)  # the method's (AdaLoRA: with its allocator)
+        opt_state = method.init_state(tx, adapters)  # the method's (with any state of its own)
         frozen = scale.place_state(frozen, mesh)
         resumed = None
         if resume and existing:
@@ -392,7 +392,7 @@ def finish(run: Run, done: Outcome, before: dict | None, probe: dict | None) -> 
             tree, state, run.out, plot=plot, title=run.p.cfg.name, echo=run.echo
         )
     summary = _summary(run, done, before, probe, after)
-    if report:  # e.g. AdaLoRA: final ranks, budget, adalora_ranks.png
+    if report:  # what the method adds to the run's outputs (tables, figures)
         summary[run.method.name] = report
     summary.update(run.p.objective.summary(run.p, before, probe, after, peft_dir))
     summary["peft_dir"] = str(peft_dir) if peft_dir else None

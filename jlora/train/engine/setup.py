@@ -141,7 +141,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     # Whole optimizer steps per epoch; the micro-batch counter of `Batcher` runs across epochs,
     # so an epoch whose micro-batches do not divide evenly spills into the next permutation.
     total = int(cfg.train.max_steps or cfg.train.epochs * per_epoch)
-    # What the method fills in once the optimizer updates are known (AdaLoRA's lora.total_step).
+    # What the method fills in once the optimizer updates are known (e.g. a schedule's length).
     updates = total * objective.updates_per_batch
     method = method_class(cfg.lora.variant, cfg.lora.init)
     cfg = dataclasses.replace(cfg, lora=method.resolve(cfg.lora, updates))

@@ -11,7 +11,7 @@ Every scalar term the objective returns is summed over the micro-batches, and it
 
 The run's `jlora.train.methods.Method` adds its gradient once per step (``regularize``) and
 makes the update (``update``: optax by default); ``opt_state`` is what its ``init_state``
-made (AdaLoRA: the optax state with its rank allocator's, all in the one jitted step).
+made (a method's extra state, e.g. a rank allocator's, rides in the one jitted step).
 """
 
 from __future__ import annotations
@@ -110,8 +110,7 @@ def make_train_step(
     """The train step (see the module docstring); metrics hold the objective's
     ``train_metrics`` (``loss`` first), ``grad_norm``, ``tokens`` (non-padding tokens seen),
     ``finite`` (every value of the updated adapters and optimizer state is finite;
-    `jlora.train.engine.guard`) and what ``method`` reports (AdaLoRA: ``orth_loss``,
-    ``budget``). ``method`` None is the identity `jlora.train.methods.Method`.
+    `jlora.train.engine.guard`) and the metrics ``method`` reports. ``method`` None is the identity `jlora.train.methods.Method`.
 
     An objective whose `jlora.train.objectives.Objective.updates_per_batch` is ``μ > 1`` (an RL
     objective reusing a rollout batch) gets ``μ`` optimizer updates on the step's batch, each on

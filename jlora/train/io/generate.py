@@ -42,6 +42,16 @@ def score(completions: Sequence[Sequence[int]], references: Sequence[Sequence[in
     return {"exact_match": float(np.mean(exact)), "token_accuracy": hits / total}
 
 
+def _left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, mask)``: the token lists right-aligned in one ``(rows, longest)`` int32 batch."""
+    width = max(len(p) for p in seqs)
+    ids = np.full((len(seqs), width), pad_id, np.int32)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(seqs):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    return ids, mask
+
+
 def _cut(tokens: np.ndarray, eos: int | None) -> list[int]:
     out = tokens.tolist()
     return out[: out.index(eos)] if eos is not None and eos in out else out
@@ -79,11 +89,8 @@ def generation_metrics(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape per bucket
-        width = max(len(p) for p in chunk)
-        ids = np.full((len(chunk), width), pad_id, np.int32)
-        mask = np.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+        ids, mask = _left_padded(chunk, pad_id)
+        width = ids.shape[1]
         out = generate(
             objective.model,
             tree,
@@ -128,12 +135,8 @@ def complete(
     pad = 0 if pad is None else pad
     tok.no_padding()
     tok.no_truncation()
-    ids_list = [tok.encode(p).ids for p in prompts]
-    width = max(len(p) for p in ids_list)
-    ids = np.full((len(ids_list), width), pad, np.int32)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(ids_list):
-        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    ids, mask = _left_padded([tok.encode(p).ids for p in prompts], pad)
+    width = ids.shape[1]
     out = generate(
         model,
         tree,
