@@ -135,7 +135,8 @@ def test_method_adalora_parses_round_trips_and_defaults_total_step(base, tmp_pat
         ({"init_rr": 3}, C.ConfigError,
          r"^unknown key 'lora.init_rr' \(did you mean 'init_r'\?\); valid keys in 'lora': rank, "
          r"alpha, .*variant, method, use_dora, init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, "
-         r"orth_reg_weight, total_step, eva$"),
+         r"orth_reg_weight, total_step, eva, d_initial, projection_prng_key, save_projection, loftq_iter, "
+         r"loftq_bits, block_size$"),
         ({"method": "lora"}, C.ConfigError,
          r"^lora.orth_reg_weight is an AdaLoRA field: set lora.method: adalora \(or remove "
          r"orth_reg_weight, init_r, target_r, tinit, tfinal, deltaT\)$"),

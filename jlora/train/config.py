@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from jlora.core.config import LoraConfig
-from jlora.train.methods import METHODS, lora_section
+from jlora.train.methods import METHODS, lora_section, method_class, registered_keys
 from jlora.train.objectives import OBJECTIVES, ObjectiveConfig, objective_class
 from jlora.train.sections import (
     CheckpointConfig,
@@ -59,15 +59,21 @@ __all__ = [
 ]
 
 # `lora` keys that a YAML file can set (a predicate `targets` cannot be written in YAML):
-# LoraConfig's, `method` (another name for `variant`), `use_dora` (PEFT's flag for variant dora)
-# and every method's own
-# (`jlora.train.methods`, e.g. AdaLoRA's with `lora.method: adalora`).
+# LoraConfig's, `method` (another name for `variant`), `use_dora` (PEFT's flag for variant dora),
+# every method's own (`jlora.train.methods`, e.g. AdaLoRA's with `lora.method: adalora`) and
+# the fields of the config classes that variants and inits registered (VeRA's with
+# `lora.variant: vera`, LoftQ's with `lora.init: loftq`).
 LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraConfig))
-LORA_SECTION_KEYS = (
-    *LORA_KEYS,
-    "method",
-    "use_dora",
-    *(k for m in METHODS.values() for k in m.keys),
+LORA_SECTION_KEYS = tuple(
+    dict.fromkeys(
+        (
+            *LORA_KEYS,
+            "method",
+            "use_dora",
+            *(k for m in METHODS.values() for k in m.keys),
+            *registered_keys(),
+        )
+    )
 )
 
 
@@ -112,6 +118,7 @@ class RunConfig:
         for other in OBJECTIVES.values():
             if other is not objective:
                 other.check_unselected(self)
+        method_class(self.lora.variant, self.lora.init).check_run(self)
 
 
 # --------------------------------------------------------------------------------------------

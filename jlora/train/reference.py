@@ -2,8 +2,8 @@
 
 Everything comes from the code, nothing is typed twice: the keys, their types and defaults from
 the config dataclasses (`jlora.train.config.RunConfig` and its sections; the ``lora`` section's
-`jlora.LoraConfig`, ``method`` and the keys of every registered method; the options of every
-registered objective), and each key's documentation from the ``Attributes:`` section of the
+`jlora.LoraConfig`, ``method``, the keys of every registered method and the fields of the
+config classes that variants and inits registered; the options of every registered objective), and each key's documentation from the ``Attributes:`` section of the
 docstring of the class that declares the field (or of a class it inherits from). A section's
 documentation is the first paragraph of its class's docstring.
 
@@ -43,7 +43,7 @@ import jlora
 from jlora.core.config import LoraConfig
 from jlora.core.registry import INITIALIZERS, VARIANTS
 from jlora.train.config import LORA_SECTION_KEYS, RunConfig
-from jlora.train.methods import METHODS
+from jlora.train.methods import METHODS, registered_keys
 from jlora.train.objectives import OBJECTIVES
 
 __all__ = [
@@ -271,6 +271,7 @@ def _lora(path: str, tp: Any, out: list[Key]) -> None:
     _walk(LoraConfig, path + ".", "", out)
     own = {f.name for f in dataclasses.fields(LoraConfig)}
     own |= {k for m in METHODS.values() for k in m.keys}
+    own |= set(registered_keys())
     for name in LORA_SECTION_KEYS:  # the keys parsed by hand (`jlora.train.config`)
         if name not in own:
             t, d, doc = EXTRA_KEYS.get(f"{path}.{name}", ("", "", ""))
@@ -287,6 +288,16 @@ def _lora(path: str, tp: Any, out: list[Key]) -> None:
         ]
         selector = getattr(method, "selector", "method")
         _walk(cls, path + ".", f"lora.{selector}: {name}", out, (*method.keys, *changed))
+    # the fields of the config classes that variants and inits registered (parsed into them
+    # by `Method.parse`), beside a method's own keys
+    covered = {_method_config(m) for m in METHODS.values()}
+    for selector, registry in (("variant", VARIANTS), ("init", INITIALIZERS)):
+        for name, entry in sorted(registry.items()):
+            cls = entry.config
+            if cls is None or cls in covered or not _ours(cls):
+                continue
+            fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in base]
+            _walk(cls, path + ".", f"lora.{selector}: {name}", out, fields)
 
 
 def _method_config(method: type) -> type | None:

@@ -7,8 +7,10 @@ from data (EVA: ``init: eva``); else `Method` itself, which adds nothing (LoRA, 
 nothing:
 
 * **config**: its own ``lora`` keys (`keys`; `lora_section` refuses them in other runs, naming
-  the method), how the section parses (`parse`) and what it fills in once the run's step count
-  is known (`resolve`);
+  the method), how the section parses (`parse`; by default into the config class the
+  section's ``variant`` / ``init`` registered, `jlora.core.registry.config_class`, so VeRA's
+  and LoftQ's fields are ``lora`` keys), what it fills in once the run's step count is known
+  (`resolve`) and what it asks of the rest of the run config (`check_run`);
 * **state**: the optimizer state the train step carries (`init_state`: ``tx.init`` by default;
   AdaLoRA wraps it with its allocator's state, checkpointed with it);
 * **the step** (inside the jitted step): a gradient it adds once per step (`regularize`) and the
@@ -18,8 +20,9 @@ nothing:
   batches) before the first step of a fresh run, and change their shapes with the LoRA config
   (EVA's ranks): that config is saved with every checkpoint and exported; `resume_config`, the
   config whose shapes a resumed run restores (the run's own, or the one `initialize` saved);
-* **outputs**: the train log's entries (`log`), the tree to export (`export_tree`) and its part
-  of ``summary.json`` (`report`).
+* **outputs**: the train log's entries (`log`), the tree to export (`export_tree`), the base a
+  PEFT export applies to when it is not the pretrained one (`peft_base`: LoftQ's NF4 residual)
+  and its part of ``summary.json`` (`report`).
 
 Example:
   >>> cfg = lora_section({"rank": 4, "targets": ["q"]})
@@ -37,6 +40,7 @@ import jax
 import optax
 
 from jlora.core.config import LoraConfig
+from jlora.core.registry import INITIALIZERS, VARIANTS, config_class
 from jlora.train.sections import ConfigError
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "method_class",
     "method_for",
     "register_method",
+    "registered_keys",
 ]
 
 #: The registered methods by name (`register_method`); others get `Method`.
@@ -123,7 +128,50 @@ def lora_section(raw: Mapping[str, Any]) -> LoraConfig:
                 f"lora.{extra[0]} is an {other.title} field: set lora.{other.selector}: "
                 f"{other.name} (or remove {', '.join(extra)})"
             )
+    _check_registered(raw, cls.keys)
     return cls.parse(raw)
+
+
+_LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
+
+
+def registered_keys() -> dict[str, list[str]]:
+    """``{key: ["lora.variant: vera", ...]}``: the fields that the config classes registered by
+    variants and initializers (`jlora.core.registry`) add to `LoraConfig`'s, each with the
+    selections that take it.
+
+    Example:
+      >>> registered_keys()["d_initial"], registered_keys()["loftq_iter"]
+      (['lora.variant: vera'], ['lora.init: loftq'])
+    """
+    out: dict[str, list[str]] = {}
+    for selector, registry in (("variant", VARIANTS), ("init", INITIALIZERS)):
+        for name, entry in registry.items():
+            if entry.config is None:
+                continue
+            for f in dataclasses.fields(entry.config):
+                if f.init and f.name not in _LORA_FIELDS:
+                    out.setdefault(f.name, []).append(f"lora.{selector}: {name}")
+    return out
+
+
+def _check_registered(raw: Mapping[str, Any], own: tuple[str, ...]) -> None:
+    """Refuse a key of a registered config class (`registered_keys`) that the class the
+    section's ``variant`` / ``init`` select does not have, naming the selection that takes it."""
+    variant, init = raw.get("variant", "lora"), raw.get("init", "kaiming")
+    try:
+        chosen = config_class(variant, init) if isinstance(variant, str) else None
+    except ValueError:  # no class combines them: `Method.parse` says so
+        return
+    fields = {f.name for f in dataclasses.fields(chosen)} if chosen is not None else set()
+    taken = registered_keys()
+    for k in raw:
+        if k in taken and k not in fields and k not in own:
+            where = " or ".join(taken[k])
+            raise ConfigError(
+                f"lora.{k} is a field of {where}, not of this section's variant {variant!r} "
+                f"with init {init!r}: set {taken[k][0]} (or remove lora.{k})"
+            )
 
 
 def init_opt_state(tx: optax.GradientTransformation, adapters: Any, config: LoraConfig) -> Any:
@@ -152,12 +200,32 @@ class Method:
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> LoraConfig:
-        """The config object of a ``lora`` section (``method`` already read as ``variant``)."""
+        """The config object of a ``lora`` section (``method`` already read as ``variant``):
+        an instance of the config class its ``variant`` / ``init`` registered
+        (`jlora.core.registry.config_class`: `jlora.variants.vera.VeraConfig` for ``variant:
+        vera``, `jlora.variants.loftq.LoftQConfig` for ``init: loftq``), else a `LoraConfig`.
+
+        Raises:
+          TypeError, ValueError: a value the config class refuses (prefixed ``lora:``), or a
+            ``variant`` and an ``init`` whose config classes do not combine.
+        """
         try:
-            return LoraConfig(**raw)
+            variant, init = raw.get("variant", "lora"), raw.get("init", "kaiming")
+            known = isinstance(variant, str) and isinstance(init, str)
+            config_cls = (config_class(variant, init) if known else None) or LoraConfig
+            return config_cls(**raw)
         except (TypeError, ValueError) as e:
             msg = str(e)
-            raise type(e)(f"lora: {msg}" if "lora." not in msg else msg) from e
+            raise type(e)(msg if msg.startswith(("lora.", "lora:")) else f"lora: {msg}") from e
+
+    @classmethod
+    def check_run(cls, run: Any) -> None:
+        """Refuse what the rest of run config ``run`` (a `jlora.train.config.RunConfig`) sets
+        that this method cannot train with (default: nothing).
+
+        Raises:
+          ConfigError: a setting of another section this method cannot take, naming it.
+        """
 
     @classmethod
     def resolve(cls, config: LoraConfig, total_steps: int) -> LoraConfig:
@@ -210,6 +278,13 @@ class Method:
     def export_tree(self, tree: Any) -> Any:
         """The tree to export (PEFT, merge) from the trained one."""
         return tree
+
+    def peft_base(self, tree: Any) -> Any | None:
+        """The base that a PEFT export of ``tree`` (the export tree) applies to, when it is not
+        the pretrained model the run loaded: a tree that the export writes merged, as a full
+        model, in ``<peft dir>/base/``, and names as the adapter's ``base_model_name_or_path``.
+        None (the default): the run's pretrained base."""
+        return None
 
     def report(
         self, tree: Any, state: Any, out: Any, *, plot: bool, title: str, echo: Callable
