@@ -165,8 +165,9 @@ def adapter_config(
         "modules_to_save": mts,
     }
     r0, alpha0 = config.rank, config.alpha
-    # EVA's a is in the weights; its init only matters for a fresh adapter: PEFT's default
-    init = {"kaiming": True, "gaussian": "gaussian", "eva": True}[config.init]
+    # EVA's / LoftQ's a and b are in the weights; the init only matters for a fresh adapter:
+    # PEFT's default (PEFT's "loftq" would run LoftQ again on load, replacing the base weights)
+    init = {"kaiming": True, "gaussian": "gaussian", "eva": True, "loftq": True}[config.init]
     cfg.update(
         peft_type="LORA",
         task_type=task_type,

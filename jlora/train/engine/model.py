@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import jlora
+from jlora.core.kernel import KernelNode
+from jlora.core.node import is_node
 from jlora.interop.models import build_model, config_from_hf, from_pretrained, model_type_of
 from jlora.interop.models.hub import read_json
 from jlora.train.sections import ConfigError, ModelConfig
@@ -121,6 +124,12 @@ def quantize_base(tree: Any, m: ModelConfig) -> Any:
     """``tree`` with the frozen W of its adapted kernels quantized as ``model.quantize`` says
     (`jlora.quant.quantize`; ``model.double_quant``); ``tree`` itself when it is null.
 
+    A kernel whose W the LoRA init already quantized (LoftQ fits its adapters to the NF4
+    residual it makes) keeps that W when it is of the kind ``model.quantize`` asks for.
+
+    Raises:
+      ConfigError: the init quantized a kernel otherwise than ``model.quantize`` says.
+
     Example:
       >>> import jlora
       >>> tree = jlora.init({"k": jnp.ones((64, 8))}, jlora.LoraConfig(rank=2, targets="k"),
@@ -131,7 +140,26 @@ def quantize_base(tree: Any, m: ModelConfig) -> Any:
     """
     if m.quantize is None:
         return tree
-    return jlora.quant.quantize(tree, method=m.quantize, double_quant=m.double_quant)
+    kind = {"nf4": jlora.quant.NF4Weight, "int8": jlora.quant.Int8Weight}[m.quantize]
+    plain, done = [], 0
+    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
+        if not isinstance(x, KernelNode) or x.w is None:
+            continue
+        if not isinstance(x.w, jlora.quant.QuantizedKernel):
+            plain.append(jlora.path_str(path))
+        elif isinstance(x.w, kind):
+            done += 1
+        else:
+            raise ConfigError(
+                f"model.quantize: {m.quantize}: the LoRA init already quantized "
+                f"{jlora.path_str(path)} as {type(x.w).__name__}"
+            )
+    if done and not plain:
+        return tree
+    targets = "^(?:" + "|".join(map(re.escape, plain)) + ")$" if done else None
+    return jlora.quant.quantize(
+        tree, method=m.quantize, double_quant=m.double_quant, targets=targets
+    )
 
 
 def param_shapes(

@@ -26,6 +26,7 @@ import yaml
 
 import jlora
 import jlora.train.engine.scale as scale
+from jlora.core.node import Shared
 from jlora.interop.checkpoint import AdapterCheckpointer
 from jlora.train.config import RunConfig, to_dict
 from jlora.train.engine.compiles import CompiledAhead, compile_ahead
@@ -150,11 +151,19 @@ def _start(run: Run, cfg: RunConfig, lock: RunLock) -> None:
 
 def storage_dtypes(run: Run) -> dict[str, dict[str, int]]:
     """Bytes per dtype of the frozen half, the adapters and the optimizer state (whole arrays,
-    not per device): e.g. a bf16 or NF4 (uint8 codes) base, float32 adapters and Adam moments."""
+    not per device): e.g. a bf16 or NF4 (uint8 codes) base, float32 adapters and Adam moments.
+    A `jlora.core.node.Shared` tensor (VeRA's projections) counts once per name, as it is held.
+    """
 
     def by_dtype(tree: Any) -> dict[str, int]:
         out: dict[str, int] = {}
-        for x in jax.tree.leaves(tree):
+        seen: set[str] = set()
+        for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Shared)):
+            if isinstance(x, Shared):
+                if x.name in seen:
+                    continue
+                seen.add(x.name)
+                x = x.value
             if hasattr(x, "dtype") and hasattr(x, "size"):
                 name = np.dtype(x.dtype).name
                 out[name] = out.get(name, 0) + int(x.size) * np.dtype(x.dtype).itemsize

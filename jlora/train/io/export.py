@@ -118,7 +118,13 @@ def from_peft(cfg: RunConfig, directory: str | Path) -> tuple[Any, jlora.LoraCon
     """``(tree, lora_config)``: a PEFT adapter directory loaded onto the config's base model
     (its adapted kernels quantized as ``model.quantize`` says: the base the run trained on),
     with what the objective wrote beside it (`Objective.read_export`: a mean-pooled
-    classifier's ``head.safetensors``)."""
+    classifier's ``head.safetensors``). An export that holds the base it applies to
+    (``<directory>/base/``, `jlora.train.methods.Method.peft_base`: LoftQ's NF4 residual) is
+    loaded onto that base instead of ``model.path``'s."""
+    base_dir = Path(directory) / "base"
+    if (base_dir / "config.json").is_file():
+        model = dataclasses.replace(cfg.model, path=str(base_dir), random=None, init_from=None)
+        cfg = dataclasses.replace(cfg, model=model)
     objective, params, _ = base_tree(cfg)
     tree, lcfg = jlora.peft.load(directory, params)
     return objective.read_export(cfg, directory, quantize_base(tree, cfg.model), lcfg)
@@ -131,20 +137,30 @@ def write_peft(
     LoRA directories: ``directory`` itself for one tree, ``<directory>/<name>/`` for several
     (PEFT's multi-adapter layout). Each holds what the objective's `export_parts` says (its
     task type, and files such as a head and a loader), so that it loads in PyTorch with the
-    objective's outputs. Returns the line saying what was written and how it loads."""
+    objective's outputs, and, when the method's base is not the pretrained model
+    (`jlora.train.methods.Method.peft_base`: LoftQ's), that base as a full model in ``base/``,
+    which ``base_model_name_or_path`` names. Returns the line saying what was written and how it
+    loads."""
     hows = []
+    method = method_for(lcfg)
     for name, (sub_cfg, t) in objective.export_trees(cfg, tree).items():
-        parts = objective.exporter(name).export_parts(sub_cfg, t)
+        exporter = objective.exporter(name)
+        parts = exporter.export_parts(sub_cfg, t)
         target = Path(directory) / name if name else Path(directory)
+        base, on = method.peft_base(t), ""
+        if base is not None:  # the base the adapters apply to is not the pretrained one
+            base_dir = target / "base"
+            _save_merged(sub_cfg, base, exporter.export_parts(sub_cfg, base), base_dir, "hf")
+            on = f"; on the base it was fitted to, {base_dir} ({method.title})"
         try:
             jlora.peft.save(
-                target, parts.tree, lcfg, base_model_name_or_path=base_name(cfg),
-                task_type=parts.task_type,
+                target, parts.tree, lcfg, task_type=parts.task_type,
+                base_model_name_or_path=str(base_dir.resolve()) if on else base_name(cfg),
             )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"adapter {name!r}: {e}" if name else str(e)) from e
         _write_files(target, parts.files)
-        hows.append(parts.how or f"PEFT {parts.task_type}")
+        hows.append((parts.how or f"PEFT {parts.task_type}") + on)
     return hows[0] if len(set(hows)) == 1 else "; ".join(hows)
 
 
