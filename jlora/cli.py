@@ -376,6 +376,7 @@ def _adapters(args: argparse.Namespace, cfg) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is an existing file; expected a directory")
     if args.command == "import-peft":
+        export.check_importable(cfg, args.peft)
         tree, lcfg = export.from_peft(cfg, args.peft)
         export.to_checkpoint(args.out, tree, lcfg, step=args.step)
         print(f"wrote adapter checkpoint step {args.step} to {args.out}")

@@ -14,6 +14,7 @@ export-peft`` loads in the real PEFT (VeRA's ``VERA`` format; LoftQ's LoRA adapt
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -147,6 +148,27 @@ def test_quantize_base_keeps_what_the_init_quantized():
     with pytest.raises(ConfigError, match=(
         r"^model.quantize: int8: the LoRA init already quantized q as NF4Weight$")):  # fmt: skip
         quantize_base(tree, ModelConfig(random={"model_type": "llama"}, quantize="int8"))
+
+
+def test_import_peft_of_an_export_with_its_base_names_the_fix(tmp_path, capsys):
+    """A LoftQ export holds its base (``base/``): importing its adapters into a checkpoint of a
+    run on another model.path is refused before anything is read or written."""
+    from jlora.cli import main
+
+    peft_dir = tmp_path / "peft"
+    (peft_dir / "base").mkdir(parents=True)
+    (peft_dir / "base" / "config.json").write_text("{}")
+    out = tmp_path / "imported"
+    rc = main(["import-peft", str(MAIN), "--peft", str(peft_dir), "--out", str(out), "--set",
+               *LOFTQ])  # fmt: skip
+    assert rc == 2 and not out.exists()
+    assert re.fullmatch(
+        rf"jlora: error: {peft_dir} holds the base its adapters apply to \({peft_dir}/base: they "
+        r"were fitted to it, e.g. LoftQ's NF4 residual\); a checkpoint holds the adapters only "
+        rf"and restores them onto model.path: set model.path: {peft_dir}/base \(jlora merge "
+        r"--peft reads the base itself\)\n",
+        capsys.readouterr().err,
+    )
 
 
 # --- a run of each (slow: a tiny Llama saved by transformers) ---------------------------------
@@ -297,6 +319,16 @@ def test_run_resume_export_and_merge(method, hf_base, tmp_path, hf):
     chex.assert_trees_all_close(jlora.split(back)[1], jlora.split(tree)[1], atol=1e-7)
     chex.assert_trees_all_equal(jax.tree.leaves(jlora.split(back)[0]),
                                 jax.tree.leaves(jlora.split(tree)[0]))  # fmt: skip
+
+    if method == "loftq":  # import-peft onto the export's base: the same tree from a checkpoint
+        ckpt = tmp_path / "imported"
+        at_base = [*cli, f"model.path={peft_dir / 'base'}"]
+        assert main(["import-peft", str(config), "--peft", str(peft_dir), "--out", str(ckpt),
+                     *at_base]) == 0  # fmt: skip
+        back = from_checkpoint(load_config(TINY, at_base[1:]), ckpt)[0]
+        chex.assert_trees_all_close(jlora.split(back)[1], jlora.split(tree)[1], atol=1e-7)
+        chex.assert_trees_all_equal(jax.tree.leaves(jlora.split(back)[0]),
+                                    jax.tree.leaves(jlora.split(tree)[0]))  # fmt: skip
 
     # merge: W + ΔW per target
     merged = tmp_path / "merged"

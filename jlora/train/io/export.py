@@ -33,8 +33,10 @@ from jlora.train.methods import method_for
 from jlora.train.sections import ConfigError
 
 __all__ = [
+    "check_importable",
     "from_checkpoint",
     "from_peft",
+    "peft_base_dir",
     "save_merged",
     "to_checkpoint",
     "to_peft",
@@ -121,13 +123,41 @@ def from_peft(cfg: RunConfig, directory: str | Path) -> tuple[Any, jlora.LoraCon
     classifier's ``head.safetensors``). An export that holds the base it applies to
     (``<directory>/base/``, `jlora.train.methods.Method.peft_base`: LoftQ's NF4 residual) is
     loaded onto that base instead of ``model.path``'s."""
-    base_dir = Path(directory) / "base"
-    if (base_dir / "config.json").is_file():
+    base_dir = peft_base_dir(directory)
+    if base_dir is not None:
         model = dataclasses.replace(cfg.model, path=str(base_dir), random=None, init_from=None)
         cfg = dataclasses.replace(cfg, model=model)
     objective, params, _ = base_tree(cfg)
     tree, lcfg = jlora.peft.load(directory, params)
     return objective.read_export(cfg, directory, quantize_base(tree, cfg.model), lcfg)
+
+
+def peft_base_dir(directory: str | Path) -> Path | None:
+    """The base model a PEFT export holds beside its adapter (``<directory>/base/``, written
+    for a method whose `jlora.train.methods.Method.peft_base` is not the pretrained model),
+    or None."""
+    base = Path(directory) / "base"
+    return base if (base / "config.json").is_file() else None
+
+
+def check_importable(cfg: RunConfig, directory: str | Path) -> None:
+    """Refuse to import a PEFT export that holds its own base (`peft_base_dir`: LoftQ's) into a
+    checkpoint of a run whose ``model.path`` is another model: a checkpoint holds the adapters
+    only, and would be restored onto that model.
+
+    Raises:
+      ConfigError: the export holds a base other than ``model.path``.
+    """
+    base = peft_base_dir(directory)
+    if base is None:
+        return
+    mine = None if cfg.model.path is None else Path(resolve_model_path(cfg.model.path)).resolve()
+    if mine != base.resolve():
+        raise ConfigError(
+            f"{directory} holds the base its adapters apply to ({base}: they were fitted to it, "
+            "e.g. LoftQ's NF4 residual); a checkpoint holds the adapters only and restores them "
+            f"onto model.path: set model.path: {base} (jlora merge --peft reads the base itself)"
+        )
 
 
 def write_peft(
