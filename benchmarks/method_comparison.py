@@ -133,7 +133,14 @@ class Method:
 
 
 R8 = ("lora.rank=8", "lora.alpha=16")
-ADALORA = ("lora.method=adalora", "lora.init_r=12", "lora.target_r=8", "lora.alpha=24")
+# lora.rank = init_r: the task configs set rank 8, AdaLoRA's initial rank is init_r
+ADALORA = (
+    "lora.method=adalora",
+    "lora.rank=12",
+    "lora.init_r=12",
+    "lora.target_r=8",
+    "lora.alpha=24",
+)
 METHODS = {
     m.name: m
     for m in [
