@@ -601,6 +601,7 @@ def _profile_in_process(
             continue
         cfg = load_config(ROOT / task.config, [*task.sets, *method.overrides(task)])
         p = prepare(cfg)
+        cfg = p.cfg  # what depends on the run's steps filled in (AdaLoRA's total_step)
         meth = method_for(cfg.lora)
         tree, _ = meth.initialize(p)  # the tree a fresh run starts from (e.g. EVA's)
         frozen, adapters = jlora.split(tree)
