@@ -612,7 +612,7 @@ def _profile_in_process(
         fn = jax.jit(make_train_step(p.objective, tx, meth))
         mem = fn.lower(adapters, opt_state, frozen, batch, key).compile().memory_analysis()
         saved = sum(x.nbytes for x in jax.tree.leaves(adapters))
-        saved += sum(np.asarray(s.value).nbytes for s in jlora.extend.shared_tensors(tree).values())
+        saved += sum(np.asarray(s).nbytes for s in jlora.extend.shared_tensors(tree).values())
         rows[m] = {
             "trainable_params": jlora.summary(tree).trainable,
             "saved_bytes": int(saved),
