@@ -57,3 +57,12 @@ def require():
 def hf():
     """Tiny random Hugging Face models and their configs (module `tests/_hf_utils.py`)."""
     return _hf_utils
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory, hf):
+    """A tiny transformers Llama saved as safetensors, once per test module."""
+    hf.require("torch")
+    path = tmp_path_factory.mktemp("llama")
+    hf.tiny_causal_lm().save_pretrained(path, safe_serialization=True)
+    return path

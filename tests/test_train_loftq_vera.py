@@ -209,14 +209,6 @@ METHODS = {  # overrides, the config by hand, trainable params (q: 64 -> 64, v: 
 IDS = np.random.default_rng(0).integers(0, 128, (2, 9))
 
 
-@pytest.fixture(scope="module")
-def hf_base(tmp_path_factory, hf):
-    hf.require("torch")
-    path = tmp_path_factory.mktemp("llama")
-    hf.tiny_causal_lm().save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def _overrides(method, hf_base, out) -> list[str]:
     return [*RUN, *METHODS[method][0], "model.random=null", f"model.path={hf_base}",
             f"output.dir={out}"]  # fmt: skip

@@ -137,14 +137,6 @@ RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf_base(tmp_path_factory, hf):
-    hf.require("torch")
-    path = tmp_path_factory.mktemp("llama")
-    hf.tiny_causal_lm().save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def overrides(hf_base, out) -> list[str]:
     return [*RUN, "model.random=null", f"model.path={hf_base}", f"output.dir={out}"]
 

@@ -124,8 +124,8 @@ def quantize_base(tree: Any, m: ModelConfig) -> Any:
     """``tree`` with the frozen W of its adapted kernels quantized as ``model.quantize`` says
     (`jlora.quant.quantize`; ``model.double_quant``); ``tree`` itself when it is null.
 
-    A kernel whose W the LoRA init already quantized (LoftQ fits its adapters to the NF4
-    residual it makes) keeps that W when it is of the kind ``model.quantize`` asks for.
+    A kernel whose W the LoRA init already quantized (an init that fits its adapters to the
+    quantized residual it makes) keeps that W when it is of the kind ``model.quantize`` asks for.
 
     Raises:
       ConfigError: the init quantized a kernel otherwise than ``model.quantize`` says.

@@ -152,7 +152,7 @@ def _start(run: Run, cfg: RunConfig, lock: RunLock) -> None:
 def storage_dtypes(run: Run) -> dict[str, dict[str, int]]:
     """Bytes per dtype of the frozen half, the adapters and the optimizer state (whole arrays,
     not per device): e.g. a bf16 or NF4 (uint8 codes) base, float32 adapters and Adam moments.
-    A `jlora.core.node.Shared` tensor (VeRA's projections) counts once per name, as it is held.
+    A `jlora.core.node.Shared` tensor (e.g. a variant's shared projections) counts once per name, as it is held.
     """
 
     def by_dtype(tree: Any) -> dict[str, int]:
